@@ -1,0 +1,85 @@
+"""Backend registry and dispatch.
+
+A backend is a module exposing the op functions of :mod:`apsfast.reference` that it
+accelerates (``construct``, ``construct_backward``, …) plus ``supports(device, dtype)``.
+Compiled backends are imported lazily on first use; a backend that fails to load is recorded
+with the reason, which :func:`status` (and ``apsfast info``) reports.
+
+``APSFAST_BACKEND=reference|cpu|triton|cuda`` forces one backend for every op; a forced
+backend that cannot serve a call raises instead of falling back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "APSFAST_BACKEND"
+
+# Preference order per device type when nothing is forced; reference always serves last.
+_PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+_MODULES = {"reference": "apsfast.reference", "cpu": "apsfast._backends.cpu"}
+
+_loaded: dict[str, Optional[ModuleType]] = {}
+_reasons: dict[str, str] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot serve the call (not built, or wrong device/dtype)."""
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name in _loaded:
+        return _loaded[name]
+    module = None
+    if name not in _MODULES:
+        _reasons[name] = "not implemented in this version"
+    else:
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as err:
+            _reasons[name] = str(err)
+    _loaded[name] = module
+    return module
+
+
+def status() -> dict[str, str]:
+    """Each backend's name mapped to ``"available"`` or the reason it is not."""
+    return {name: "available" if _load(name) is not None else _reasons[name] for name in NAMES}
+
+
+def available() -> tuple[str, ...]:
+    """Names of the backends that loaded, in :data:`NAMES` order."""
+    return tuple(name for name in NAMES if _load(name) is not None)
+
+
+def forced() -> Optional[str]:
+    """The backend named by ``APSFAST_BACKEND``, or ``None``."""
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name:
+        return None
+    if name not in NAMES:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(NAMES)}, got {name!r}")
+    return name
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module that runs ``op`` for tensors of this device and dtype."""
+    name = forced()
+    if name is not None:
+        module = _load(name)
+        if module is None:
+            raise BackendUnavailable(f"{ENV_VAR}={name} but that backend is unavailable: {_reasons[name]}")
+        if not hasattr(module, op) or not module.supports(device, dtype):
+            raise BackendUnavailable(f"{ENV_VAR}={name} cannot run {op} on {device.type} "
+                                     f"tensors of dtype {dtype}")
+        return module
+    for name in _PREFERENCE.get(device.type, ()):
+        module = _load(name)
+        if module is not None and hasattr(module, op) and module.supports(device, dtype):
+            return module
+    return _load("reference")

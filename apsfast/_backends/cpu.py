@@ -1,0 +1,26 @@
+"""The CPU C++ backend: thin adapters over the ``apsfast_cpu::`` ops of ``apsfast._C``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from apsfast._build import load_extension
+
+load_extension("_C")
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in _DTYPES
+
+
+def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
+    return torch.ops.apsfast_cpu.construct(weight, P, Q)
+
+
+def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor],
+                       need_weight: bool, need_P: bool, need_Q: bool) -> list[Tensor]:
+    return torch.ops.apsfast_cpu.construct_backward(grad, weight, P, Q, need_weight, need_P, need_Q)

@@ -1,0 +1,77 @@
+"""Argument checks shared by the public API.
+
+Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape,
+value or device) whose message names the argument, the value got and the value expected.
+They are explicit ``raise`` statements, never ``assert``, so they survive ``python -O``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def tensor(name: str, value: object, *, ndim: Optional[int] = None, min_dim: int = 0,
+           layout: str = "") -> Tensor:
+    """Check that ``value`` is a floating-point tensor of the given rank and return it.
+
+    ``layout`` (e.g. ``"(C_out, c_o)"``) is quoted in the message so the user sees what the
+    dims mean.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        want = f"{ndim} dims"
+    elif value.dim() < min_dim:
+        want = f"at least {min_dim} dims"
+    else:
+        return value
+    raise ValueError(f"{name} must have {want} {layout}".rstrip() + f", got shape {tuple(value.shape)}")
+
+
+def same_kind(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    """Check that ``value`` has the dtype and device of ``ref``."""
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype}, expected {ref.dtype} (the dtype of {ref_name})")
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on device {value.device}, expected {ref.device} "
+                         f"(the device of {ref_name})")
+
+
+def dim_size(name: str, value: Tensor, dim: int, expected: int, why: str) -> None:
+    """Check ``value.shape[dim] == expected``; ``why`` says where the expected size comes from."""
+    if value.shape[dim] != expected:
+        raise ValueError(f"{name}.shape[{dim}] must be {expected} ({why}), "
+                         f"got {value.shape[dim]} (shape {tuple(value.shape)})")
+
+
+def widths(name: str, value: object) -> tuple[int, ...]:
+    """Check a candidate width set: a non-empty, strictly ascending sequence of positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of positive ints "
+                        f"(candidate widths in ascending order), got {value!r}")
+    out = []
+    for w in value:
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"{name} must hold positive ints, got {w!r} in {list(value)!r}")
+        out.append(int(w))
+    if any(a >= b for a, b in zip(out, out[1:])):
+        raise ValueError(f"{name} must be strictly ascending, got {out!r}")
+    return tuple(out)
+
+
+def positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def choice(name: str, value: object, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+    return str(value)

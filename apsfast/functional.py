@@ -1,0 +1,79 @@
+"""Public functional API: candidate-kernel construction and the APS convolution."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from apsfast import _checks, ops
+
+_IntOrPair = Union[int, tuple[int, int]]
+
+
+def _check_transforms(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> None:
+    _checks.tensor("weight", weight, min_dim=2, layout="(C_out, C_in, *kernel)")
+    for name, M, dim, side in (("P", P, 0, "C_out, c_o"), ("Q", Q, 1, "C_in, c_i")):
+        if M is None:
+            continue
+        _checks.tensor(name, M, ndim=2, layout=f"({side})")
+        _checks.same_kind(name, M, "weight", weight)
+        _checks.dim_size(name, M, 0, weight.shape[dim], f"weight.shape[{dim}], the meta width")
+        if M.shape[1] == 0:
+            raise ValueError(f"{name} must have at least one column (a candidate width ≥ 1), "
+                             f"got shape {tuple(M.shape)}")
+
+
+def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor] = None) -> Tensor:
+    """Build the candidate kernel of paper eq. 2.
+
+    ``W^{i,o} = einsum('ao,bi,abhw->oihw', P, Q, weight)``, differentiable in all three.
+
+    Args:
+        weight: meta-weight ``[C_out, C_in, *kernel]`` (``kernel`` may be empty, as for a
+            linear layer).
+        P: output-side transform ``[C_out, c_o]``; ``None`` is the identity (``c_o = C_out``).
+        Q: input-side transform ``[C_in, c_i]``; ``None`` is the identity (``c_i = C_in``).
+
+    Returns:
+        The candidate kernel ``[c_o, c_i, *kernel]``, in ``weight``'s dtype and device.
+    """
+    _check_transforms(weight, P, Q)
+    return ops.construct(weight, P, Q)
+
+
+def aps_conv2d(input: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, stride: _IntOrPair = 1, padding: Union[_IntOrPair, str] = 0,
+               dilation: _IntOrPair = 1, groups: int = 1) -> Tensor:
+    """``conv2d`` with the candidate kernel ``construct(weight, P, Q)``.
+
+    Args:
+        input: ``[N, c_i·groups, H, W]``.
+        weight: meta-weight ``[C_out, C_in, kh, kw]``; a depthwise conv has ``C_in = 1``, uses
+            ``P`` only and ``groups = c_o``.
+        P, Q: as in :func:`construct`.
+        bias: meta-bias ``[C_out]``, projected with the kernel as ``Pᵀ·bias`` (``[c_o]``).
+        stride, padding, dilation, groups: as in :func:`torch.nn.functional.conv2d`.
+
+    Returns:
+        ``[N, c_o, H', W']``.
+    """
+    _check_transforms(weight, P, Q)
+    _checks.tensor("weight", weight, ndim=4, layout="(C_out, C_in, kh, kw)")
+    _checks.tensor("input", input, ndim=4, layout="(N, C, H, W)")
+    _checks.same_kind("input", input, "weight", weight)
+    _checks.positive_int("groups", groups)
+    c_o = weight.shape[0] if P is None else P.shape[1]
+    if c_o % groups:
+        raise ValueError(f"groups={groups} must divide the candidate output width c_o={c_o}")
+    c_i = weight.shape[1] if Q is None else Q.shape[1]
+    _checks.dim_size("input", input, 1, c_i * groups,
+                     f"the candidate input width {c_i} × groups {groups}")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, layout="(C_out,)")
+        _checks.same_kind("bias", bias, "weight", weight)
+        _checks.dim_size("bias", bias, 0, weight.shape[0], "weight.shape[0], the meta output width")
+        if P is not None:
+            bias = bias @ P
+    kernel = ops.construct(weight, P, Q)
+    return F.conv2d(input, kernel, bias, stride, padding, dilation, groups)

@@ -1,0 +1,119 @@
+"""Plain-PyTorch reference of every APS op.
+
+This module is the oracle of the test suite and the fallback backend when no compiled
+backend serves a device or dtype. It favours the paper's equations over speed, with one
+exception: the construction never forms the outer product of P and Q (einsum over three
+operands would), it applies the two mode products one after the other, cheapest first.
+
+Shapes follow PyTorch's conv layout:
+
+* ``weight``: ``[C_out, C_in, *kernel]`` meta-weight (``kernel`` may be empty: a linear layer);
+* ``P``: ``[C_out, c_o]`` output-side transform, ``Q``: ``[C_in, c_i]`` input-side transform;
+  ``None`` stands for the identity on that side;
+* candidate kernel: ``[c_o, c_i, *kernel]``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _mode_product(weight: Tensor, M: Tensor, mode: int) -> Tensor:
+    """``weight ×_mode Mᵀ``: contract dim ``mode`` (0 or 1) of ``weight`` with the rows of ``M``."""
+    flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    if mode == 0:
+        out = torch.einsum("ao,abs->obs", M, flat)
+    else:
+        out = torch.einsum("bi,abs->ais", M, flat)
+    return out.reshape(out.shape[0], out.shape[1], *weight.shape[2:])
+
+
+def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
+    """Candidate kernel, paper eq. 2: ``W^{i,o} = einsum('ao,bi,abhw->oihw', P, Q, W)``."""
+    if P is None and Q is None:
+        return weight.clone()
+    if P is None:
+        return _mode_product(weight, Q, 1)
+    if Q is None:
+        return _mode_product(weight, P, 0)
+    # Both orders give the same kernel; cost per kernel element: P first = c_o·C_out·C_in +
+    # c_o·C_in·c_i, Q first = C_out·C_in·c_i + c_o·C_out·c_i. Take the cheaper one.
+    (C_out, c_o), (C_in, c_i) = P.shape, Q.shape
+    if c_o * C_out * C_in + c_o * C_in * c_i <= C_out * C_in * c_i + c_o * C_out * c_i:
+        return _mode_product(_mode_product(weight, P, 0), Q, 1)
+    return _mode_product(_mode_product(weight, Q, 1), P, 0)
+
+
+def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor],
+                       need_weight: bool, need_P: bool, need_Q: bool) -> list[Tensor]:
+    """Gradients of :func:`construct` for the inputs flagged ``need_*``, in the order W, P, Q.
+
+    ``dW = P · dW^{i,o} · Qᵀ`` over the channel modes, which is itself a construction with the
+    transposed transforms; ``dP[a, o] = Σ (W ×₂ Qᵀ)[a, i, s] · g[o, i, s]`` and ``dQ`` likewise.
+    """
+    grads = []
+    if need_weight:
+        grads.append(construct(grad, None if P is None else P.t(), None if Q is None else Q.t()))
+    if need_P:
+        wq = weight if Q is None else _mode_product(weight, Q, 1)
+        grads.append(torch.einsum("ai...,oi...->ao", wq, grad))
+    if need_Q:
+        pw = weight if P is None else _mode_product(weight, P, 0)
+        grads.append(torch.einsum("ob...,oi...->bi", pw, grad))
+    return grads
+
+
+def aps_conv2d(input: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """conv2d with the candidate kernel; the meta-bias ``[C_out]`` is projected as ``Pᵀ b``."""
+    if bias is not None and P is not None:
+        bias = bias @ P
+    return F.conv2d(input, construct(weight, P, Q), bias, stride, padding, dilation, groups)
+
+
+def sharing_score(Ms: Sequence[Tensor]) -> Tensor:
+    """One side's factor of eq. 4: ``S(M) = Σ_{a ≤ ã} ‖M^{aᵀ} M^{ã}‖²_F``.
+
+    With ``M = [M^1 … M^A]`` and Gram ``G = MᵀM``, ``S = ½‖G‖²_F + ½ Σ_a ‖G_aa‖²_F``; the Gram
+    is formed on the smaller side since ``‖MᵀM‖_F = ‖MMᵀ‖_F``.
+    """
+    M = torch.cat(list(Ms), dim=1)
+    gram = M @ M.t() if M.shape[0] < M.shape[1] else M.t() @ M
+    diagonal = sum(((m.t() @ m) ** 2).sum() for m in Ms)
+    return 0.5 * (gram ** 2).sum() + 0.5 * diagonal
+
+
+def sharing_score_grad(Ms: Sequence[Tensor]) -> list[Tensor]:
+    """``∂S/∂M^a = 2 (M Mᵀ) M^a + 2 M^a (M^{aᵀ} M^a)``, i.e. ``2 M (G + blockdiag G_aa)``."""
+    M = torch.cat(list(Ms), dim=1)
+    outer = M @ M.t()
+    return [2.0 * (outer @ m + m @ (m.t() @ m)) for m in Ms]
+
+
+def sharing_level(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]]) -> Tensor:
+    """Φ of one layer, eq. 4: ``Φ = S(Q) · S(P)``; a side given as ``None`` contributes 1."""
+    factors = [sharing_score(Ms) for Ms in (Ps, Qs) if Ms is not None]
+    return factors[0] * factors[1] if len(factors) == 2 else factors[0]
+
+
+def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]],
+                    tau: float) -> Tensor:
+    """One projected-gradient step of eq. 5 on every column of every P and Q, in place.
+
+    ``p ← (p − τ ∂Φ/∂p) / ‖p − τ ∂Φ/∂p‖₂`` with ``∂Φ/∂P = S(Q) ∂S(P)/∂P`` and
+    ``∂Φ/∂Q = S(P) ∂S(Q)/∂Q``. Every gradient is taken before any matrix moves.
+    Returns Φ before the step.
+    """
+    sides = [Ms for Ms in (Ps, Qs) if Ms is not None]
+    with torch.no_grad():
+        scores = [sharing_score(Ms) for Ms in sides]
+        grads = [sharing_score_grad(Ms) for Ms in sides]
+        phi = scores[0] * scores[1] if len(scores) == 2 else scores[0]
+        for side, (Ms, Gs) in enumerate(zip(sides, grads)):
+            other = scores[1 - side] if len(scores) == 2 else 1.0
+            for m, g in zip(Ms, Gs):
+                m.copy_(F.normalize(m - tau * other * g, dim=0))
+    return phi

@@ -1,0 +1,121 @@
+"""Transforms P, Q: initialisation, the sharing level Φ (paper eq. 4) and the transition (eq. 5)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from apsfast import _checks, reference
+
+MODES = ("ordinal", "independent", "orthogonal")
+
+
+def init_transforms(meta_width: int, widths: Sequence[int], mode: str = "ordinal", *,
+                    noise: float = 0.0, generator: Optional[torch.Generator] = None,
+                    dtype: Optional[torch.dtype] = None,
+                    device: Optional[torch.device] = None) -> list[Tensor]:
+    """One semi-orthogonal transform ``[meta_width, c_a]`` per candidate width ``c_a``.
+
+    Args:
+        meta_width: rows of every transform (the meta-weight's width on that side).
+        widths: candidate widths, strictly ascending, each ``≤ meta_width``.
+        mode: ``"ordinal"`` — ``[e_1 … e_{c_a}]``, nested ranges, maximum Φ (APS-O);
+            ``"independent"`` — disjoint sets of basis vectors, minimum Φ (APS-I), needs
+            ``meta_width ≥ Σ widths``; ``"orthogonal"`` — independent random semi-orthogonal
+            matrices (Φ in between).
+        noise: standard deviation of Gaussian noise added before every column is renormalised
+            to unit length. An exact ordinal init is a stationary point of the transition, so
+            APS-T starts from a slightly perturbed one.
+        generator: random source for ``"orthogonal"`` and ``noise``.
+    """
+    meta_width = _checks.positive_int("meta_width", meta_width)
+    widths = _checks.widths("widths", widths)
+    mode = _checks.choice("mode", mode, MODES)
+    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite float ≥ 0, got {noise!r}")
+    if widths[-1] > meta_width:
+        raise ValueError(f"widths must not exceed meta_width={meta_width}, got {list(widths)}")
+    if mode == "independent" and sum(widths) > meta_width:
+        raise ValueError(f"mode='independent' needs meta_width ≥ sum(widths) = {sum(widths)} "
+                         f"(disjoint basis vectors per candidate), got meta_width={meta_width}")
+    dtype = dtype or torch.get_default_dtype()
+    eye = torch.eye(meta_width, dtype=dtype, device=device)
+    offsets = [0] * len(widths)
+    if mode == "independent":
+        offsets = [sum(widths[:a]) for a in range(len(widths))]
+    transforms = []
+    for offset, width in zip(offsets, widths):
+        if mode == "orthogonal":
+            gauss = torch.randn(meta_width, width, generator=generator, dtype=torch.float64)
+            q, r = torch.linalg.qr(gauss)
+            # Fix the signs so the result is Haar-distributed, not biased by the QR convention.
+            m = (q * torch.sign(torch.diagonal(r))).to(dtype=dtype, device=device)
+        else:
+            m = eye[:, offset:offset + width].clone()
+        if noise:
+            m += noise * torch.randn(m.shape, generator=generator, dtype=torch.float64).to(m)
+            m = F.normalize(m, dim=0)
+        transforms.append(m)
+    return transforms
+
+
+def _check_side(name: str, Ms: Optional[Sequence[Tensor]], ref: Optional[Tensor],
+                ref_name: str) -> Optional[list[Tensor]]:
+    """Validate one side's transforms; all must share ``ref``'s dtype and device."""
+    if Ms is None:
+        return None
+    if isinstance(Ms, Tensor) or not isinstance(Ms, Sequence) or len(Ms) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of [meta_width, c_a] tensors "
+                        f"(one per candidate) or None, got {type(Ms).__name__}")
+    for a, M in enumerate(Ms):
+        _checks.tensor(f"{name}[{a}]", M, ndim=2, layout="(meta_width, c_a)")
+        if ref is None:
+            ref, ref_name = M, f"{name}[0]"
+        _checks.same_kind(f"{name}[{a}]", M, ref_name, ref)
+        _checks.dim_size(f"{name}[{a}]", M, 0, Ms[0].shape[0], f"the meta width of {name}[0]")
+    return list(Ms)
+
+
+def _check_layer(Ps, Qs) -> tuple[Optional[list[Tensor]], Optional[list[Tensor]]]:
+    if Ps is None and Qs is None:
+        raise ValueError("Ps and Qs are both None; at least one side must hold transforms")
+    Ps = _check_side("Ps", Ps, None, "")
+    Qs = _check_side("Qs", Qs, None if Ps is None else Ps[0], "Ps[0]")
+    return Ps, Qs
+
+
+def sharing_level(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]]) -> Tensor:
+    """Φ of one layer (paper eq. 4), in closed form ``Φ = S(Q) · S(P)``.
+
+    ``S(M) = Σ_{a ≤ ã} ‖M^{aᵀ} M^{ã}‖²_F`` over the candidates of one side. Ordinal transforms
+    attain the maximum, independent ones the minimum ``S = Σ_a c_a`` (Theorem 3.1).
+
+    Args:
+        Ps: the output-side transforms ``[C_out, c_o]``, one per candidate, ascending width.
+        Qs: the input-side transforms ``[C_in, c_i]``, likewise. A side given as ``None`` has a
+            single fixed width (identity transform) and contributes a factor of 1.
+
+    Returns:
+        A 0-d tensor, differentiable in every transform.
+    """
+    Ps, Qs = _check_layer(Ps, Qs)
+    return reference.sharing_level(Ps, Qs)
+
+
+def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]], tau: float) -> Tensor:
+    """One projected-gradient step of paper eq. 5 on every column of every P and Q, in place.
+
+    ``p ← (p − τ ∂Φ/∂p) / ‖p − τ ∂Φ/∂p‖₂``; all gradients are taken at the current point
+    before any transform moves. Arguments as in :func:`sharing_level`; ``tau`` is the
+    transition rate (> 0).
+
+    Returns:
+        Φ before the step (0-d tensor).
+    """
+    Ps, Qs = _check_layer(Ps, Qs)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+    return reference.transition_step(Ps, Qs, float(tau))

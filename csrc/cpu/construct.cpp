@@ -1,0 +1,130 @@
+// CPU kernels of the candidate-kernel construction (paper eq. 2) and its backward.
+//
+// weight [C_out, C_in, *kernel] is viewed as W [C_out, C_in, S] (S = prod(kernel), 1 for a
+// linear layer); P [C_out, c_o] and Q [C_in, c_i] are optional (absent = identity).
+// Both mode products are single GEMMs on contiguous views, so the work goes to the BLAS that
+// torch was built with; the order of the two products is chosen by cost.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace apsfast_cpu {
+namespace {
+
+using at::Tensor;
+
+// out[o, b, s] = sum_a M[a, o] W[a, b, s]: contract the output mode with the rows of M.
+Tensor out_mode(const Tensor& w3, const Tensor& M) {
+  auto flat = w3.reshape({w3.size(0), -1});
+  return at::matmul(M.t(), flat).reshape({M.size(1), w3.size(1), w3.size(2)});
+}
+
+// out[a, i, s] = sum_b M[b, i] W[a, b, s]: contract the input mode with the rows of M,
+// one GEMM of M^T [c_i, C_in] against every W[a] [C_in, S].
+Tensor in_mode(const Tensor& w3, const Tensor& M) {
+  return at::matmul(M.t(), w3);
+}
+
+void check_transform(const Tensor& weight, const std::optional<Tensor>& M, const char* name,
+                     int64_t dim) {
+  if (!M.has_value()) return;
+  TORCH_CHECK(M->dim() == 2, name, " must be 2-D, got ", M->dim(), " dims");
+  TORCH_CHECK(M->size(0) == weight.size(dim), name, ".shape[0] must be weight.shape[", dim,
+              "] = ", weight.size(dim), ", got ", M->size(0));
+  TORCH_CHECK(M->scalar_type() == weight.scalar_type(), name, " has dtype ", M->scalar_type(),
+              ", expected ", weight.scalar_type());
+  TORCH_CHECK(M->device() == weight.device(), name, " must be on ", weight.device());
+}
+
+std::vector<int64_t> out_shape(const Tensor& weight, int64_t c_o, int64_t c_i) {
+  std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
+  shape[0] = c_o;
+  shape[1] = c_i;
+  return shape;
+}
+
+}  // namespace
+
+Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
+                 const std::optional<Tensor>& Q) {
+  TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dims (C_out, C_in, *kernel), got ",
+              weight.dim());
+  check_transform(weight, P, "P", 0);
+  check_transform(weight, Q, "Q", 1);
+  const int64_t C_out = weight.size(0), C_in = weight.size(1);
+  const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
+  auto w3 = weight.reshape({C_out, C_in, -1});
+  Tensor out;
+  if (!P && !Q) {
+    out = w3.clone();
+  } else if (!Q) {
+    out = out_mode(w3, *P);
+  } else if (!P) {
+    out = in_mode(w3, *Q);
+  } else if (c_o * C_out * C_in + c_o * C_in * c_i <= C_out * C_in * c_i + c_o * C_out * c_i) {
+    // Cost per kernel element of P first vs Q first; take the cheaper order.
+    out = in_mode(out_mode(w3, *P), *Q);
+  } else {
+    out = out_mode(in_mode(w3, *Q), *P);
+  }
+  return out.reshape(out_shape(weight, c_o, c_i)).contiguous();
+}
+
+// Gradients for the inputs flagged need_*, in the order W, P, Q.
+//   dW = P . g . Q^T over the channel modes  (a construction with the transposed transforms)
+//   dP[a, o] = sum_{i,s} (W x2 Q^T)[a, i, s] g[o, i, s]
+//   dQ[b, i] = sum_{o,s} (P^T x1 W)[o, b, s] g[o, i, s]
+std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
+                                       const std::optional<Tensor>& P,
+                                       const std::optional<Tensor>& Q, bool need_weight,
+                                       bool need_P, bool need_Q) {
+  const int64_t C_out = weight.size(0), C_in = weight.size(1);
+  const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape(weight, c_o, c_i)),
+              "grad must have the candidate kernel's shape ", at::IntArrayRef(out_shape(weight, c_o, c_i)),
+              ", got ", grad.sizes());
+  TORCH_CHECK(!need_P || P, "need_P is set but P is None");
+  TORCH_CHECK(!need_Q || Q, "need_Q is set but Q is None");
+  auto g3 = grad.reshape({c_o, c_i, -1});
+  auto w3 = weight.reshape({C_out, C_in, -1});
+  std::vector<Tensor> grads;
+  if (need_weight) {
+    std::optional<Tensor> Pt, Qt;
+    if (P) Pt = P->t();
+    if (Q) Qt = Q->t();
+    grads.push_back(construct(grad, Pt, Qt).reshape(weight.sizes()));
+  }
+  if (need_P) {
+    auto wq = Q ? in_mode(w3, *Q) : w3;
+    grads.push_back(at::matmul(wq.reshape({C_out, -1}), g3.reshape({c_o, -1}).t()));
+  }
+  if (need_Q) {
+    auto pw = P ? out_mode(w3, *P) : w3;
+    grads.push_back(at::einsum("obs,ois->bi", {pw, g3}));
+  }
+  return grads;
+}
+
+TORCH_LIBRARY(apsfast_cpu, m) {
+  m.def("construct(Tensor weight, Tensor? P, Tensor? Q) -> Tensor");
+  m.def(
+      "construct_backward(Tensor grad, Tensor weight, Tensor? P, Tensor? Q, bool need_weight, "
+      "bool need_P, bool need_Q) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(apsfast_cpu, CPU, m) {
+  m.impl("construct", &construct);
+  m.impl("construct_backward", &construct_backward);
+}
+
+}  // namespace apsfast_cpu
+
+// Importing apsfast._C runs the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
