@@ -25,7 +25,7 @@ def _out_shape(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> tupl
 
 @torch.library.custom_op("apsfast::construct", mutates_args=())
 def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
-    """Candidate kernel ``einsum('ao,bi,abhw->oihw', P, Q, weight)`` (paper eq. 2).
+    """Candidate kernel ``einsum('ao,bi,abhw->oihw', P, Q, weight)`` (paper eq. 2), contiguous.
 
     weight ``[C_out, C_in, *kernel]``, P ``[C_out, c_o]`` or None, Q ``[C_in, c_i]`` or None
     → ``[c_o, c_i, *kernel]``.
@@ -54,7 +54,7 @@ def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Opt
 @construct_backward.register_fake
 def _construct_backward_fake(grad, weight, P, Q, need_weight, need_P, need_Q) -> list[Tensor]:
     wanted = ((need_weight, weight), (need_P, P), (need_Q, Q))
-    return [torch.empty_like(t) for need, t in wanted if need and t is not None]
+    return [t.new_empty(t.shape) for need, t in wanted if need and t is not None]
 
 
 def _construct_setup_context(ctx, inputs, output) -> None:

@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """The reference runs on every device and floating dtype torch supports."""
+    return True
+
+
 def _mode_product(weight: Tensor, M: Tensor, mode: int) -> Tensor:
     """``weight ×_mode Mᵀ``: contract dim ``mode`` (0 or 1) of ``weight`` with the rows of ``M``."""
     flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
@@ -28,13 +33,13 @@ def _mode_product(weight: Tensor, M: Tensor, mode: int) -> Tensor:
         out = torch.einsum("ao,abs->obs", M, flat)
     else:
         out = torch.einsum("bi,abs->ais", M, flat)
-    return out.reshape(out.shape[0], out.shape[1], *weight.shape[2:])
+    return out.reshape(out.shape[0], out.shape[1], *weight.shape[2:]).contiguous()
 
 
 def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
     """Candidate kernel, paper eq. 2: ``W^{i,o} = einsum('ao,bi,abhw->oihw', P, Q, W)``."""
     if P is None and Q is None:
-        return weight.clone()
+        return weight.clone(memory_format=torch.contiguous_format)
     if P is None:
         return _mode_product(weight, Q, 1)
     if Q is None:
@@ -49,7 +54,8 @@ def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tenso
 
 def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor],
                        need_weight: bool, need_P: bool, need_Q: bool) -> list[Tensor]:
-    """Gradients of :func:`construct` for the inputs flagged ``need_*``, in the order W, P, Q.
+    """Gradients of :func:`construct` for the inputs flagged ``need_*``, in the order W, P, Q
+    (contiguous, whatever the inputs' layout).
 
     ``dW = P · dW^{i,o} · Qᵀ`` over the channel modes, which is itself a construction with the
     transposed transforms; ``dP[a, o] = Σ (W ×₂ Qᵀ)[a, i, s] · g[o, i, s]`` and ``dQ`` likewise.
@@ -59,10 +65,10 @@ def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Opt
         grads.append(construct(grad, None if P is None else P.t(), None if Q is None else Q.t()))
     if need_P:
         wq = weight if Q is None else _mode_product(weight, Q, 1)
-        grads.append(torch.einsum("ai...,oi...->ao", wq, grad))
+        grads.append(torch.einsum("ai...,oi...->ao", wq, grad).contiguous())
     if need_Q:
         pw = weight if P is None else _mode_product(weight, P, 0)
-        grads.append(torch.einsum("ob...,oi...->bi", pw, grad))
+        grads.append(torch.einsum("ob...,oi...->bi", pw, grad).contiguous())
     return grads
 
 

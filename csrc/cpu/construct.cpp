@@ -104,7 +104,7 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
   }
   if (need_Q) {
     auto pw = P ? out_mode(w3, *P) : w3;
-    grads.push_back(at::einsum("obs,ois->bi", {pw, g3}));
+    grads.push_back(at::einsum("obs,ois->bi", {pw, g3}).contiguous());
   }
   return grads;
 }

@@ -1,0 +1,83 @@
+"""The ``apsfast`` command line: ``apsfast info | demo``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+import apsfast
+from apsfast import _backends
+from apsfast._build import build_info
+
+
+def collect_info() -> dict:
+    """Versions, build metadata and the status of every backend."""
+    try:
+        import triton
+        triton_version: Optional[str] = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "apsfast": apsfast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "build": build_info(),
+        "backends": _backends.status(),
+        "forced_backend": os.environ.get(_backends.ENV_VAR) or None,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    build = info["build"]
+    print(f"apsfast {info['apsfast']}  (python {info['python']}, torch {info['torch']}, "
+          f"CUDA {info['torch_cuda'] or 'none'}, triton {info['triton'] or 'not installed'})")
+    if build:
+        print(f"built against torch {build['torch']} on {build['built']}: extensions "
+              f"{', '.join(build['extensions']) or 'none'}"
+              + (f", CUDA archs {build['cuda_archs']}" if build.get("cuda_archs") else ""))
+    else:
+        print("not built by setup.py: only the reference backend is available")
+    print("backends:")
+    for name, state in info["backends"].items():
+        print(f"  {name:<10} {state}")
+    if info["forced_backend"]:
+        print(f"{_backends.ENV_VAR}={info['forced_backend']} forces that backend for every op")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from apsfast import demo
+    demo.main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apsfast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"apsfast {apsfast.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, build and available backends")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="a short demo: Φ of APS-O/I/T and a tiny APS-T training run")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

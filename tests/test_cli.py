@@ -1,0 +1,52 @@
+"""The command line, the build metadata and the backend registry."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import apsfast
+from apsfast import _backends, _build
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apsfast", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_expected_backends_are_built():
+    # make test sets this: a backend the build should have produced must not silently vanish.
+    expected = [name for name in os.environ.get("APSFAST_EXPECT_BACKENDS", "").split(",") if name]
+    available = apsfast.backends()
+    assert "reference" in available
+    for name in expected:
+        assert name in available, f"backend {name} missing: {_backends.status()[name]}"
+
+
+def test_info_lists_every_backend():
+    result = run_cli("info", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert set(info["backends"]) == set(_backends.NAMES)
+    assert info["backends"]["reference"] == "available"
+    assert info["apsfast"] == apsfast.__version__
+    text = run_cli("info")
+    assert text.returncode == 0 and "backends:" in text.stdout
+
+
+def test_demo_runs():
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    assert "Theorem 3.1" in result.stdout and "transition" in result.stdout
+
+
+def test_extension_built_against_other_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(_build, "build_info", lambda: {"torch": "0.0.1", "extensions": ["_C"]})
+    with pytest.raises(ImportError, match=r"built against torch 0.0.1 .*rebuild with pip install"):
+        _build.load_extension("_C")
+    monkeypatch.setattr(_build, "build_info", lambda: {})
+    with pytest.raises(ImportError, match=r"apsfast._C was not built"):
+        _build.load_extension("_C")
