@@ -1,0 +1,1 @@
+"""Microbenchmarks of apsfast (``python -m pytest bench --benchmark-enable``)."""
