@@ -1,6 +1,7 @@
 """What every APS layer shares: the candidate transforms of each side and their sharing level."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -88,6 +89,9 @@ class APSLayer(nn.Module):
         self.out_widths = _checks.widths("out_widths", out_widths)
         if init_noise is None:
             init_noise = TRANSITIONAL_NOISE if sharing == "transitional" else 0.0
+        elif isinstance(init_noise, bool) or not isinstance(init_noise, (int, float)) \
+                or not 0 <= init_noise < float("inf"):
+            raise ValueError(f"init_noise must be None or a finite float ≥ 0, got {init_noise!r}")
         self.meta_in_width, self.in_transforms = self._make_side(
             "meta_in_width", self.in_widths, meta_in_width, sharing, init_noise, device, dtype)
         self.meta_out_width, self.out_transforms = self._make_side(
@@ -112,7 +116,7 @@ class APSLayer(nn.Module):
 
     @active_out.setter
     def active_out(self, width: int) -> None:
-        if width not in self.out_widths:
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width not in self.out_widths:
             raise ValueError(f"active_out must be one of out_widths {self.out_widths}, got {width!r}")
         self._active_out_index = self.out_widths.index(width)
 

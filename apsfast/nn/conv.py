@@ -58,6 +58,9 @@ class APSConv2d(APSLayer):
             if _checks.widths("in_widths", in_widths) != _checks.widths("out_widths", out_widths):
                 raise ValueError(f"a depthwise APSConv2d needs in_widths == out_widths, got "
                                  f"{in_widths!r} and {out_widths!r}")
+            if meta_in_width is not None:
+                raise ValueError(f"meta_in_width must be None for a depthwise APSConv2d (its "
+                                 f"weight has one input channel), got {meta_in_width!r}")
             # The channel mode is the output mode; the input mode of the kernel has size 1.
             self._init_sides(1, out_widths, sharing, None, meta_out_width, init_noise, device, dtype)
             self.in_widths = self.out_widths
