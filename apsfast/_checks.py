@@ -6,6 +6,8 @@ They are explicit ``raise`` statements, never ``assert``, so they survive ``pyth
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -50,14 +52,14 @@ def dim_size(name: str, value: Tensor, dim: int, expected: int, why: str) -> Non
 
 def widths(name: str, value: object) -> tuple[int, ...]:
     """Check a candidate width set: a non-empty, strictly ascending sequence of positive ints."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (value,)
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0:
         raise TypeError(f"{name} must be a non-empty sequence of positive ints "
                         f"(candidate widths in ascending order), got {value!r}")
     out = []
     for w in value:
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1:
             raise ValueError(f"{name} must hold positive ints, got {w!r} in {list(value)!r}")
         out.append(int(w))
     if any(a >= b for a, b in zip(out, out[1:])):
@@ -66,12 +68,23 @@ def widths(name: str, value: object) -> tuple[int, ...]:
 
 
 def positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Check a positive integer (Python or NumPy) and return it as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
 def choice(name: str, value: object, options: Sequence[str]) -> str:
+    """Check that ``value`` is one of ``options``."""
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return str(value)
+
+
+def finite_float(name: str, value: object, *, positive: bool) -> float:
+    """Check a finite real number, ``> 0`` if ``positive`` else ``≥ 0``, and return it as a float."""
+    bound = "> 0" if positive else "≥ 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite float {bound}, got {value!r}")
+    return float(value)

@@ -116,10 +116,14 @@ def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor
     sides = [Ms for Ms in (Ps, Qs) if Ms is not None]
     with torch.no_grad():
         scores = [sharing_score(Ms) for Ms in sides]
-        grads = [sharing_score_grad(Ms) for Ms in sides]
         phi = scores[0] * scores[1] if len(scores) == 2 else scores[0]
-        for side, (Ms, Gs) in enumerate(zip(sides, grads)):
+        updates = []
+        for side, Ms in enumerate(sides):
             other = scores[1 - side] if len(scores) == 2 else 1.0
-            for m, g in zip(Ms, Gs):
-                m.copy_(F.normalize(m - tau * other * g, dim=0))
+            for m, g in zip(Ms, sharing_score_grad(Ms)):
+                updates.append((m, F.normalize(m - tau * other * g, dim=0)))
+        # Written only once every new value is known, so transforms that are overlapping
+        # views of one tensor all step from the same point.
+        for m, new in updates:
+            m.copy_(new)
     return phi

@@ -1,7 +1,6 @@
 """Transforms P, Q: initialisation, the sharing level Φ (paper eq. 4) and the transition (eq. 5)."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -34,8 +33,7 @@ def init_transforms(meta_width: int, widths: Sequence[int], mode: str = "ordinal
     meta_width = _checks.positive_int("meta_width", meta_width)
     widths = _checks.widths("widths", widths)
     mode = _checks.choice("mode", mode, MODES)
-    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite float ≥ 0, got {noise!r}")
+    noise = _checks.finite_float("noise", noise, positive=False)
     if widths[-1] > meta_width:
         raise ValueError(f"widths must not exceed meta_width={meta_width}, got {list(widths)}")
     if mode == "independent" and sum(widths) > meta_width:
@@ -116,6 +114,5 @@ def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor
         Φ before the step (0-d tensor).
     """
     Ps, Qs = _check_layer(Ps, Qs)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
-    return reference.transition_step(Ps, Qs, float(tau))
+    tau = _checks.finite_float("tau", tau, positive=True)
+    return reference.transition_step(Ps, Qs, tau)

@@ -89,9 +89,8 @@ class APSLayer(nn.Module):
         self.out_widths = _checks.widths("out_widths", out_widths)
         if init_noise is None:
             init_noise = TRANSITIONAL_NOISE if sharing == "transitional" else 0.0
-        elif isinstance(init_noise, bool) or not isinstance(init_noise, (int, float)) \
-                or not 0 <= init_noise < float("inf"):
-            raise ValueError(f"init_noise must be None or a finite float ≥ 0, got {init_noise!r}")
+        else:
+            init_noise = _checks.finite_float("init_noise", init_noise, positive=False)
         self.meta_in_width, self.in_transforms = self._make_side(
             "meta_in_width", self.in_widths, meta_in_width, sharing, init_noise, device, dtype)
         self.meta_out_width, self.out_transforms = self._make_side(
