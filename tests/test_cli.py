@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import apsfast
 from apsfast import _backends, _build
@@ -50,3 +51,17 @@ def test_extension_built_against_other_torch_is_refused(monkeypatch):
     monkeypatch.setattr(_build, "build_info", lambda: {})
     with pytest.raises(ImportError, match=r"apsfast._C was not built"):
         _build.load_extension("_C")
+
+
+def test_without_extension_everything_falls_back_to_reference(monkeypatch):
+    # As on a machine where nothing was compiled: the registry finds no build info.
+    monkeypatch.setattr(_build, "build_info", lambda: {})
+    monkeypatch.setattr(_backends, "_loaded", {})
+    monkeypatch.setattr(_backends, "_reasons", {})
+    monkeypatch.delitem(sys.modules, "apsfast._backends.cpu", raising=False)
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    assert apsfast.backends() == ("reference",)
+    assert "was not built" in _backends.status()["cpu"]
+    layer = apsfast.nn.APSConv2d((2, 4), (3, 5), 3, padding=1)
+    layer(torch.randn(1, 4, 5, 5)).sum().backward()
+    assert layer.weight.grad is not None
