@@ -1,7 +1,7 @@
 """Public functional API: candidate-kernel construction and the APS convolution."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -77,3 +77,43 @@ def aps_conv2d(input: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[T
             bias = bias @ P
     kernel = ops.construct(weight, P, Q)
     return F.conv2d(input, kernel, bias, stride, padding, dilation, groups)
+
+
+def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
+                      Qs: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
+    """The candidate kernels of many layers in one call: ``[construct(w, P, Q) …]``.
+
+    One op call for a whole network instead of one per layer; the backward scatters every
+    layer's weight gradient in one call too. Layers whose ``P`` or ``Q`` requires grad go
+    through :func:`construct` (the grouped op does not differentiate the transforms).
+
+    Args:
+        weights: meta-weights ``[C_out, C_in, *kernel]``, one per layer, all of one dtype and
+            device.
+        Ps: output-side transforms (or ``None``), one per layer.
+        Qs: input-side transforms (or ``None``), one per layer; ``None`` for all-identity.
+    """
+    if isinstance(weights, Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
+        raise TypeError(f"weights must be a non-empty sequence of tensors, got {type(weights).__name__}")
+    Qs = [None] * len(weights) if Qs is None else Qs
+    for name, seq in (("Ps", Ps), ("Qs", Qs)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence) or len(seq) != len(weights):
+            raise ValueError(f"{name} must be a sequence of {len(weights)} transforms (one per weight), "
+                             f"got {type(seq).__name__} of length {len(seq) if isinstance(seq, Sequence) else '-'}")
+    for l, (w, P, Q) in enumerate(zip(weights, Ps, Qs)):
+        try:
+            _check_transforms(w, P, Q)
+            _checks.same_kind("weight", w, "weights[0]", weights[0])
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"layer {l}: {err}") from None
+    trained = [any(M is not None and M.requires_grad for M in (P, Q)) for P, Q in zip(Ps, Qs)]
+    if not any(trained):
+        return ops.construct_grouped(list(weights), list(Ps), list(Qs))
+    grouped = [l for l, t in enumerate(trained) if not t]
+    kernels = [ops.construct(w, P, Q) if t else None for w, P, Q, t in zip(weights, Ps, Qs, trained)]
+    if grouped:
+        built = ops.construct_grouped([weights[l] for l in grouped], [Ps[l] for l in grouped],
+                                      [Qs[l] for l in grouped])
+        for l, kernel in zip(grouped, built):
+            kernels[l] = kernel
+    return kernels

@@ -70,3 +70,63 @@ def _construct_backward(ctx, grad: Tensor):
 
 
 construct.register_autograd(_construct_backward, setup_context=_construct_setup_context)
+
+
+@torch.library.custom_op("apsfast::construct_grouped", mutates_args=())
+def construct_grouped(weights: list[Tensor], Ps: list[Optional[Tensor]],
+                      Qs: list[Optional[Tensor]]) -> list[Tensor]:
+    """The candidate kernels of many layers in one call (one launch per mode product on the
+    compiled backends). All tensors share one device and dtype."""
+    backend = _backends.select("construct_grouped", weights[0].device, weights[0].dtype)
+    return backend.construct_grouped(weights, Ps, Qs)
+
+
+@construct_grouped.register_fake
+def _construct_grouped_fake(weights, Ps, Qs) -> list[Tensor]:
+    return [w.new_empty(_out_shape(w, P, Q)) for w, P, Q in zip(weights, Ps, Qs)]
+
+
+def _construct_grouped_setup_context(ctx, inputs, output) -> None:
+    _, Ps, Qs = inputs
+    ctx.transforms = (Ps, Qs)
+
+
+def _construct_grouped_backward(ctx, grads: list[Tensor]):
+    # dW_l = P_l · g_l · Q_lᵀ is a grouped construction with the transposed transforms.
+    # The transforms get no gradient here: apsfast.construct_grouped sends layers whose
+    # transforms require grad through the per-layer op instead.
+    Ps, Qs = ctx.transforms
+    transpose = [None if M is None else M.t() for M in Ps], [None if M is None else M.t() for M in Qs]
+    dweights = construct_grouped([g.contiguous() for g in grads], *transpose)
+    # The gradient of a list argument mirrors its structure: torch.library treats a list that
+    # holds a None as one leaf, and a list of tensors as a list.
+    return dweights, *(None if None in Ms else [None] * len(Ms) for Ms in (Ps, Qs))
+
+
+construct_grouped.register_autograd(_construct_grouped_backward, setup_context=_construct_grouped_setup_context)
+
+
+@torch.library.custom_op("apsfast::transition_step_all", mutates_args=("Ms",))
+def transition_step_all(Ms: list[Tensor], widths: list[int], counts: list[int], partner: list[int],
+                        tau: float) -> Tensor:
+    """Eq. 5 on every side of every layer in one call, in place; returns the network's Φ
+    before the step. See :func:`apsfast.reference.transition_step_all` for the layout."""
+    backend = _backends.select("transition_step_all", Ms[0].device, Ms[0].dtype)
+    return backend.transition_step_all(Ms, widths, counts, partner, tau)
+
+
+@transition_step_all.register_fake
+def _transition_step_all_fake(Ms, widths, counts, partner, tau) -> Tensor:
+    return Ms[0].new_empty((), dtype=_phi_dtype(Ms[0].dtype))
+
+
+def _phi_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Φ is accumulated in float32 at least."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# Under autocast the construction runs in float32 (the parameters' precision) and the conv
+# that consumes the kernel casts it to the autocast dtype: bf16/fp16 in, fp32 accumulate.
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("apsfast::construct", _device, torch.float32)
+    torch.library.register_autocast("apsfast::construct_grouped", _device, torch.float32)

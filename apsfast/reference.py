@@ -72,6 +72,15 @@ def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Opt
     return grads
 
 
+def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
+                      Qs: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """The candidate kernels of many layers: ``[construct(w, P, Q) for each layer]``.
+
+    Its backward is itself a grouped construction, ``dW_l = construct(g_l, P_lᵀ, Q_lᵀ)``.
+    """
+    return [construct(w, P, Q) for w, P, Q in zip(weights, Ps, Qs)]
+
+
 def aps_conv2d(input: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """conv2d with the candidate kernel; the meta-bias ``[C_out]`` is projected as ``Pᵀ b``."""
@@ -126,4 +135,37 @@ def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor
         # views of one tensor all step from the same point.
         for m, new in updates:
             m.copy_(new)
+    return phi
+
+
+def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Sequence[int],
+                        partner: Sequence[int], tau: float) -> Tensor:
+    """:func:`transition_step` for every layer of a network at once, in place.
+
+    Each *side* (the P or the Q of one layer) is one matrix ``Ms[s]`` ``[C_s, n_s]`` holding its
+    candidates' transforms side by side: ``counts[s]`` blocks whose widths follow one another
+    in ``widths`` (so ``Σ`` of a side's widths is ``n_s``). ``partner[s]`` is the index of the
+    other side of the same layer, or ``-1`` for a layer with one side (factor 1).
+
+    Returns the network's Φ before the step: ``Σ_layers S(P)·S(Q)`` (float32 or wider).
+    """
+    blocks, start = [], 0
+    for M, count in zip(Ms, counts):
+        sizes = list(widths[start:start + count])
+        blocks.append(list(torch.split(M, sizes, dim=1)))
+        start += count
+    with torch.no_grad():
+        work = [[b.float() if b.dtype in (torch.float16, torch.bfloat16) else b for b in side]
+                for side in blocks]
+        scores = [sharing_score(side) for side in work]
+        phi = sum(score * (scores[p] if p >= 0 else 1.0)
+                  for s, (score, p) in enumerate(zip(scores, partner)) if p < s)
+        updates = []
+        for s, side in enumerate(work):
+            other = scores[partner[s]] if partner[s] >= 0 else 1.0
+            for m, g in zip(side, sharing_score_grad(side)):
+                updates.append(F.normalize(m - tau * other * g, dim=0))
+        for M, new in zip(Ms, [torch.cat(updates[i:i + c], dim=1) for i, c in
+                               zip([sum(counts[:s]) for s in range(len(counts))], counts)]):
+            M.copy_(new)
     return phi

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apsfast import _checks, reference
+from apsfast import _checks, ops, reference
 
 MODES = ("ordinal", "independent", "orthogonal")
 
@@ -116,3 +116,67 @@ def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor
     Ps, Qs = _check_layer(Ps, Qs)
     tau = _checks.finite_float("tau", tau, positive=True)
     return reference.transition_step(Ps, Qs, tau)
+
+
+def _side_matrix(Ms: list[Tensor]) -> tuple[Tensor, bool]:
+    """One ``[C, Σ c_a]`` matrix holding a side's transforms, and whether it is a copy.
+
+    When the transforms are adjacent column blocks of one 2-D tensor (as the layers store
+    them) that tensor itself is returned, so the step lands in place with no copy.
+    """
+    base = Ms[0] if Ms[0]._base is None else Ms[0]._base
+    if base.dim() == 2 and base.shape[0] == Ms[0].shape[0] and base.shape[1] == sum(M.shape[1] for M in Ms):
+        column = 0
+        for M in Ms:
+            same = (M is base or M._base is base) and M.stride() == base.stride()
+            if not same or M.data_ptr() != base[:, column:].data_ptr():
+                break
+            column += M.shape[1]
+        else:
+            return base, False
+    return torch.cat(Ms, dim=1), True
+
+
+def transition_step_all(layers: Sequence[tuple[Optional[Sequence[Tensor]], Optional[Sequence[Tensor]]]],
+                        tau: float) -> Tensor:
+    """:func:`transition_step` on every layer of a network in one batched call, in place.
+
+    Args:
+        layers: one ``(Ps, Qs)`` pair per APS layer, each as in :func:`sharing_level`; all
+            transforms share one dtype and device.
+        tau: the transition rate (> 0).
+
+    Returns:
+        The network's Φ (the sum of the layers') before the step, a 0-d tensor.
+    """
+    if isinstance(layers, Tensor) or not isinstance(layers, Sequence) or len(layers) == 0:
+        raise TypeError(f"layers must be a non-empty sequence of (Ps, Qs) pairs, got {type(layers).__name__}")
+    tau = _checks.finite_float("tau", tau, positive=True)
+    sides, widths, counts, partner, copies = [], [], [], [], []
+    ref = None
+    for l, pair in enumerate(layers):
+        if not (isinstance(pair, Sequence) and len(pair) == 2):
+            raise TypeError(f"layers[{l}] must be a (Ps, Qs) pair, got {type(pair).__name__}")
+        try:
+            Ps, Qs = _check_layer(*pair)
+            for Ms in (Ps, Qs):
+                if Ms is not None:
+                    ref = ref if ref is not None else Ms[0]
+                    _checks.same_kind("transform", Ms[0], "layers[0]'s transforms", ref)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"layers[{l}]: {err}") from None
+        present = [Ms for Ms in (Ps, Qs) if Ms is not None]
+        for k, Ms in enumerate(present):
+            matrix, copied = _side_matrix(Ms)
+            partner.append(len(sides) + (1 - 2 * k) if len(present) == 2 else -1)
+            sides.append(matrix)
+            widths.extend(M.shape[1] for M in Ms)
+            counts.append(len(Ms))
+            copies.append(Ms if copied else None)
+    with torch.no_grad():
+        phi = ops.transition_step_all(sides, widths, counts, partner, tau)
+        for matrix, Ms in zip(sides, copies):
+            if Ms is not None:
+                for M, new in zip(Ms, torch.split(matrix, [M.shape[1] for M in Ms], dim=1)):
+                    M.copy_(new)
+    return phi
