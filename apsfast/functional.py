@@ -102,8 +102,9 @@ def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
                              f"got {type(seq).__name__} of length {len(seq) if isinstance(seq, Sequence) else '-'}")
     for l, (w, P, Q) in enumerate(zip(weights, Ps, Qs)):
         try:
-            _check_transforms(w, P, Q)
+            _checks.tensor("weight", w)
             _checks.same_kind("weight", w, "weights[0]", weights[0])
+            _check_transforms(w, P, Q)
         except (TypeError, ValueError) as err:
             raise type(err)(f"layer {l}: {err}") from None
     trained = [any(M is not None and M.requires_grad for M in (P, Q)) for P, Q in zip(Ps, Qs)]

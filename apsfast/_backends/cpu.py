@@ -24,3 +24,13 @@ def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tenso
 def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor],
                        need_weight: bool, need_P: bool, need_Q: bool) -> list[Tensor]:
     return torch.ops.apsfast_cpu.construct_backward(grad, weight, P, Q, need_weight, need_P, need_Q)
+
+
+def construct_grouped(weights: list[Tensor], Ps: list[Optional[Tensor]],
+                      Qs: list[Optional[Tensor]]) -> list[Tensor]:
+    return torch.ops.apsfast_cpu.construct_grouped(weights, Ps, Qs)
+
+
+def transition_step_all(Ms: list[Tensor], widths: list[int], counts: list[int], partner: list[int],
+                        tau: float) -> Tensor:
+    return torch.ops.apsfast_cpu.transition_step_all(Ms, widths, counts, partner, tau)

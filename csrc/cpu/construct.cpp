@@ -4,9 +4,8 @@
 // linear layer); P [C_out, c_o] and Q [C_in, c_i] are optional (absent = identity).
 // Both mode products are single GEMMs on contiguous views, so the work goes to the BLAS that
 // torch was built with; the order of the two products is chosen by cost.
-#include <Python.h>
-
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -109,22 +108,29 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
   return grads;
 }
 
-TORCH_LIBRARY(apsfast_cpu, m) {
-  m.def("construct(Tensor weight, Tensor? P, Tensor? Q) -> Tensor");
-  m.def(
-      "construct_backward(Tensor grad, Tensor weight, Tensor? P, Tensor? Q, bool need_weight, "
-      "bool need_P, bool need_Q) -> Tensor[]");
+// The kernels of many layers: layers are spread over threads (each GEMM then runs on one
+// thread), which beats one multi-threaded GEMM after another for the small per-layer sizes
+// of a search space, and costs one op call for the whole network.
+std::vector<Tensor> construct_grouped(at::TensorList weights,
+                                      const c10::List<std::optional<Tensor>>& Ps,
+                                      const c10::List<std::optional<Tensor>>& Qs) {
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(Ps.size()) == layers && static_cast<int64_t>(Qs.size()) == layers,
+              "Ps and Qs must have one entry per weight (", layers, "), got ", Ps.size(), " and ",
+              Qs.size());
+  std::vector<Tensor> out(layers);
+  at::parallel_for(0, layers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      out[l] = construct(weights[l], Ps.get(l), Qs.get(l));
+    }
+  });
+  return out;
 }
 
 TORCH_LIBRARY_IMPL(apsfast_cpu, CPU, m) {
   m.impl("construct", &construct);
   m.impl("construct_backward", &construct_backward);
+  m.impl("construct_grouped", &construct_grouped);
 }
 
 }  // namespace apsfast_cpu
-
-// Importing apsfast._C runs the registrations above; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

@@ -1,0 +1,99 @@
+// CPU kernel of the batched transition (paper eq. 4 and 5) over every side of every layer.
+//
+// A side is one matrix M [C, n] holding its candidates' transforms side by side (block
+// widths in `widths`, `counts[s]` blocks for side s); partner[s] is the other side of the
+// same layer or -1. Per side
+//   S = 1/2 |G|^2 + 1/2 sum_a |M_a^T M_a|^2,   G = M^T M  (formed as M M^T when C < n)
+//   dS/dM_a = 2 (M M^T) M_a + 2 M_a (M_a^T M_a)
+// and every column steps  p <- normalize(p - tau * S_partner * dS/dp).
+// Sides are independent given the partners' scores, so both passes spread sides over threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace apsfast_cpu {
+namespace {
+
+using at::Tensor;
+
+// Small per-layer GEMMs: one thread each beats splitting one small GEMM over threads.
+constexpr int64_t kGrain = 1;
+
+at::ScalarType work_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+}  // namespace
+
+Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArrayRef counts,
+                           at::IntArrayRef partner, double tau) {
+  const int64_t sides = static_cast<int64_t>(Ms.size());
+  TORCH_CHECK(sides > 0, "Ms must hold at least one side");
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == sides && static_cast<int64_t>(partner.size()) == sides,
+              "counts and partner must have one entry per side (", sides, "), got ", counts.size(),
+              " and ", partner.size());
+  std::vector<int64_t> first(sides + 1, 0);
+  for (int64_t s = 0; s < sides; ++s) {
+    TORCH_CHECK(Ms[s].dim() == 2, "Ms[", s, "] must be 2-D, got ", Ms[s].dim(), " dims");
+    TORCH_CHECK(partner[s] >= -1 && partner[s] < sides && partner[s] != s,
+                "partner[", s, "] must be -1 or another side's index, got ", partner[s]);
+    first[s + 1] = first[s] + counts[s];
+    int64_t n = 0;
+    for (int64_t b = first[s]; b < first[s + 1]; ++b) n += widths[b];
+    TORCH_CHECK(n == Ms[s].size(1), "the widths of side ", s, " must sum to Ms[", s, "].shape[1] = ",
+                Ms[s].size(1), ", got ", n);
+  }
+  TORCH_CHECK(first[sides] == static_cast<int64_t>(widths.size()), "widths must hold ", first[sides],
+              " block widths (the sum of counts), got ", widths.size());
+
+  const auto dtype = work_type(Ms[0].scalar_type());
+  std::vector<Tensor> work(sides);
+  std::vector<double> score(sides);
+  // Pass 1: every side's score S.
+  at::parallel_for(0, sides, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      Tensor M = Ms[s].to(dtype);
+      work[s] = M;
+      const bool tall = M.size(0) >= M.size(1);
+      Tensor gram = tall ? M.t().mm(M) : M.mm(M.t());
+      double total = 0.5 * gram.square().sum().item<double>();
+      int64_t col = 0;
+      for (int64_t b = first[s]; b < first[s + 1]; ++b) {
+        Tensor block = M.narrow(1, col, widths[b]);
+        total += 0.5 * block.t().mm(block).square().sum().item<double>();
+        col += widths[b];
+      }
+      score[s] = total;
+    }
+  });
+  // Pass 2: gradients from the old values, then the projected step, side by side.
+  at::parallel_for(0, sides, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const Tensor& M = work[s];
+      const double other = partner[s] >= 0 ? score[partner[s]] : 1.0;
+      Tensor outer = M.mm(M.t());
+      Tensor step = M - (2.0 * tau * other) * outer.mm(M);
+      int64_t col = 0;
+      for (int64_t b = first[s]; b < first[s + 1]; ++b) {
+        Tensor block = M.narrow(1, col, widths[b]);
+        step.narrow(1, col, widths[b]).sub_(block.mm(block.t().mm(block)), 2.0 * tau * other);
+        col += widths[b];
+      }
+      step.div_(step.norm(2, {0}, true).clamp_min(1e-12));
+      Ms[s].copy_(step);
+    }
+  });
+  double phi = 0.0;
+  for (int64_t s = 0; s < sides; ++s) {
+    if (partner[s] < s) phi += score[s] * (partner[s] >= 0 ? score[partner[s]] : 1.0);
+  }
+  return at::scalar_tensor(phi, Ms[0].options().dtype(dtype));
+}
+
+TORCH_LIBRARY_IMPL(apsfast_cpu, CPU, m) {
+  m.impl("transition_step_all", &transition_step_all);
+}
+
+}  // namespace apsfast_cpu
