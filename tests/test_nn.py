@@ -345,27 +345,38 @@ def test_independent_transforms_are_disjoint_selections():
             assert torch.count_nonzero(Ms[a].t() @ Ms[b]) == 0
 
 
-def test_transitional_transforms_are_near_ordinal():
+def test_transitional_starts_exact_and_first_step_perturbs():
     torch.manual_seed(0)
     layer = APSConv2d((3, 5, 7), (2, 4, 6), 3, sharing="transitional", dtype=F64)
-    for Ms, meta in ((layer.Q, 15), (layer.P, 12)):
-        eye = torch.eye(meta, dtype=F64)
-        for M in Ms:
-            ordinal = eye[:, :M.shape[1]]
-            assert not torch.equal(M, ordinal)
-            assert (M - ordinal).abs().max() < 1e-2
-            assert (M - ordinal).abs().max() > 0
-            # Columns are renormalised to unit length.
+    sides = ((layer.in_transforms, 15), (layer.out_transforms, 12))
+    for side, meta in sides:
+        assert side.is_selection()
+        for M in side.matrices():
+            assert torch.equal(M, torch.eye(meta, dtype=F64)[:, :M.shape[1]])
+    # Warm-up runs on the slicing path: the kernel is a view of the meta-weight.
+    assert layer.candidate_kernel(5)._base is layer.weight
+    layer.transition_step(1e-9)
+    for side, meta in sides:
+        assert not side.is_selection()
+        for M in side.matrices():
+            ordinal = torch.eye(meta, dtype=F64)[:, :M.shape[1]]
+            assert 0 < (M - ordinal).abs().max() < 1e-2
             assert_close(M.norm(dim=0), torch.ones(M.shape[1], dtype=F64))
+    assert layer.candidate_kernel(5)._base is not layer.weight
 
 
-def test_init_noise_override():
-    exact = APSConv2d((3, 5), (2, 4), 3, sharing="transitional", init_noise=0.0, dtype=F64)
-    assert torch.equal(exact.Q[1], torch.eye(8, dtype=F64)[:, :5])
+def test_transition_noise_override():
+    exact = APSConv2d((3, 5), (2, 4), 3, sharing="transitional", transition_noise=0.0, dtype=F64)
+    exact.transition_step(1e-3)
+    assert torch.equal(exact.Q[1], torch.eye(8, dtype=F64)[:, :5])  # stationary: never moves
     torch.manual_seed(0)
-    noisy = APSConv2d((3, 5), (2, 4), 3, sharing="ordinal", init_noise=0.1, dtype=F64)
-    assert not torch.equal(noisy.Q[1], torch.eye(5, dtype=F64))
+    noisy = APSConv2d((3, 5), (2, 4), 3, sharing="transitional", transition_noise=0.1, dtype=F64)
+    assert noisy.begin_transition()
+    assert (noisy.Q[1] - torch.eye(8, dtype=F64)[:, :5]).abs().max() > 1e-3
     assert_close(noisy.Q[1].norm(dim=0), torch.ones(5, dtype=F64))
+    assert not noisy.begin_transition()  # only once: it is no longer an exact selection
+    with pytest.raises(ValueError, match="transition_noise must be a finite float ≥ 0"):
+        APSConv2d((3, 5), (2, 4), 3, transition_noise=-1.0)
 
 
 def test_transforms_are_views_of_one_matrix():
@@ -390,8 +401,8 @@ def test_sharing_level_values_per_mode():
     # Ordinal attains the maximum, independent the minimum S = Σ c_a on each side.
     assert phis["ordinal"].item() == ordinal_score(in_widths) * ordinal_score(out_widths) == 26 * 20
     assert phis["independent"].item() == sum(in_widths) * sum(out_widths) == 15 * 12
-    # The noisy ordinal start is just below the maximum.
-    assert phis["independent"] < phis["transitional"] < phis["ordinal"]
+    # APS-T starts at the exact ordinal maximum.
+    assert phis["transitional"] == phis["ordinal"]
     assert phis["ordinal"] - phis["transitional"] < 1e-1
 
     torch.manual_seed(0)
@@ -408,6 +419,7 @@ def test_transition_step_lowers_sharing_level_in_place():
     P_matrix, Q_matrix = layer.out_transforms.matrix, layer.in_transforms.matrix
     P_before, Q_before = P_matrix.detach().clone(), Q_matrix.detach().clone()
     ptr = (P_matrix.data_ptr(), Q_matrix.data_ptr())
+    assert layer.begin_transition()  # leave the stationary ordinal start
     before = layer.sharing_level()
     returned = layer.transition_step(1e-4)
     after = layer.sharing_level()
@@ -456,8 +468,10 @@ def test_transition_step_bad_tau_raises():
 def test_transition_step_with_one_side_fixed():
     torch.manual_seed(0)
     layer = APSConv2d(3, (2, 4, 6), 3, sharing="transitional", dtype=F64)
+    # Φ = S(P) alone: the ordinal 2·3 + 4·2 + 6 = 20, then just below once perturbed.
+    assert layer.sharing_level() == 20
+    layer.begin_transition()
     before = layer.sharing_level()
-    # Φ = S(P) alone: just below the ordinal 2·3 + 4·2 + 6 = 20.
     assert 19.9 < before < 20
     layer.transition_step(1e-3)
     assert layer.sharing_level() < before

@@ -7,15 +7,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from apsfast import _checks
+from apsfast import _checks, ops
 from apsfast.sharing import init_transforms, sharing_level, transition_step
 
 SHARING = ("ordinal", "independent", "transitional")
 
-# Gaussian noise on the ordinal init of APS-T: an exact ordinal init is a stationary point of
-# the projected descent (each column's gradient is parallel to it), so Φ would never fall.
-# 1e-3 is the value the authors used on CIFAR.
-TRANSITIONAL_NOISE = 1e-3
+# APS-T starts from the exact ordinal transforms, so warm-up runs on the free slicing path.
+# That point is stationary for the projected descent (each column's gradient is parallel to
+# it), so the first transition step perturbs it with this much Gaussian noise (the value the
+# authors used on CIFAR; 1e-2 on ImageNet).
+TRANSITION_NOISE = 1e-3
 
 
 def default_meta_width(widths: Sequence[int], sharing: str) -> int:
@@ -34,7 +35,7 @@ class CandidateTransforms(nn.Module):
     ``requires_grad_(True)`` on it to train the transforms by the task loss instead.
     """
 
-    def __init__(self, widths: Sequence[int], meta_width: int, sharing: str, noise: float,
+    def __init__(self, widths: Sequence[int], meta_width: int, sharing: str, noise: float = 0.0,
                  *, device=None, dtype=None) -> None:
         super().__init__()
         self.widths = tuple(widths)
@@ -43,6 +44,7 @@ class CandidateTransforms(nn.Module):
         blocks = init_transforms(meta_width, self.widths, mode, noise=noise, dtype=dtype, device=device)
         self.matrix = nn.Parameter(torch.cat(blocks, dim=1), requires_grad=False)
         self._offsets = [sum(self.widths[:a]) for a in range(len(self.widths))]
+        self._selections: tuple[object, list[Optional[int]]] = (None, [])
 
     def __getitem__(self, index: int) -> Tensor:
         """The transform of candidate ``index``: a view of ``matrix``, ``[meta_width, c_index]``."""
@@ -53,22 +55,65 @@ class CandidateTransforms(nn.Module):
         """Every candidate's transform, as views of ``matrix``, in ascending width."""
         return tuple(self[a] for a in range(len(self.widths)))
 
+    def selection_start(self, index: int) -> Optional[int]:
+        """``s`` if candidate ``index``'s transform is exactly ``[e_s … e_{s+c-1}]`` (then
+        ``Pᵀ W`` is the row range ``W[s:s+c]``, a free view), else ``None``.
+
+        Ordinal and independent transforms are such selections, and so are APS-T's until its
+        transition starts. The answer is cached until ``matrix`` changes (its version counter
+        moves with every in-place update). Never a selection while ``matrix`` is trained, nor
+        under ``torch.compile``.
+        """
+        if self.matrix.requires_grad or torch.compiler.is_compiling():
+            # A traced graph cannot branch on values: it always takes the dense path.
+            return None
+        key = (self.matrix.data_ptr(), self.matrix._version)
+        if self._selections[0] != key:
+            self._selections = (key, [self._find_selection(a) for a in range(len(self.widths))])
+        return self._selections[1][index]
+
+    def _find_selection(self, index: int) -> Optional[int]:
+        block = self[index]
+        rows, cols = block.nonzero(as_tuple=True)  # row-major order
+        width = self.widths[index]
+        if rows.numel() != width or not bool((block[rows, cols] == 1).all()):
+            return None
+        expected = torch.arange(width, device=block.device)
+        start = int(rows[0])
+        if not (torch.equal(cols, expected) and torch.equal(rows, expected + start)):
+            return None
+        return start
+
+    def is_selection(self) -> bool:
+        """Whether every candidate's transform is an exact selection."""
+        return all(self.selection_start(a) is not None for a in range(len(self.widths)))
+
+    def perturb(self, std: float, generator: Optional[torch.Generator] = None) -> None:
+        """Add Gaussian noise of ``std`` to every transform and renormalise its columns."""
+        with torch.no_grad():
+            noise = torch.randn(self.matrix.shape, generator=generator, dtype=torch.float64,
+                                device=self.matrix.device if generator is None else generator.device)
+            moved = self.matrix + std * noise.to(self.matrix)
+            self.matrix.copy_(moved / moved.norm(dim=0, keepdim=True))
+
     def extra_repr(self) -> str:
         return f"meta_width={self.meta_width}, widths={self.widths}"
 
 
 class APSLayer(nn.Module):
-    """Base of the APS layers: the input side ``Q`` and output side ``P``.
+    """Base of the APS layers: the meta-weight ``weight`` (output mode first, input mode
+    second), the input side ``Q`` and the output side ``P``.
 
     A side with a single candidate width is fixed: it needs no transform (``P``/``Q`` is
     ``None``) and its meta width is that width.
     """
 
+    weight: nn.Parameter
     in_widths: tuple[int, ...]
     out_widths: tuple[int, ...]
 
     def _make_side(self, name: str, widths: tuple[int, ...], meta_width: Optional[int],
-                   sharing: str, noise: float, device, dtype) -> tuple[int, Optional[CandidateTransforms]]:
+                   sharing: str, device, dtype) -> tuple[int, Optional[CandidateTransforms]]:
         if len(widths) == 1:
             if meta_width not in (None, widths[0]):
                 raise ValueError(f"{name} must be None or {widths[0]} for a side with the single "
@@ -80,23 +125,21 @@ class APSLayer(nn.Module):
         elif _checks.positive_int(name, meta_width) < needed:
             raise ValueError(f"{name} must be ≥ {needed} for sharing={sharing!r} and widths "
                              f"{list(widths)}, got {meta_width}")
-        return meta_width, CandidateTransforms(widths, meta_width, sharing, noise, device=device, dtype=dtype)
+        return meta_width, CandidateTransforms(widths, meta_width, sharing, 0.0, device=device, dtype=dtype)
 
     def _init_sides(self, in_widths, out_widths, sharing: str, meta_in_width: Optional[int],
-                    meta_out_width: Optional[int], init_noise: Optional[float], device, dtype) -> None:
+                    meta_out_width: Optional[int], transition_noise: float, device, dtype) -> None:
         self.sharing = _checks.choice("sharing", sharing, SHARING)
         self.in_widths = _checks.widths("in_widths", in_widths)
         self.out_widths = _checks.widths("out_widths", out_widths)
-        if init_noise is None:
-            init_noise = TRANSITIONAL_NOISE if sharing == "transitional" else 0.0
-        else:
-            init_noise = _checks.finite_float("init_noise", init_noise, positive=False)
+        self.transition_noise = _checks.finite_float("transition_noise", transition_noise, positive=False)
         self.meta_in_width, self.in_transforms = self._make_side(
-            "meta_in_width", self.in_widths, meta_in_width, sharing, init_noise, device, dtype)
+            "meta_in_width", self.in_widths, meta_in_width, sharing, device, dtype)
         self.meta_out_width, self.out_transforms = self._make_side(
-            "meta_out_width", self.out_widths, meta_out_width, sharing, init_noise, device, dtype)
+            "meta_out_width", self.out_widths, meta_out_width, sharing, device, dtype)
         self._in_index = {w: a for a, w in enumerate(self.in_widths)}
         self._active_out_index = len(self.out_widths) - 1
+        self._prebuilt: Optional[tuple[tuple[tuple[int, int], int], Tensor]] = None
 
     @property
     def P(self) -> Optional[tuple[Tensor, ...]]:
@@ -127,8 +170,62 @@ class APSLayer(nn.Module):
             raise ValueError(f"{type(self).__name__} got an input with {width} channels, expected "
                              f"one of in_widths {self.in_widths}") from None
 
-    def _transform(self, side: Optional[CandidateTransforms], index: int) -> Optional[Tensor]:
-        return None if side is None else side[index]
+    # --- the candidate weight ------------------------------------------------------------
+
+    def _indices(self, in_width: int) -> tuple[int, int]:
+        """(output candidate, input candidate) for an input of ``in_width`` channels."""
+        return self._active_out_index, self.input_index(in_width)
+
+    @staticmethod
+    def _side(side: Optional[CandidateTransforms], index: int) -> tuple[Optional[slice], Optional[Tensor]]:
+        """How one side applies: a row range of the meta-weight when its transform is an exact
+        selection (a free view), else the dense transform; ``(None, None)`` for a fixed side."""
+        if side is None:
+            return None, None
+        start = side.selection_start(index)
+        if start is not None:
+            return slice(start, start + side.widths[index]), None
+        return None, side[index]
+
+    def _operands(self, out_index: int, in_index: int) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(weight', P, Q)`` with selection sides already sliced out of the meta-weight."""
+        rows, P = self._side(self.out_transforms, out_index)
+        cols, Q = self._side(self.in_transforms, in_index)
+        weight = self.weight
+        if rows is not None:
+            weight = weight[rows]
+        if cols is not None:
+            weight = weight[:, cols]
+        return weight, P, Q
+
+    def _candidate_weight(self, out_index: int, in_index: int) -> Tensor:
+        if self._prebuilt is not None:
+            # Used by this forward or discarded: a prebuilt weight never outlives one forward,
+            # and never serves after the meta-weight changed (its version counter moved).
+            (key, version), kernel = self._prebuilt
+            self._prebuilt = None
+            if key == (out_index, in_index) and version == self.weight._version:
+                return kernel
+        weight, P, Q = self._operands(out_index, in_index)
+        return weight if P is None and Q is None else ops.construct(weight, P, Q)
+
+    def prebuild_operands(self, in_width: int) -> Optional[tuple[tuple[int, int], Tensor, Optional[Tensor], Optional[Tensor]]]:
+        """``(key, weight', P, Q)`` that :func:`apsfast.nn.prebuild_kernels` builds this layer's
+        next candidate weight from; ``None`` when that weight is a free slice."""
+        key = self._indices(in_width)
+        weight, P, Q = self._operands(*key)
+        return None if P is None and Q is None else (key, weight, P, Q)
+
+    def _candidate_bias(self, out_index: int, bias: Optional[Tensor]) -> Optional[Tensor]:
+        """The meta-bias projected like the output mode of the kernel: ``Pᵀ b``."""
+        if bias is None:
+            return None
+        rows, P = self._side(self.out_transforms, out_index)
+        if rows is not None:
+            return bias[rows]
+        return bias if P is None else bias @ P
+
+    # --- sharing ---------------------------------------------------------------------------
 
     def sharing_level(self) -> Tensor:
         """Φ of this layer (paper eq. 4); ``1`` for a layer whose both sides are fixed."""
@@ -136,8 +233,23 @@ class APSLayer(nn.Module):
             return torch.ones((), dtype=self.weight.dtype, device=self.weight.device)
         return sharing_level(self.P, self.Q)
 
+    def begin_transition(self, generator: Optional[torch.Generator] = None) -> bool:
+        """Perturb the transforms by ``transition_noise`` if this is an APS-T layer still at its
+        exact ordinal start (a stationary point of eq. 5). Returns whether it did."""
+        sides = [s for s in (self.out_transforms, self.in_transforms) if s is not None]
+        if self.sharing != "transitional" or not self.transition_noise \
+                or not sides or not all(s.is_selection() for s in sides):
+            return False
+        for side in sides:
+            side.perturb(self.transition_noise, generator)
+        return True
+
     def transition_step(self, tau: float) -> Tensor:
-        """One step of paper eq. 5 on this layer's transforms, in place; returns Φ before it."""
+        """One step of paper eq. 5 on this layer's transforms, in place; returns Φ before it.
+
+        An APS-T layer's first step starts the transition (see :meth:`begin_transition`).
+        """
         if self.P is None and self.Q is None:
             return self.sharing_level()
+        self.begin_transition()
         return transition_step(self.P, self.Q, tau)

@@ -5,12 +5,12 @@ import math
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from apsfast import _checks
-from apsfast.functional import aps_conv2d, construct
-from apsfast.nn.base import APSLayer
+from apsfast.nn.base import TRANSITION_NOISE, APSLayer
 
 Widths = Union[int, Sequence[int]]
 
@@ -36,18 +36,21 @@ class APSConv2d(APSLayer):
             width follows the input width (``active_out`` is not used).
         bias: learn a meta-bias ``[meta_out_width]``, projected with the kernel as ``Pᵀ b``.
         sharing: ``"ordinal"`` (APS-O), ``"independent"`` (APS-I) or ``"transitional"``
-            (APS-T: ordinal init plus ``init_noise``, annealed by :meth:`transition_step`).
+            (APS-T: exact ordinal init, annealed by :meth:`transition_step`).
         meta_in_width, meta_out_width: meta widths; by default ``max(widths)`` for ordinal
             sharing and ``sum(widths)`` for independent and transitional sharing (the
             independent extreme needs ``Σ widths``; the transition needs it to get there).
-        init_noise: std of the Gaussian noise on the initial transforms; default ``1e-3`` for
-            transitional sharing, ``0`` otherwise.
+        transition_noise: std of the Gaussian noise that the first transition step of an APS-T
+            layer adds to its exact ordinal transforms (a stationary point of eq. 5).
+
+    While a side's transforms are exact selections (APS-O, APS-I, APS-T before its
+    transition) the candidate kernel is a slice of the meta-weight: a view, no computation.
     """
 
     def __init__(self, in_widths: Widths, out_widths: Widths, kernel_size, stride=1, padding=0,
                  dilation=1, groups: Union[int, str] = 1, bias: bool = False,
                  sharing: str = "transitional", *, meta_in_width: Optional[int] = None,
-                 meta_out_width: Optional[int] = None, init_noise: Optional[float] = None,
+                 meta_out_width: Optional[int] = None, transition_noise: float = TRANSITION_NOISE,
                  device=None, dtype=None) -> None:
         super().__init__()
         if groups not in (1, "depthwise"):
@@ -62,12 +65,12 @@ class APSConv2d(APSLayer):
                 raise ValueError(f"meta_in_width must be None for a depthwise APSConv2d (its "
                                  f"weight has one input channel), got {meta_in_width!r}")
             # The channel mode is the output mode; the input mode of the kernel has size 1.
-            self._init_sides(1, out_widths, sharing, None, meta_out_width, init_noise, device, dtype)
+            self._init_sides(1, out_widths, sharing, None, meta_out_width, transition_noise, device, dtype)
             self.in_widths = self.out_widths
             self._in_index = {w: a for a, w in enumerate(self.in_widths)}
         else:
             self._init_sides(in_widths, out_widths, sharing, meta_in_width, meta_out_width,
-                             init_noise, device, dtype)
+                             transition_noise, device, dtype)
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), padding, _pair(dilation)
         if not isinstance(padding, str):
@@ -88,36 +91,34 @@ class APSConv2d(APSLayer):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _candidate(self, in_width: int) -> tuple[Optional[Tensor], Optional[Tensor], int]:
-        """``(P, Q, groups)`` of the candidate reading ``in_width`` channels."""
+    def _indices(self, in_width: int) -> tuple[int, int]:
         i = self.input_index(in_width)
-        if self.depthwise:
-            return self._transform(self.out_transforms, i), None, in_width
-        return (self._transform(self.out_transforms, self._active_out_index),
-                self._transform(self.in_transforms, i), 1)
+        # Depthwise: one filter per channel, so the output candidate is the input's.
+        return (i, i) if self.depthwise else (self._active_out_index, i)
 
     def forward(self, x: Tensor) -> Tensor:
         _checks.tensor("x", x, ndim=4, layout="(N, C, H, W)")
-        P, Q, groups = self._candidate(x.shape[1])
-        return aps_conv2d(x, self.weight, P, Q, self.bias, self.stride, self.padding,
-                          self.dilation, groups)
+        _checks.same_kind("x", x, "weight", self.weight)
+        out_index, in_index = self._indices(x.shape[1])
+        kernel = self._candidate_weight(out_index, in_index)
+        return F.conv2d(x, kernel, self._candidate_bias(out_index, self.bias), self.stride,
+                        self.padding, self.dilation, x.shape[1] if self.depthwise else 1)
 
     def candidate_kernel(self, in_width: int) -> Tensor:
         """The kernel ``[c_o, c_i, kh, kw]`` used for inputs of ``in_width`` channels."""
-        P, Q, _ = self._candidate(in_width)
-        return construct(self.weight, P, Q)
+        return self._candidate_weight(*self._indices(in_width))
 
     def to_static(self, in_width: int) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing this layer for ``in_width`` inputs and ``active_out``."""
-        P, _, groups = self._candidate(in_width)
+        out_index, in_index = self._indices(in_width)
         with torch.no_grad():
-            kernel = self.candidate_kernel(in_width)
+            kernel = self._candidate_weight(out_index, in_index)
             conv = nn.Conv2d(in_width, kernel.shape[0], self.kernel_size, self.stride, self.padding,
-                             self.dilation, groups, bias=self.bias is not None,
-                             device=kernel.device, dtype=kernel.dtype)
+                             self.dilation, in_width if self.depthwise else 1,
+                             bias=self.bias is not None, device=kernel.device, dtype=kernel.dtype)
             conv.weight.copy_(kernel)
             if self.bias is not None:
-                conv.bias.copy_(self.bias if P is None else self.bias @ P)
+                conv.bias.copy_(self._candidate_bias(out_index, self.bias))
         return conv
 
     def extra_repr(self) -> str:

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast import _checks
-from apsfast.functional import construct
-from apsfast.nn.base import APSLayer
+from apsfast.nn.base import TRANSITION_NOISE, APSLayer
 
 
 class APSLinear(APSLayer):
@@ -18,16 +17,16 @@ class APSLinear(APSLayer):
 
     The meta-weight is ``weight`` ``[out_features, meta_in_width]``; the input width is read
     from ``x.shape[-1]`` and must be one of ``in_widths``. ``sharing``, ``meta_in_width`` and
-    ``init_noise`` are as in :class:`apsfast.nn.APSConv2d`. The output side is fixed (``P`` is
+    ``transition_noise`` are as in :class:`apsfast.nn.APSConv2d`. The output side is fixed (``P`` is
     ``None``): the number of classes is not searched.
     """
 
     def __init__(self, in_widths: Union[int, Sequence[int]], out_features: int, bias: bool = True,
                  sharing: str = "transitional", *, meta_in_width: Optional[int] = None,
-                 init_noise: Optional[float] = None, device=None, dtype=None) -> None:
+                 transition_noise: float = TRANSITION_NOISE, device=None, dtype=None) -> None:
         super().__init__()
         out_features = _checks.positive_int("out_features", out_features)
-        self._init_sides(in_widths, out_features, sharing, meta_in_width, None, init_noise,
+        self._init_sides(in_widths, out_features, sharing, meta_in_width, None, transition_noise,
                          device, dtype)
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, self.meta_in_width, device=device, dtype=dtype))
@@ -43,8 +42,7 @@ class APSLinear(APSLayer):
 
     def candidate_weight(self, in_width: int) -> Tensor:
         """The weight ``[out_features, in_width]`` used for inputs of ``in_width`` features."""
-        Q = self._transform(self.in_transforms, self.input_index(in_width))
-        return construct(self.weight, None, Q)
+        return self._candidate_weight(*self._indices(in_width))
 
     def forward(self, x: Tensor) -> Tensor:
         _checks.tensor("x", x, min_dim=1, layout="(..., in_features)")

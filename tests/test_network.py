@@ -1,0 +1,98 @@
+"""Network-wide helpers: Φ, the batched transition of a model, and prebuilt grouped kernels."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import apsfast
+from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
+from conftest import assert_close
+
+F64 = torch.float64
+
+
+def model(sharing="transitional"):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        APSConv2d(3, (4, 8), 3, padding=1, sharing=sharing, dtype=F64), APSBatchNorm2d((4, 8), dtype=F64),
+        APSConv2d((4, 8), (4, 8), 3, padding=1, groups="depthwise", sharing=sharing, dtype=F64),
+        APSConv2d((4, 8), (6, 10), 1, sharing=sharing, dtype=F64), nn.Flatten(2), nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(1), APSLinear((6, 10), 5, sharing=sharing, dtype=F64))
+
+
+def set_arch(net, widths):
+    net[0].active_out, net[3].active_out = widths
+
+
+def test_network_transition_step_matches_per_layer(backend):
+    net, twin = model(), model()
+    torch.manual_seed(5)
+    phi = apsfast.nn.network_transition_step(net, 1e-3)
+    torch.manual_seed(5)
+    # begin_transition perturbs in layer order, then each layer steps: the same draws.
+    for layer in apsfast.nn.aps_layers(twin):
+        layer.begin_transition()
+    expected = sum(layer.transition_step(1e-3) for layer in apsfast.nn.aps_layers(twin))
+    assert_close(phi, expected)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert_close(a, b)
+    assert_close(apsfast.nn.network_sharing_level(net),
+                 sum(layer.sharing_level() for layer in apsfast.nn.aps_layers(twin)))
+
+
+def test_network_transition_lowers_phi():
+    net = model()
+    start = apsfast.nn.network_sharing_level(net)
+    for _ in range(10):
+        apsfast.nn.network_transition_step(net, 1e-3)
+    assert apsfast.nn.network_sharing_level(net) < start
+
+
+@pytest.mark.parametrize("sharing", ["transitional", "independent"])
+def test_prebuilt_kernels_give_the_same_forward_and_grads(backend, sharing):
+    net = model(sharing)
+    if sharing == "transitional":
+        apsfast.nn.network_transition_step(net, 1e-3)  # dense transforms: kernels are built
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    for net_ in (net, twin):
+        set_arch(net_, (4, 10))
+    apsfast.nn.prebuild_kernels([(net[0], 3), (net[2], 4), (net[3], 4), (net[7], 10)])
+    prebuilt = [layer._prebuilt for layer in apsfast.nn.aps_layers(net)]
+    assert all(p is not None for p in prebuilt) == (sharing == "transitional")
+    out = net(x)
+    assert all(layer._prebuilt is None for layer in apsfast.nn.aps_layers(net))  # used once
+    expected = twin(x)
+    assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        if b.grad is not None:
+            assert_close(a.grad, b.grad)
+
+
+def test_prebuilt_kernel_for_another_arch_is_not_used():
+    net = model()
+    apsfast.nn.network_transition_step(net, 1e-3)
+    set_arch(net, (8, 10))
+    apsfast.nn.prebuild_kernels([(net[3], 8)])
+    net[3].active_out = 6  # the arch changed after prebuilding
+    x = torch.randn(1, 8, 3, 3, dtype=F64)
+    assert_close(net[3](x), nn.functional.conv2d(x, apsfast.construct(net[3].weight, net[3].P[0], net[3].Q[1])))
+    assert net[3]._prebuilt is None  # discarded, not kept for a later forward
+    # A prebuilt weight is not used after the meta-weight changed.
+    net[3].active_out = 10
+    apsfast.nn.prebuild_kernels([(net[3], 8)])
+    with torch.no_grad():
+        net[3].weight.add_(1.0)
+    assert_close(net[3](x), nn.functional.conv2d(x, apsfast.construct(net[3].weight, net[3].P[1], net[3].Q[1])))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="Sequential has no APS layer"):
+        apsfast.nn.network_sharing_level(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="no APS layer with candidate transforms"):
+        apsfast.nn.network_transition_step(nn.Sequential(APSConv2d(3, 4, 3)), 1e-3)
