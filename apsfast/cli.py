@@ -1,4 +1,4 @@
-"""The ``apsfast`` command line: ``apsfast info | demo``."""
+"""The ``apsfast`` command line: ``apsfast info | demo | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from apsfast.benchmarks import kernels
+    return kernels.main(args.rest, prog="apsfast bench kernels")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apsfast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"apsfast {apsfast.__version__}")
@@ -71,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     demo = sub.add_parser("demo", help="a short demo: Φ of APS-O/I/T and a tiny APS-T training run")
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels [--quick] [--out PATH]`")
+    bench.add_argument("suite", choices=["kernels"], help="which benchmark suite")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

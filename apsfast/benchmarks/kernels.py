@@ -1,0 +1,313 @@
+"""Kernel microbenchmarks: what each fused path buys, side by side in one run.
+
+``apsfast bench kernels`` (or ``python -m bench.kernels``) prints three markdown tables:
+
+1. **conv**: one APS conv forward + backward (weight and input grads) against ``nn.Conv2d``
+   of the same candidate shape (the limit) and against the plain-PyTorch way (two GEMMs by
+   autograd, then the conv). Rows: dense transforms (APS-T after its transition started)
+   and exact selections (APS-O / warm-up: the slicing path). ``bound`` is the FLOP bound
+   ``(3·conv + 2·build) / (3·conv)`` of the dense path.
+2. **grouped**: building every candidate kernel of an architecture (forward + weight-grad
+   scatter) in one grouped call against a per-layer loop of ``apsfast.construct``.
+3. **transition**: one transition step of every layer, batched, against per-layer autograd
+   of Φ with a per-layer projected update.
+
+All providers of a row are timed in the same process, interleaved round by round, and the
+median is reported (``torch.utils.benchmark.Timer`` on CPU; CUDA is synchronised by it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+import apsfast
+from apsfast import reference
+from apsfast.nn import APSConv2d
+
+CIFAR_WIDTHS = (16, 32, 64, 96)
+MBV2_FRACTIONS = (0.4, 0.6, 0.8, 1.0)  # {8, 12, 16, 20} / 20, scaled by each stage's width
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One searchable conv: candidate widths per side, kernel, stride, input size, batch."""
+    name: str
+    in_widths: tuple[int, ...]
+    out_widths: tuple[int, ...]
+    kernel: int
+    hw: int
+    batch: int
+    stride: int = 1
+    depthwise: bool = False
+
+
+def _scaled(width: int) -> tuple[int, ...]:
+    return tuple(max(1, round(width * f)) for f in MBV2_FRACTIONS)
+
+
+def resnet20_layers(batch: int) -> list[ConvShape]:
+    """The 19 searchable 3×3 convs of CIFAR ResNet-20, every one over {16, 32, 64, 96}."""
+    layers = [ConvShape("stem", (3,), CIFAR_WIDTHS, 3, 32, batch)]
+    for stage, hw in enumerate((32, 16, 8)):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(ConvShape(f"s{stage}b{block}c1", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, hw * stride, batch, stride))
+            layers.append(ConvShape(f"s{stage}b{block}c2", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, hw, batch))
+    return layers
+
+
+def mobilenetv2_layers(batch: int) -> list[ConvShape]:
+    """The convs of MobileNet-v2 (224²) with candidates {0.4, 0.6, 0.8, 1.0} × each width."""
+    # (expansion, output width, repeats, stride) per stage, as in the MobileNet-v2 paper.
+    stages = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+              (6, 160, 3, 2), (6, 320, 1, 1)]
+    layers = [ConvShape("stem", (3,), _scaled(32), 3, 224, batch, 2)]
+    c_in, hw = 32, 112
+    for s, (t, c_out, repeats, stride) in enumerate(stages):
+        for r in range(repeats):
+            hidden = c_in * t
+            if t != 1:
+                layers.append(ConvShape(f"s{s}r{r}expand", _scaled(c_in), _scaled(hidden), 1, hw, batch))
+            st = stride if r == 0 else 1
+            layers.append(ConvShape(f"s{s}r{r}dw", _scaled(hidden), _scaled(hidden), 3, hw, batch, st, True))
+            hw //= st
+            layers.append(ConvShape(f"s{s}r{r}project", _scaled(hidden), _scaled(c_out), 1, hw, batch))
+            c_in = c_out
+    layers.append(ConvShape("head", _scaled(320), _scaled(1280), 1, hw, batch))
+    return layers
+
+
+def make_layer(shape: ConvShape, sharing: str, device, dtype) -> APSConv2d:
+    layer = APSConv2d(shape.in_widths, shape.out_widths, shape.kernel, shape.stride, shape.kernel // 2,
+                      groups="depthwise" if shape.depthwise else 1, sharing=sharing, device=device, dtype=dtype)
+    if sharing == "transitional":
+        layer.transition_step(1e-4)  # leave the exact ordinal start: dense transforms
+    return layer
+
+
+def _median_times(fns: dict[str, Callable[[], object]], rounds: int, min_time: float) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin so drift hits all alike."""
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}) for name, fn in fns.items()}
+    numbers = {}
+    for name, timer in timers.items():  # warm up, and size each round to about min_time
+        once = max(timer.timeit(1).mean, 1e-7)
+        numbers[name] = max(1, int(min_time / once))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            samples[name].append(timer.timeit(numbers[name]).mean)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _conv_flops(shape: ConvShape, c_o: int, c_i: int) -> float:
+    hw_out = shape.hw // shape.stride
+    per_out = (1 if shape.depthwise else c_i) * shape.kernel ** 2
+    return float(shape.batch * c_o * hw_out * hw_out * per_out)
+
+
+def _build_flops(layer: APSConv2d, c_o: int, c_i: int) -> float:
+    C_out, C_in = layer.meta_out_width, layer.weight.shape[1]
+    k2 = layer.kernel_size[0] * layer.kernel_size[1]
+    if layer.Q is None:
+        return float(c_o * C_out * C_in * k2)
+    return float(min(c_o * C_out * C_in + c_o * C_in * c_i, C_out * C_in * c_i + c_o * C_out * c_i) * k2)
+
+
+def bench_conv(shape: ConvShape, device, dtype, rounds: int, min_time: float) -> dict:
+    """APS conv fwd+bwd at the widest candidates vs nn.Conv2d and the plain-PyTorch way."""
+    dense = make_layer(shape, "transitional", device, dtype)
+    sliced = make_layer(shape, "ordinal", device, dtype)
+    c_i, c_o = shape.in_widths[-1], shape.out_widths[-1]
+    x = torch.randn(shape.batch, c_i, shape.hw, shape.hw, device=device, dtype=dtype, requires_grad=True)
+    static = dense.to_static(c_i)
+    P = None if dense.P is None else dense.P[-1]
+    Q = None if dense.Q is None else dense.Q[-1]
+    groups = c_i if shape.depthwise else 1
+
+    def plain():
+        kernel = reference.construct(dense.weight, P, Q)
+        F.conv2d(x, kernel, None, dense.stride, dense.padding, 1, groups).sum().backward()
+
+    fns = {"limit": lambda: static(x).sum().backward(),
+           "apsfast": lambda: dense(x).sum().backward(),
+           "slice": lambda: sliced(x).sum().backward(),
+           "plain": plain}
+    t = _median_times(fns, rounds, min_time)
+    conv, build = _conv_flops(shape, c_o, c_i), _build_flops(dense, c_o, c_i)
+    return {"table": "conv", "layer": shape.name, "batch": shape.batch, "hw": shape.hw,
+            "shape": f"{c_i}->{c_o} k{shape.kernel}{' dw' if shape.depthwise else ''}",
+            "meta": f"{dense.meta_out_width}x{dense.weight.shape[1]}",
+            **{f"t_{k}": v for k, v in t.items()},
+            "aps/limit": t["apsfast"] / t["limit"], "slice/limit": t["slice"] / t["limit"],
+            "plain/aps": t["plain"] / t["apsfast"], "bound": (3 * conv + 2 * build) / (3 * conv)}
+
+
+def bench_grouped(model: str, shapes: Sequence[ConvShape], device, dtype, rounds: int, min_time: float) -> dict:
+    """All candidate kernels of the widest arch, forward + weight-grad scatter."""
+    layers = [make_layer(s, "transitional", device, dtype) for s in shapes]
+    operands = [layer.prebuild_operands(s.in_widths[-1]) for layer, s in zip(layers, shapes)]
+    weights = [op[1] for op in operands]
+    Ps, Qs = [op[2] for op in operands], [op[3] for op in operands]
+
+    def loop():
+        torch.autograd.backward([apsfast.construct(w, P, Q).sum() for w, P, Q in zip(weights, Ps, Qs)])
+
+    def grouped():
+        torch.autograd.backward([k.sum() for k in apsfast.construct_grouped(weights, Ps, Qs)])
+
+    def plain():
+        torch.autograd.backward([reference.construct(w, P, Q).sum() for w, P, Q in zip(weights, Ps, Qs)])
+
+    t = _median_times({"loop": loop, "grouped": grouped, "plain": plain}, rounds, min_time)
+    return {"table": "grouped", "model": model, "layers": len(shapes), **{f"t_{k}": v for k, v in t.items()},
+            "loop/grouped": t["loop"] / t["grouped"], "plain/grouped": t["plain"] / t["grouped"]}
+
+
+def per_layer_autograd_step(pairs, tau: float) -> None:
+    """The plain way: per layer, Φ by autograd, then the projected update of eq. 5."""
+    for Ps, Qs in pairs:
+        leaves = [M for Ms in (Ps, Qs) if Ms is not None for M in Ms]
+        for M in leaves:
+            M.requires_grad_(True)
+        phi = reference.sharing_level(Ps, Qs)
+        grads = torch.autograd.grad(phi, leaves)
+        with torch.no_grad():
+            for M, g in zip(leaves, grads):
+                M.requires_grad_(False)
+                M.copy_(F.normalize(M - tau * g, dim=0))
+
+
+def bench_transition(model: str, shapes: Sequence[ConvShape], device, dtype, rounds: int, min_time: float) -> dict:
+    layers = [make_layer(s, "transitional", device, dtype) for s in shapes]
+    pairs = [(layer.P, layer.Q) for layer in layers if layer.P is not None or layer.Q is not None]
+    loose = [(None if Ps is None else [M.detach().clone() for M in Ps],
+              None if Qs is None else [M.detach().clone() for M in Qs]) for Ps, Qs in pairs]
+    tau = 1e-9  # timing only: keep the transforms where they are
+    t = _median_times({"batched": lambda: apsfast.transition_step_all(pairs, tau),
+                       "per_layer": lambda: per_layer_autograd_step(loose, tau)}, rounds, min_time)
+    return {"table": "transition", "model": model, "layers": len(pairs), **{f"t_{k}": v for k, v in t.items()},
+            "per_layer/batched": t["per_layer"] / t["batched"]}
+
+
+def conv_sweep(quick: bool) -> list[ConvShape]:
+    """ResNet-20 CIFAR 3×3 layers and MobileNet-v2 pointwise/depthwise layers, several batches."""
+    if quick:
+        return [ConvShape("r20-s1", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 8, 2),
+                ConvShape("mbv2-pw", _scaled(40), _scaled(20), 1, 7, 2),
+                ConvShape("mbv2-dw", _scaled(40), _scaled(40), 3, 7, 2, 1, True)]
+    sweep = []
+    for batch in (8, 32, 64):
+        sweep += [ConvShape("r20-s0", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 32, batch),
+                  ConvShape("r20-s1", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 16, batch),
+                  ConvShape("r20-s2", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 8, batch)]
+    for batch in (8, 32):
+        sweep += [ConvShape("mbv2-pw112", _scaled(32), _scaled(16), 1, 112, batch),
+                  ConvShape("mbv2-dw56", _scaled(144), _scaled(144), 3, 56, batch, 1, True),
+                  ConvShape("mbv2-pw28", _scaled(192), _scaled(32), 1, 28, batch),
+                  ConvShape("mbv2-dw14", _scaled(576), _scaled(576), 3, 14, batch, 1, True),
+                  ConvShape("mbv2-pw14", _scaled(384), _scaled(96), 1, 14, batch),
+                  ConvShape("mbv2-pw7", _scaled(960), _scaled(160), 1, 7, batch)]
+    return sweep
+
+
+def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        rounds: Optional[int] = None, min_time: Optional[float] = None,
+        progress: Callable[[str], None] = print) -> list[dict]:
+    """Every row of the three tables."""
+    rounds = rounds or (1 if quick else 7)
+    min_time = min_time if min_time is not None else (0.0 if quick else 0.05)
+    rows = []
+    for shape in conv_sweep(quick):
+        progress(f"conv {shape.name} batch {shape.batch}")
+        rows.append(bench_conv(shape, device, dtype, rounds, min_time))
+    models = {"resnet20": resnet20_layers(2), "mobilenetv2": mobilenetv2_layers(2)}
+    if quick:
+        models = {name: shapes[:4] for name, shapes in models.items()}
+    for name, shapes in models.items():
+        progress(f"grouped {name}")
+        rows.append(bench_grouped(name, shapes, device, dtype, rounds, min_time))
+        progress(f"transition {name}")
+        rows.append(bench_transition(name, shapes, device, dtype, rounds, min_time))
+    return rows
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The three tables, with median and worst ratios under the conv table."""
+    out = []
+    conv = [r for r in rows if r["table"] == "conv"]
+    if conv:
+        out += ["| layer | batch | hw | shape | meta | limit ms | apsfast ms | slice ms | plain ms | aps/limit | bound | slice/limit | plain/aps |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['layer']} | {r['batch']} | {r['hw']} | {r['shape']} | {r['meta']} | {_ms(r['t_limit'])} | "
+                f"{_ms(r['t_apsfast'])} | {_ms(r['t_slice'])} | {_ms(r['t_plain'])} | {r['aps/limit']:.3f} | "
+                f"{r['bound']:.3f} | {r['slice/limit']:.3f} | {r['plain/aps']:.2f} |" for r in conv]
+        for key in ("aps/limit", "slice/limit", "plain/aps"):
+            values = [r[key] for r in conv]
+            worst = max(values) if key != "plain/aps" else min(values)
+            out.append(f"\n{key}: median {statistics.median(values):.3f}, worst {worst:.3f}")
+        out.append("")
+    grouped = [r for r in rows if r["table"] == "grouped"]
+    if grouped:
+        out += ["| model | layers | per-layer loop ms | grouped ms | plain ms | loop/grouped | plain/grouped |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['layers']} | {_ms(r['t_loop'])} | {_ms(r['t_grouped'])} | {_ms(r['t_plain'])} | "
+                f"{r['loop/grouped']:.2f} | {r['plain/grouped']:.2f} |" for r in grouped]
+        out.append("")
+    transition = [r for r in rows if r["table"] == "transition"]
+    if transition:
+        out += ["| model | layers | per-layer autograd ms | batched ms | per_layer/batched |", "|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['layers']} | {_ms(r['t_per_layer'])} | {_ms(r['t_batched'])} | "
+                f"{r['per_layer/batched']:.2f} |" for r in transition]
+    return "\n".join(out)
+
+
+def environment(command: str) -> dict:
+    """Machine, date, commit and command: recorded with every result."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False, cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "apsfast": apsfast.__version__,
+            "backends": list(apsfast.backends()), "commit": commit, "command": command}
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench kernels") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one untimed round (a smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.jsonl (rows + environment)")
+    args = parser.parse_args(argv)
+    command = " ".join([prog, *(argv if argv is not None else [])])
+    rows = run(args.quick, args.device, getattr(torch, args.dtype))
+    env = environment(command)
+    table = markdown(rows)
+    header = (f"# Kernel microbenchmarks ({args.device}, {args.dtype})\n\n"
+              + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n")
+    print("\n" + header + "\n" + table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(header + "\n" + table + "\n")
+        with args.out.with_suffix(".jsonl").open("w") as f:
+            for row in rows:
+                f.write(json.dumps({**env, "device": args.device, "dtype": args.dtype, **row}) + "\n")
+        print(f"\nwrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.jsonl')}")
+    return 0
