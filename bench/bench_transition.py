@@ -1,0 +1,28 @@
+"""The batched transition step of a whole network vs per-layer autograd of Φ.
+
+``python -m pytest bench/bench_transition.py --benchmark-enable``; in the test suite each case
+runs once, untimed.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import apsfast
+from apsfast.benchmarks.kernels import make_layer, mobilenetv2_layers, per_layer_autograd_step, resnet20_layers
+
+MODELS = {"resnet20": resnet20_layers, "mobilenetv2": mobilenetv2_layers}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("path", ["batched", "per_layer_autograd"])
+def test_transition_step(benchmark, model, path):
+    shapes = MODELS[model](2)[:8]
+    layers = [make_layer(s, "transitional", "cpu", torch.float32) for s in shapes]
+    pairs = [(layer.P, layer.Q) for layer in layers]
+    before = apsfast.nn.network_sharing_level(torch.nn.ModuleList(layers))
+    if path == "batched":
+        benchmark(apsfast.transition_step_all, pairs, 1e-6)
+    else:
+        benchmark(per_layer_autograd_step, pairs, 1e-6)
+    assert apsfast.nn.network_sharing_level(torch.nn.ModuleList(layers)) < before
