@@ -16,6 +16,7 @@ import torch
 
 INFO_FILE = Path(__file__).with_name("_build_info.json")
 REBUILD = "pip install --no-build-isolation -e . (from the apsfast source tree)"
+_BUILT_WHEN = {"_C": "always", "_cuda": "when torch has CUDA and nvcc is found, or APSFAST_FORCE_CUDA=1"}
 
 
 def build_info() -> dict[str, Any]:
@@ -30,7 +31,8 @@ def load_extension(name: str) -> None:
     """Import ``apsfast.<name>``; raise ImportError with the reason and the fix if it cannot load."""
     info = build_info()
     if name not in info.get("extensions", ()):
-        raise ImportError(f"apsfast.{name} was not built; build it with {REBUILD}")
+        raise ImportError(f"apsfast.{name} was not built (setup.py builds it {_BUILT_WHEN[name]}); "
+                          f"build it with {REBUILD}")
     built_with = info.get("torch")
     if built_with != torch.__version__:
         raise ImportError(f"apsfast.{name} was built against torch {built_with} but torch "

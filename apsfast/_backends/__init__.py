@@ -22,7 +22,8 @@ ENV_VAR = "APSFAST_BACKEND"
 
 # Preference order per device type when nothing is forced; reference always serves last.
 _PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-_MODULES = {"reference": "apsfast.reference", "cpu": "apsfast._backends.cpu"}
+_MODULES = {"reference": "apsfast.reference", "cpu": "apsfast._backends.cpu",
+            "triton": "apsfast._backends.triton", "cuda": "apsfast._backends.cuda"}
 
 _loaded: dict[str, Optional[ModuleType]] = {}
 _reasons: dict[str, str] = {}

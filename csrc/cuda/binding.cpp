@@ -1,0 +1,383 @@
+// The apsfast_cuda op library: schemas, argument checks and the CUDA implementations of the
+// construction (paper eq. 2), its backward, the grouped construction and the batched
+// transition (eq. 4, 5), plus the Python module apsfast._cuda whose import registers them.
+//
+// This is the only file of csrc/cuda that sees torch: it turns tensors into the plain
+// parameter structs of aps_kernels.h and launches on torch's current stream.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "aps_kernels.h"
+
+namespace apsfast_cuda {
+namespace {
+
+using at::Tensor;
+
+DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must have dtype float32, float64, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+  return DType::kFloat32;  // not reached
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "apsfast_cuda: ", what, " failed to launch: ",
+              cudaGetErrorString(err));
+}
+
+void check_weight(const Tensor& weight, const char* name) {
+  TORCH_CHECK(weight.is_cuda(), name, " must be a CUDA tensor, got device ", weight.device());
+  TORCH_CHECK(weight.dim() >= 2, name, " must have at least 2 dims (C_out, C_in, *kernel), got ",
+              weight.dim());
+  dtype_of(weight, name);
+}
+
+void check_transform(const Tensor& weight, const std::optional<Tensor>& M, const std::string& name,
+                     int64_t dim) {
+  if (!M.has_value()) return;
+  TORCH_CHECK(M->dim() == 2, name, " must be 2-D, got ", M->dim(), " dims");
+  TORCH_CHECK(M->size(0) == weight.size(dim), name, ".shape[0] must be weight.shape[", dim,
+              "] = ", weight.size(dim), ", got ", M->size(0));
+  TORCH_CHECK(M->scalar_type() == weight.scalar_type(), name, " has dtype ", M->scalar_type(),
+              ", expected ", weight.scalar_type());
+  TORCH_CHECK(M->device() == weight.device(), name, " must be on ", weight.device(), ", got ",
+              M->device());
+}
+
+// [D0, D1, S] view of a [D0, D1, *kernel] tensor (a copy only when the kernel dims cannot be
+// merged); S is computed, not inferred, so that empty tensors reshape too.
+Tensor as_3d(const Tensor& w) {
+  int64_t S = 1;
+  for (int64_t d = 2; d < w.dim(); ++d) S *= w.size(d);
+  return w.reshape({w.size(0), w.size(1), S});
+}
+
+std::vector<int64_t> out_shape(const Tensor& weight, int64_t c_o, int64_t c_i) {
+  std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
+  shape[0] = c_o;
+  shape[1] = c_i;
+  return shape;
+}
+
+// Fills a mode product of w3 [D0, D1, S] with M over `mode` into out (already allocated).
+ModeProductParams mode_product_params(const Tensor& w3, const Tensor& M, int mode,
+                                      const Tensor& out) {
+  const int64_t W_size[3] = {w3.size(0), w3.size(1), w3.size(2)};
+  const int64_t W_stride[3] = {w3.stride(0), w3.stride(1), w3.stride(2)};
+  const int64_t M_stride[2] = {M.stride(0), M.stride(1)};
+  const int64_t out_stride[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  return make_mode_product(mode, w3.data_ptr(), W_size, W_stride, M.data_ptr(), M.size(1),
+                           M_stride, out.data_ptr(), out_stride);
+}
+
+std::vector<int64_t> mode_product_shape(const Tensor& w3, const Tensor& M, int mode) {
+  std::vector<int64_t> shape = {w3.size(0), w3.size(1), w3.size(2)};
+  shape[mode] = M.size(1);
+  return shape;
+}
+
+// out[o, b, s] = sum_a M[a, o] W[a, b, s] (mode 0) or out[a, i, s] = sum_b M[b, i] W[a, b, s]
+// (mode 1), contiguous.
+Tensor mode_product(const Tensor& w3, const Tensor& M, int mode) {
+  Tensor out = at::empty(mode_product_shape(w3, M, mode), w3.options());
+  const ModeProductParams p = mode_product_params(w3, M, mode, out);
+  check_launch(launch_mode_product(p, dtype_of(w3, "weight"), c10::cuda::getCurrentCUDAStream()),
+               "mode product");
+  return out;
+}
+
+// Cost per kernel element of P first vs Q first (the reference's choice of order).
+bool p_first(int64_t C_out, int64_t C_in, int64_t c_o, int64_t c_i) {
+  return c_o * C_out * C_in + c_o * C_in * c_i <= C_out * C_in * c_i + c_o * C_out * c_i;
+}
+
+// Copies `bytes` of host data to a fresh device buffer on `device`, asynchronously on the
+// current stream (through pinned memory that the caching host allocator keeps alive until
+// the copy is done).
+Tensor upload(const std::vector<char>& bytes, const at::Device& device) {
+  Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
+                          at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+  return host.to(device, /*non_blocking=*/true);
+}
+
+template <typename Item>
+size_t append(std::vector<char>& bytes, const Item* items, size_t count) {
+  static_assert(sizeof(Item) % alignof(int64_t) == 0, "records keep 8-byte alignment");
+  const size_t offset = bytes.size();
+  bytes.resize(offset + count * sizeof(Item));
+  if (count) std::memcpy(bytes.data() + offset, items, count * sizeof(Item));
+  return offset;
+}
+
+}  // namespace
+
+Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
+                 const std::optional<Tensor>& Q) {
+  check_weight(weight, "weight");
+  check_transform(weight, P, "P", 0);
+  check_transform(weight, Q, "Q", 1);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const int64_t C_out = weight.size(0), C_in = weight.size(1);
+  const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
+  const Tensor w3 = as_3d(weight);
+  Tensor out;
+  if (!P && !Q) {
+    out = w3.clone(at::MemoryFormat::Contiguous);
+  } else if (!Q) {
+    out = mode_product(w3, *P, 0);
+  } else if (!P) {
+    out = mode_product(w3, *Q, 1);
+  } else if (p_first(C_out, C_in, c_o, c_i)) {
+    out = mode_product(mode_product(w3, *P, 0), *Q, 1);
+  } else {
+    out = mode_product(mode_product(w3, *Q, 1), *P, 0);
+  }
+  return out.view(out_shape(weight, c_o, c_i));
+}
+
+// Gradients for the inputs flagged need_*, in the order W, P, Q (contiguous).
+//   dW = P . g . Q^T over the channel modes: a construction with the transposed transforms,
+//        read through strides (no transposed copy);
+//   dP[a, o] = sum_{i,s} (W x2 Q^T)[a, i, s] g[o, i, s],
+//   dQ[b, i] = sum_{o,s} (P^T x1 W)[o, b, s] g[o, i, s]  (ATen GEMMs, over our mode products).
+std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
+                                       const std::optional<Tensor>& P,
+                                       const std::optional<Tensor>& Q, bool need_weight,
+                                       bool need_P, bool need_Q) {
+  check_weight(weight, "weight");
+  check_transform(weight, P, "P", 0);
+  check_transform(weight, Q, "Q", 1);
+  const int64_t C_out = weight.size(0), C_in = weight.size(1);
+  const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
+  const auto expected = out_shape(weight, c_o, c_i);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(expected),
+              "grad must have the candidate kernel's shape ", at::IntArrayRef(expected), ", got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "grad has dtype ", grad.scalar_type(),
+              ", expected ", weight.scalar_type());
+  TORCH_CHECK(grad.device() == weight.device(), "grad must be on ", weight.device(), ", got ",
+              grad.device());
+  TORCH_CHECK(!need_P || P, "need_P is set but P is None");
+  TORCH_CHECK(!need_Q || Q, "need_Q is set but Q is None");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const Tensor g3 = as_3d(grad);
+  const Tensor w3 = as_3d(weight);
+  const int64_t S = w3.size(2);
+  std::vector<Tensor> grads;
+  if (need_weight) {
+    std::optional<Tensor> Pt, Qt;
+    if (P) Pt = P->t();
+    if (Q) Qt = Q->t();
+    grads.push_back(construct(grad, Pt, Qt).view(weight.sizes()));
+  }
+  if (need_P) {
+    const Tensor wq = Q ? mode_product(w3, *Q, 1) : w3;  // [C_out, c_i, S]
+    grads.push_back(at::matmul(wq.reshape({C_out, c_i * S}), g3.reshape({c_o, c_i * S}).t())
+                        .contiguous());
+  }
+  if (need_Q) {
+    const Tensor pw = P ? mode_product(w3, *P, 0) : w3;  // [c_o, C_in, S]
+    grads.push_back(at::einsum("obs,ois->bi", {pw, g3}).contiguous());
+  }
+  return grads;
+}
+
+// The kernels of many layers: every first mode product in one launch, then every second one
+// in another. A layer with one transform has only a first product; one with none is a copy.
+std::vector<Tensor> construct_grouped(at::TensorList weights,
+                                      const c10::List<std::optional<Tensor>>& Ps,
+                                      const c10::List<std::optional<Tensor>>& Qs) {
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(Ps.size()) == layers && static_cast<int64_t>(Qs.size()) == layers,
+              "Ps and Qs must have one entry per weight (", layers, "), got ", Ps.size(), " and ",
+              Qs.size());
+  if (layers == 0) return {};
+  check_weight(weights[0], "weights[0]");
+  const DType dtype = dtype_of(weights[0], "weights[0]");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+
+  std::vector<Tensor> out(layers), keep;  // keep: intermediates, alive until launched
+  std::vector<ModeProductParams> first, second;
+  for (int64_t l = 0; l < layers; ++l) {
+    const Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() >= 2, "weights[", l, "] must have at least 2 dims, got ", w.dim());
+    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type(), "weights[", l, "] has dtype ",
+                w.scalar_type(), ", expected ", weights[0].scalar_type(), " (that of weights[0])");
+    TORCH_CHECK(w.device() == weights[0].device(), "weights[", l, "] must be on ",
+                weights[0].device(), ", got ", w.device());
+    const std::optional<Tensor> P = Ps.get(l), Q = Qs.get(l);
+    check_transform(w, P, "Ps[" + std::to_string(l) + "]", 0);
+    check_transform(w, Q, "Qs[" + std::to_string(l) + "]", 1);
+    const int64_t C_out = w.size(0), C_in = w.size(1);
+    const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
+    const Tensor w3 = as_3d(w);
+    keep.push_back(w3);
+    Tensor result = at::empty({c_o, c_i, w3.size(2)}, w3.options());
+    if (!P && !Q) {
+      result.copy_(w3);
+    } else if (!P || !Q) {
+      first.push_back(mode_product_params(w3, P ? *P : *Q, P ? 0 : 1, result));
+    } else {
+      const bool p_then_q = p_first(C_out, C_in, c_o, c_i);
+      const Tensor& A = p_then_q ? *P : *Q;
+      const Tensor& B = p_then_q ? *Q : *P;
+      const int mode = p_then_q ? 0 : 1;
+      Tensor mid = at::empty(mode_product_shape(w3, A, mode), w3.options());
+      keep.push_back(mid);
+      first.push_back(mode_product_params(w3, A, mode, mid));
+      second.push_back(mode_product_params(mid, B, 1 - mode, result));
+    }
+    out[l] = result.view(out_shape(w, c_o, c_i));
+  }
+
+  if (first.empty()) return out;  // only copies
+  // One upload: both launches' params and tile offsets.
+  const auto first_tiles = mode_product_tile_offsets(first.data(), static_cast<int64_t>(first.size()));
+  const auto second_tiles =
+      mode_product_tile_offsets(second.data(), static_cast<int64_t>(second.size()));
+  std::vector<char> bytes;
+  const size_t first_params = append(bytes, first.data(), first.size());
+  const size_t second_params = append(bytes, second.data(), second.size());
+  const size_t first_offsets = append(bytes, first_tiles.data(), first_tiles.size());
+  const size_t second_offsets = append(bytes, second_tiles.data(), second_tiles.size());
+  const Tensor meta = upload(bytes, weights[0].device());
+  const char* base = static_cast<const char*>(meta.data_ptr());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(launch_mode_product_grouped(
+                   reinterpret_cast<const ModeProductParams*>(base + first_params),
+                   reinterpret_cast<const int64_t*>(base + first_offsets),
+                   static_cast<int64_t>(first.size()), first_tiles.back(), dtype, stream),
+               "grouped mode product (first)");
+  if (!second.empty()) {
+    check_launch(launch_mode_product_grouped(
+                     reinterpret_cast<const ModeProductParams*>(base + second_params),
+                     reinterpret_cast<const int64_t*>(base + second_offsets),
+                     static_cast<int64_t>(second.size()), second_tiles.back(), dtype, stream),
+                 "grouped mode product (second)");
+  }
+  return out;
+}
+
+// Eq. 5 on every side at once, in place (see TransitionSide in aps_kernels.h); returns Phi
+// before the step, in float32 (16-bit and float32 sides) or float64.
+Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArrayRef counts,
+                           at::IntArrayRef partner, double tau) {
+  const int64_t sides = static_cast<int64_t>(Ms.size());
+  TORCH_CHECK(sides > 0, "Ms must hold at least one side");
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == sides && static_cast<int64_t>(partner.size()) == sides,
+              "counts and partner must have one entry per side (", sides, "), got ", counts.size(),
+              " and ", partner.size());
+  const DType dtype = dtype_of(Ms[0], "Ms[0]");
+  TORCH_CHECK(Ms[0].is_cuda(), "Ms[0] must be a CUDA tensor, got device ", Ms[0].device());
+  std::vector<TransitionSide> inputs(sides);
+  int64_t block = 0;
+  for (int64_t s = 0; s < sides; ++s) {
+    const Tensor& M = Ms[s];
+    TORCH_CHECK(M.dim() == 2, "Ms[", s, "] must be 2-D, got ", M.dim(), " dims");
+    TORCH_CHECK(M.scalar_type() == Ms[0].scalar_type(), "Ms[", s, "] has dtype ", M.scalar_type(),
+                ", expected ", Ms[0].scalar_type(), " (that of Ms[0])");
+    TORCH_CHECK(M.device() == Ms[0].device(), "Ms[", s, "] must be on ", Ms[0].device(), ", got ",
+                M.device());
+    TORCH_CHECK(at::has_internal_overlap(M) != at::MemOverlap::Yes, "Ms[", s,
+                "] is updated in place and must not have overlapping elements (e.g. an expand)");
+    TORCH_CHECK(partner[s] >= -1 && partner[s] < sides && partner[s] != s,
+                "partner[", s, "] must be -1 or another side's index in [0, ", sides, "), got ",
+                partner[s]);
+    TORCH_CHECK(counts[s] >= 0, "counts[", s, "] must be >= 0, got ", counts[s]);
+    TORCH_CHECK(block + counts[s] <= static_cast<int64_t>(widths.size()), "widths must hold at least ",
+                block + counts[s], " block widths (the sum of counts), got ", widths.size());
+    int64_t n = 0;
+    for (int64_t b = block; b < block + counts[s]; ++b) {
+      TORCH_CHECK(widths[b] >= 0, "widths[", b, "] must be >= 0, got ", widths[b]);
+      n += widths[b];
+    }
+    TORCH_CHECK(n == M.size(1), "the widths of side ", s, " must sum to Ms[", s, "].shape[1] = ",
+                M.size(1), ", got ", n);
+    block += counts[s];
+    TransitionSide& side = inputs[s];
+    side = TransitionSide{};
+    side.M = M.data_ptr();
+    side.rows = M.size(0);
+    side.cols = M.size(1);
+    side.stride_row = M.stride(0);
+    side.stride_col = M.stride(1);
+    side.partner = partner[s];
+    side.block_count = counts[s];
+  }
+  TORCH_CHECK(block == static_cast<int64_t>(widths.size()), "widths must hold ", block,
+              " block widths (the sum of counts), got ", widths.size());
+
+  const c10::cuda::CUDAGuard guard(Ms[0].device());
+  const TransitionPlan plan = plan_transition(inputs.data(), sides, widths.data());
+  const auto acc_type = dtype == DType::kFloat64 ? at::kDouble : at::kFloat;
+  const auto options = Ms[0].options().dtype(acc_type);
+  Tensor workspace = at::empty({plan.workspace > 0 ? plan.workspace : 1}, options);
+  Tensor phi = at::empty({}, options);
+
+  std::vector<char> bytes;
+  const size_t sides_at = append(bytes, plan.sides.data(), plan.sides.size());
+  const size_t blocks_at = append(bytes, plan.blocks.data(), plan.blocks.size());
+  const size_t tasks_at = append(bytes, plan.tasks.data(), plan.tasks.size());
+  const Tensor meta = upload(bytes, Ms[0].device());
+  const char* base = static_cast<const char*>(meta.data_ptr());
+
+  TransitionArgs args{};
+  args.sides = reinterpret_cast<const TransitionSide*>(base + sides_at);
+  args.blocks = reinterpret_cast<const TransitionBlock*>(base + blocks_at);
+  args.tasks = reinterpret_cast<const GramTask*>(base + tasks_at);
+  args.num_sides = sides;
+  args.num_tasks = static_cast<int64_t>(plan.tasks.size());
+  args.workspace = workspace.data_ptr();
+  args.phi = phi.data_ptr();
+  args.tau = tau;
+  args.partial_offset = plan.partial_offset;
+  args.score_offset = plan.score_offset;
+  args.gram_tiles = plan.gram_tiles;
+  args.update_tiles = plan.update_tiles;
+  args.columns = plan.columns;
+  check_launch(launch_transition(args, dtype, c10::cuda::getCurrentCUDAStream()), "transition");
+  return phi;
+}
+
+TORCH_LIBRARY(apsfast_cuda, m) {
+  m.def("construct(Tensor weight, Tensor? P, Tensor? Q) -> Tensor");
+  m.def(
+      "construct_backward(Tensor grad, Tensor weight, Tensor? P, Tensor? Q, bool need_weight, "
+      "bool need_P, bool need_Q) -> Tensor[]");
+  m.def("construct_grouped(Tensor[] weights, Tensor?[] Ps, Tensor?[] Qs) -> Tensor[]");
+  m.def(
+      "transition_step_all(Tensor(a!)[] Ms, int[] widths, int[] counts, int[] partner, "
+      "float tau) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(apsfast_cuda, CUDA, m) {
+  m.impl("construct", &construct);
+  m.impl("construct_backward", &construct_backward);
+  m.impl("construct_grouped", &construct_grouped);
+  m.impl("transition_step_all", &transition_step_all);
+}
+
+}  // namespace apsfast_cuda
+
+extern "C" PyObject* PyInit__cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
