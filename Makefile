@@ -16,7 +16,7 @@ deps:
 	$(PIP) install -q "setuptools>=64" wheel ninja
 
 # Rebuild the extensions only when their sources or the build changed.
-.build-stamp: setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
+.build-stamp: setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 	$(PIP) install --no-build-isolation -e ".[test]"
 	@touch $@
 

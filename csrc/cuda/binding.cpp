@@ -10,6 +10,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include "../op_schemas.h"
 #include <torch/library.h>
 
 #include <cstring>
@@ -357,16 +358,7 @@ Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArr
   return phi;
 }
 
-TORCH_LIBRARY(apsfast_cuda, m) {
-  m.def("construct(Tensor weight, Tensor? P, Tensor? Q) -> Tensor");
-  m.def(
-      "construct_backward(Tensor grad, Tensor weight, Tensor? P, Tensor? Q, bool need_weight, "
-      "bool need_P, bool need_Q) -> Tensor[]");
-  m.def("construct_grouped(Tensor[] weights, Tensor?[] Ps, Tensor?[] Qs) -> Tensor[]");
-  m.def(
-      "transition_step_all(Tensor(a!)[] Ms, int[] widths, int[] counts, int[] partner, "
-      "float tau) -> Tensor");
-}
+TORCH_LIBRARY(apsfast_cuda, m) { apsfast::define_ops(m); }
 
 TORCH_LIBRARY_IMPL(apsfast_cuda, CUDA, m) {
   m.impl("construct", &construct);

@@ -17,41 +17,10 @@
 #include <cstdint>
 
 #include "aps_kernels.h"
+#include "elem.cuh"
 
 namespace apsfast_cuda {
 namespace {
-
-// Accumulator type of each element type and the conversions to and from it.
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
-
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 constexpr int kRows = kModeTileRows;
 constexpr int kCols = kModeTileCols;
