@@ -7,6 +7,10 @@ with the reason, which :func:`status` (and ``apsfast info``) reports.
 
 ``APSFAST_BACKEND=reference|cpu|triton|cuda`` forces one backend for every op; a forced
 backend that cannot serve a call raises instead of falling back silently.
+
+Unforced, an op runs on a compiled backend only where the kernel benchmark showed that
+backend beating the reference (``bench/results/``); everything else stays on the reference,
+with the compiled backends one ``APSFAST_BACKEND`` away.
 """
 from __future__ import annotations
 
@@ -20,8 +24,12 @@ import torch
 NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "APSFAST_BACKEND"
 
-# Preference order per device type when nothing is forced; reference always serves last.
-_PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+# Default backends per (device type, op) when nothing is forced; reference serves the rest.
+# bench/results/cpu-kernels.md: the batched transition in C++ beats per-layer autograd
+# (1.75x on ResNet-20); the C++ construction only ties the reference's GEMMs (0.98x), so it
+# is not the default. The CUDA and Triton kernels join this table once a GPU benchmark
+# shows them ahead.
+_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {("cpu", "transition_step_all"): ("cpu",)}
 _MODULES = {"reference": "apsfast.reference", "cpu": "apsfast._backends.cpu",
             "triton": "apsfast._backends.triton", "cuda": "apsfast._backends.cuda"}
 
@@ -79,7 +87,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
             raise BackendUnavailable(f"{ENV_VAR}={name} cannot run {op} on {device.type} "
                                      f"tensors of dtype {dtype}")
         return module
-    for name in _PREFERENCE.get(device.type, ()):
+    for name in _PREFERENCE.get((device.type, op), ()):
         module = _load(name)
         if module is not None and hasattr(module, op) and module.supports(device, dtype):
             return module
