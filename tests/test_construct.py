@@ -182,3 +182,19 @@ def test_forced_backend_never_falls_back(monkeypatch):
     monkeypatch.setenv(_backends.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="APSFAST_BACKEND must be one of"):
         apsfast.construct(weight, P, Q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_builds_in_float32_and_convs_in_low_precision(backend, dtype):
+    weight, P, Q = make("3x3", torch.float32)
+    x = torch.randn(2, Q.shape[1], 6, 6).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=dtype):
+        kernel = apsfast.construct(weight.to(dtype), P.to(dtype), Q.to(dtype))
+        out = apsfast.aps_conv2d(x, weight, P, Q, padding=1)
+    # The construction accumulates in float32 whatever the inputs' dtype; the conv follows
+    # autocast's dtype.
+    assert kernel.dtype == torch.float32
+    assert out.dtype == dtype
+    expected = F.conv2d(x, einsum_kernel(weight, P, Q), padding=1)
+    err_torch = (F.conv2d(x.to(dtype), einsum_kernel(weight, P, Q).to(dtype), padding=1).float() - expected).abs().max()
+    assert (out.float() - expected).abs().max() <= 2 * err_torch + 1e-6
