@@ -29,7 +29,6 @@ class TinyAPSNet(nn.Module):
         self.conv2 = APSConv2d(widths, widths, 3, stride=2, padding=1, sharing=sharing)
         self.bn2 = APSBatchNorm2d(widths)
         self.fc = APSLinear(widths, CLASSES, sharing=sharing)
-        self.aps_layers = [self.conv1, self.conv2, self.fc]
 
     def set_arch(self, width1: int, width2: int) -> None:
         self.conv1.active_out, self.conv2.active_out = width1, width2
@@ -38,12 +37,6 @@ class TinyAPSNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean(dim=(2, 3)))
-
-    def sharing_level(self) -> Tensor:
-        return sum(layer.sharing_level() for layer in self.aps_layers)
-
-    def transition_step(self, tau: float) -> Tensor:
-        return sum(layer.transition_step(tau) for layer in self.aps_layers)
 
 
 def synthetic_batch(n: int, generator: torch.Generator, templates: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,7 +77,10 @@ def train(steps: int = 400, warmup: int = 120, tau: float = 1e-4, seed: int = 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        phi = model.transition_step(tau) if step > warmup else model.sharing_level()
+        if step > warmup:  # every layer's transition in one batched call
+            phi = apsfast.nn.network_transition_step(model, tau)
+        else:
+            phi = apsfast.nn.network_sharing_level(model)
         if step % 40 == 0 or step == 1:
             model.eval()
             with torch.no_grad():
