@@ -30,6 +30,7 @@ def collect_info() -> dict:
         "triton": triton_version,
         "build": build_info(),
         "backends": _backends.status(),
+        "defaults": _backends.defaults(),
         "forced_backend": os.environ.get(_backends.ENV_VAR) or None,
     }
 
@@ -51,6 +52,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, state in info["backends"].items():
         print(f"  {name:<10} {state}")
+    routes = ", ".join(f"{op} → {name}" for op, name in info["defaults"].items())
+    print(f"default dispatch: {routes or 'nothing'} (where built); every other op → reference")
     if info["forced_backend"]:
         print(f"{_backends.ENV_VAR}={info['forced_backend']} forces that backend for every op")
     return 0

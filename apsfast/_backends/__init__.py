@@ -66,6 +66,12 @@ def available() -> tuple[str, ...]:
     return tuple(name for name in NAMES if _load(name) is not None)
 
 
+def defaults() -> dict[str, str]:
+    """``"<device>/<op>"`` mapped to the compiled backend that serves it unforced (when built);
+    every op not listed runs on the reference."""
+    return {f"{device}/{op}": ", ".join(names) for (device, op), names in _PREFERENCE.items()}
+
+
 def forced() -> Optional[str]:
     """The backend named by ``APSFAST_BACKEND``, or ``None``."""
     name = os.environ.get(ENV_VAR, "").strip().lower()
