@@ -10,7 +10,6 @@ import math
 import numbers
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 

@@ -25,7 +25,7 @@ import torch
 import apsfast
 from apsfast import _backends
 from apsfast import reference as ref
-from conftest import TOLERANCES, assert_close
+from conftest import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"

@@ -2,7 +2,6 @@
 invariances and bounds of the sharing level Φ, over randomly drawn small shapes."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
