@@ -3,8 +3,9 @@
 // A side is one matrix M [C, n] holding its candidates' transforms side by side (block
 // widths in `widths`, `counts[s]` blocks for side s); partner[s] is the other side of the
 // same layer or -1. Per side
-//   S = 1/2 |G|^2 + 1/2 sum_a |M_a^T M_a|^2,   G = M^T M  (formed as M M^T when C < n)
-//   dS/dM_a = 2 (M M^T) M_a + 2 M_a (M_a^T M_a)
+//   S = 1/2 |G|^2 + 1/2 sum_a |G_aa|^2,   G = M^T M,  G_aa = M_a^T M_a
+//   dS/dM = 2 M (G + blockdiag G_aa) = 2 (M M^T) M + 2 [M_a G_aa]_a
+// with the Gram formed once, on the smaller side (|M^T M| = |M M^T|), and reused by both.
 // and every column steps  p <- normalize(p - tau * S_partner * dS/dp).
 // Sides are independent given the partners' scores, so both passes spread sides over threads.
 #include <ATen/ATen.h>
@@ -49,38 +50,49 @@ Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArr
               " block widths (the sum of counts), got ", widths.size());
 
   const auto dtype = work_type(Ms[0].scalar_type());
-  std::vector<Tensor> work(sides);
+  std::vector<Tensor> work(sides), gram(sides);
   std::vector<double> score(sides);
-  // Pass 1: every side's score S.
+  // Pass 1: every side's score S from its Gram on the smaller side, kept for pass 2.
   at::parallel_for(0, sides, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       Tensor M = Ms[s].to(dtype);
       work[s] = M;
       const bool tall = M.size(0) >= M.size(1);
-      Tensor gram = tall ? M.t().mm(M) : M.mm(M.t());
-      double total = 0.5 * gram.square().sum().item<double>();
+      gram[s] = tall ? M.t().mm(M) : M.mm(M.t());
+      double total = 0.5 * gram[s].square().sum().item<double>();
       int64_t col = 0;
       for (int64_t b = first[s]; b < first[s + 1]; ++b) {
-        Tensor block = M.narrow(1, col, widths[b]);
-        total += 0.5 * block.t().mm(block).square().sum().item<double>();
+        // A block's own Gram is a diagonal block of G = M^T M when that is what was formed.
+        Tensor own = tall ? gram[s].narrow(0, col, widths[b]).narrow(1, col, widths[b])
+                          : M.narrow(1, col, widths[b]).t().mm(M.narrow(1, col, widths[b]));
+        total += 0.5 * own.square().sum().item<double>();
         col += widths[b];
       }
       score[s] = total;
     }
   });
   // Pass 2: gradients from the old values, then the projected step, side by side.
+  //   tall (C >= n): dS/dM = 2 M (G + blockdiag G_aa)   -- C n^2, reusing G
+  //   wide (C < n):  dS/dM_a = 2 (M M^T) M_a + 2 M_a G_aa   -- C^2 n, reusing M M^T
   at::parallel_for(0, sides, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const Tensor& M = work[s];
-      const double other = partner[s] >= 0 ? score[partner[s]] : 1.0;
-      Tensor outer = M.mm(M.t());
-      Tensor step = M - (2.0 * tau * other) * outer.mm(M);
+      const double rate = 2.0 * tau * (partner[s] >= 0 ? score[partner[s]] : 1.0);
+      const bool tall = M.size(0) >= M.size(1);
+      Tensor coupling = gram[s].clone();  // G (+ its diagonal blocks) or M M^T
+      Tensor step = M.clone();
       int64_t col = 0;
       for (int64_t b = first[s]; b < first[s + 1]; ++b) {
-        Tensor block = M.narrow(1, col, widths[b]);
-        step.narrow(1, col, widths[b]).sub_(block.mm(block.t().mm(block)), 2.0 * tau * other);
-        col += widths[b];
+        const int64_t w = widths[b];
+        if (tall) {
+          coupling.narrow(0, col, w).narrow(1, col, w).mul_(2.0);
+        } else {
+          Tensor block = M.narrow(1, col, w);
+          step.narrow(1, col, w).sub_(block.mm(block.t().mm(block)), rate);
+        }
+        col += w;
       }
+      step.sub_(tall ? M.mm(coupling) : coupling.mm(M), rate);
       step.div_(step.norm(2, {0}, true).clamp_min(1e-12));
       Ms[s].copy_(step);
     }
