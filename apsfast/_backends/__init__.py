@@ -26,8 +26,8 @@ ENV_VAR = "APSFAST_BACKEND"
 
 # Default backends per (device type, op) when nothing is forced; reference serves the rest.
 # bench/results/cpu-kernels.md: the batched transition in C++ beats per-layer autograd
-# (1.75x on ResNet-20); the C++ construction only ties the reference's GEMMs (0.98x), so it
-# is not the default. The CUDA and Triton kernels join this table once a GPU benchmark
+# (2.8x on ResNet-20, 1.9x on MobileNet-v2); the C++ construction only ties the reference's
+# GEMMs (0.99x), so it is not the default. The CUDA and Triton kernels join this table once a GPU benchmark
 # shows them ahead.
 _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {("cpu", "transition_step_all"): ("cpu",)}
 _MODULES = {"reference": "apsfast.reference", "cpu": "apsfast._backends.cpu",
