@@ -114,6 +114,29 @@ def sharing_level(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]]
     return factors[0] * factors[1] if len(factors) == 2 else factors[0]
 
 
+def _step_sides(sides: Sequence[Sequence[Tensor]], partner: Sequence[int], tau: float) -> Tensor:
+    """Eq. 5 on every block of every side, in place; ``partner[s]`` is the other side of the
+    same layer or ``-1``. Returns ``Σ_layers S(P)·S(Q)`` before the step (float32 or wider).
+
+    Every new value is known before any is written, so transforms that are overlapping views
+    of one tensor all step from the same point.
+    """
+    with torch.no_grad():
+        work = [[m.float() if m.dtype in (torch.float16, torch.bfloat16) else m for m in side]
+                for side in sides]
+        scores = [sharing_score(side) for side in work]
+        phi = sum(score * (scores[p] if p >= 0 else 1.0)
+                  for s, (score, p) in enumerate(zip(scores, partner)) if p < s)
+        updates = []
+        for s, (side, blocks) in enumerate(zip(work, sides)):
+            other = scores[partner[s]] if partner[s] >= 0 else 1.0
+            for m, block, g in zip(side, blocks, sharing_score_grad(side)):
+                updates.append((block, F.normalize(m - tau * other * g, dim=0)))
+        for block, new in updates:
+            block.copy_(new)
+    return phi
+
+
 def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]],
                     tau: float) -> Tensor:
     """One projected-gradient step of eq. 5 on every column of every P and Q, in place.
@@ -123,19 +146,7 @@ def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor
     Returns Φ before the step.
     """
     sides = [Ms for Ms in (Ps, Qs) if Ms is not None]
-    with torch.no_grad():
-        scores = [sharing_score(Ms) for Ms in sides]
-        phi = scores[0] * scores[1] if len(scores) == 2 else scores[0]
-        updates = []
-        for side, Ms in enumerate(sides):
-            other = scores[1 - side] if len(scores) == 2 else 1.0
-            for m, g in zip(Ms, sharing_score_grad(Ms)):
-                updates.append((m, F.normalize(m - tau * other * g, dim=0)))
-        # Written only once every new value is known, so transforms that are overlapping
-        # views of one tensor all step from the same point.
-        for m, new in updates:
-            m.copy_(new)
-    return phi
+    return _step_sides(sides, [1, 0] if len(sides) == 2 else [-1], tau)
 
 
 def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Sequence[int],
@@ -149,23 +160,8 @@ def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Seq
 
     Returns the network's Φ before the step: ``Σ_layers S(P)·S(Q)`` (float32 or wider).
     """
-    blocks, start = [], 0
+    sides, start = [], 0
     for M, count in zip(Ms, counts):
-        sizes = list(widths[start:start + count])
-        blocks.append(list(torch.split(M, sizes, dim=1)))
+        sides.append(torch.split(M, list(widths[start:start + count]), dim=1))  # views of M
         start += count
-    with torch.no_grad():
-        work = [[b.float() if b.dtype in (torch.float16, torch.bfloat16) else b for b in side]
-                for side in blocks]
-        scores = [sharing_score(side) for side in work]
-        phi = sum(score * (scores[p] if p >= 0 else 1.0)
-                  for s, (score, p) in enumerate(zip(scores, partner)) if p < s)
-        updates = []
-        for s, side in enumerate(work):
-            other = scores[partner[s]] if partner[s] >= 0 else 1.0
-            for m, g in zip(side, sharing_score_grad(side)):
-                updates.append(F.normalize(m - tau * other * g, dim=0))
-        for M, new in zip(Ms, [torch.cat(updates[i:i + c], dim=1) for i, c in
-                               zip([sum(counts[:s]) for s in range(len(counts))], counts)]):
-            M.copy_(new)
-    return phi
+    return _step_sides(sides, partner, tau)
