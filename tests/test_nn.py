@@ -863,3 +863,17 @@ def test_torch_compile_fullgraph(backend):
     for a, b in zip(compiled_grads, eager_grads):
         assert_close(a, b)
     torch._dynamo.reset()
+
+
+def test_conv_to_static_explicit_out_width(backend):
+    layer = conv_layer((3, 5), (2, 4, 6), 3, padding=1, bias=True).eval()
+    x = rand(2, 5, 6, 6)
+    for c_out in layer.out_widths:
+        static = layer.to_static(5, c_out)
+        assert static.out_channels == c_out and layer.active_out == 6  # not changed
+        layer.active_out = c_out
+        with torch.no_grad():
+            assert_close(static(x), layer(x))
+        layer.active_out = 6
+    with pytest.raises(ValueError, match="out_width must be one of out_widths"):
+        layer.to_static(5, 3)

@@ -62,10 +62,10 @@ class CandidateTransforms(nn.Module):
         Ordinal and independent transforms are such selections, and so are APS-T's until its
         transition starts. The answer is cached until ``matrix`` changes (its version counter
         moves with every in-place update). Never a selection while ``matrix`` is trained, nor
-        under ``torch.compile``.
+        under ``torch.compile`` or on the meta device.
         """
-        if self.matrix.requires_grad or torch.compiler.is_compiling():
-            # A traced graph cannot branch on values: it always takes the dense path.
+        if self.matrix.requires_grad or self.matrix.is_meta or torch.compiler.is_compiling():
+            # A traced graph cannot branch on values, nor can a tensor without any: dense path.
             return None
         key = (self.matrix.data_ptr(), self.matrix._version)
         if self._selections[0] != key:

@@ -108,9 +108,14 @@ class APSConv2d(APSLayer):
         """The kernel ``[c_o, c_i, kh, kw]`` used for inputs of ``in_width`` channels."""
         return self._candidate_weight(*self._indices(in_width))
 
-    def to_static(self, in_width: int) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` computing this layer for ``in_width`` inputs and ``active_out``."""
+    def to_static(self, in_width: int, out_width: Optional[int] = None) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing this layer for ``in_width`` inputs and ``out_width``
+        outputs (default ``active_out``; a depthwise layer's output width is its input's)."""
         out_index, in_index = self._indices(in_width)
+        if out_width is not None and not self.depthwise:
+            if out_width not in self.out_widths:
+                raise ValueError(f"out_width must be one of out_widths {self.out_widths}, got {out_width!r}")
+            out_index = self.out_widths.index(out_width)
         with torch.no_grad():
             kernel = self._candidate_weight(out_index, in_index)
             conv = nn.Conv2d(in_width, kernel.shape[0], self.kernel_size, self.stride, self.padding,
