@@ -1,4 +1,4 @@
-"""The ``apsfast`` command line: ``apsfast info | demo | bench``."""
+"""The ``apsfast`` command line: ``apsfast info | models | demo | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return kernels.main(args.rest, prog="apsfast bench kernels")
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value (``widths=[8,16]``) or else a string (``residual=stage``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+# The spaces of the paper's experiments: the README's table.
+PAPER_SPACES = (("resnet20_cifar", {}), ("resnet20_cifar", {"widths": "compact"}), ("resnet56_cifar", {}),
+                ("resnet18_imagenet", {}), ("mobilenetv2_imagenet", {}))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from apsfast.models import summary
+    options = dict(args.option or [])
+    if args.name is None and options:
+        raise SystemExit("apsfast models: -o/--option needs a model NAME")
+    spaces = PAPER_SPACES if args.name is None else ((args.name, options),)
+    try:
+        rows = [summary.summary(name, **opts) for name, opts in spaces]
+        decisions = None if args.name is None else summary.decisions_markdown(args.name, **options)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"apsfast models: {error}") from None
+    if args.json:
+        print(json.dumps(rows if args.name is None else rows[0], indent=2))
+        return 0
+    print(summary.markdown(rows))
+    if decisions is not None:
+        print("\n" + decisions)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apsfast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"apsfast {apsfast.__version__}")
@@ -77,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, build and available backends")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
+    models = sub.add_parser("models", help="the search spaces: decisions, candidates, MACs, supernet size")
+    models.add_argument("name", nargs="?", help="one model (then its decisions too); default: the paper's spaces")
+    models.add_argument("-o", "--option", action="append", type=_option, metavar="KEY=VALUE",
+                        help="a build option, e.g. -o residual=stage -o widths=[8,16,32] (repeatable)")
+    models.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    models.set_defaults(func=cmd_models)
     demo = sub.add_parser("demo", help="a short demo: Φ of APS-O/I/T and a tiny APS-T training run")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels [--quick] [--out PATH]`")

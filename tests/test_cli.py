@@ -65,3 +65,24 @@ def test_without_extension_everything_falls_back_to_reference(monkeypatch):
     layer = apsfast.nn.APSConv2d((2, 4), (3, 5), 3, padding=1)
     layer(torch.randn(1, 4, 5, 5)).sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_models_table_and_decisions():
+    result = run_cli("models")
+    assert result.returncode == 0, result.stderr
+    assert all(f"`{name}`" in result.stdout for name in ("resnet20_cifar", "resnet56_cifar",
+                                                         "resnet18_imagenet", "mobilenetv2_imagenet"))
+    one = run_cli("models", "resnet20_cifar", "-o", "residual=stage", "-o", "widths=[8,16]")
+    assert one.returncode == 0, one.stderr
+    assert "| 12 | `layer3.2.conv1` | {8,16} | 64 → 16 |" in one.stdout  # 13 decisions, 0-based
+    record = json.loads(run_cli("models", "mobilenetv2_imagenet", "--json").stdout)
+    assert record["decisions"] == 24 and record["params"]["standard"] == 3_504_872
+
+
+def test_models_bad_options_are_clear():
+    result = run_cli("models", "resnet20_cifar", "-o", "depth=3")
+    assert result.returncode != 0 and "unknown option(s) ['depth']" in result.stderr
+    result = run_cli("models", "-o", "residual=stage")
+    assert result.returncode != 0 and "needs a model NAME" in result.stderr
+    result = run_cli("models", "resnet20_cifar", "-o", "residual")
+    assert result.returncode != 0 and "expected KEY=VALUE" in result.stderr

@@ -116,6 +116,13 @@ def test_standard_arch_is_the_standard_network(meta_nets, name):
     assert widths == expected
 
 
+def test_standard_arch_takes_the_nearest_candidate():
+    net = models.build("resnet20_cifar", widths=(8, 24, 48, 128), device="meta")
+    assert net.standard_widths()["layer3.0.conv1"] == 64
+    widths = net.widths(net.standard_arch())
+    assert (widths["stem"], widths["layer2.0.conv1"], widths["layer3.0.conv1"]) == (8, 24, 48)  # 16: tie → narrower
+
+
 def test_arch_sampling(meta_nets):
     net = meta_nets["resnet20_cifar"]
     before = net.arch

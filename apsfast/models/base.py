@@ -167,6 +167,11 @@ class Supernet(nn.Sequential):
         return [min(range(len(d.widths)), key=lambda a: (abs(d.widths[a] - s), a))
                 for d, s in zip(self._decisions, self._standard)]
 
+    def standard_widths(self) -> dict[str, int]:
+        """``{decision name: width}`` of the standard network (which may lie outside the
+        candidates, e.g. with custom ``widths``; :meth:`standard_arch` takes the nearest)."""
+        return {d.name: s for d, s in zip(self._decisions, self._standard)}
+
     def widths(self, arch: Optional[Sequence[int]] = None) -> dict[str, int]:
         """``{decision name: width}`` of ``arch`` (default: the current one)."""
         arch = self.arch if arch is None else self.check_arch(arch)
