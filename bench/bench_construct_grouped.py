@@ -9,22 +9,16 @@ import pytest
 import torch
 
 import apsfast
-from apsfast.benchmarks.kernels import make_layer, mobilenetv2_layers, resnet20_layers
-
-MODELS = {"resnet20": resnet20_layers, "mobilenetv2": mobilenetv2_layers}
+from apsfast.benchmarks.kernels import SPACES, network_layers
 
 
-def operands(model: str):
-    shapes = MODELS[model](2)[:8]  # the first layers keep the untimed suite run short
-    layers = [make_layer(s, "transitional", "cpu", torch.float32) for s in shapes]
-    ops = [layer.prebuild_operands(s.in_widths[-1]) for layer, s in zip(layers, shapes)]
-    return [o[1] for o in ops], [o[2] for o in ops], [o[3] for o in ops]
-
-
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", SPACES)
 @pytest.mark.parametrize("path", ["grouped", "loop"])
 def test_build_all_kernels(benchmark, model, path):
-    weights, Ps, Qs = operands(model)
+    # The first layers of the widest arch keep the untimed suite run short.
+    layers, in_widths = network_layers(model, "cpu", torch.float32, limit=8)
+    operands = [layer.prebuild_operands(w) for layer, w in zip(layers, in_widths)]
+    weights, Ps, Qs = ([o[k] for o in operands] for k in (1, 2, 3))
 
     def step():
         if path == "grouped":
@@ -35,4 +29,4 @@ def test_build_all_kernels(benchmark, model, path):
         return kernels
 
     kernels = benchmark(step)
-    assert len(kernels) == len(weights) and all(w.grad is not None for w in weights)
+    assert len(kernels) == len(weights) == 8 and all(w.grad is not None for w in weights)

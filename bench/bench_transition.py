@@ -9,16 +9,13 @@ import pytest
 import torch
 
 import apsfast
-from apsfast.benchmarks.kernels import make_layer, mobilenetv2_layers, per_layer_autograd_step, resnet20_layers
-
-MODELS = {"resnet20": resnet20_layers, "mobilenetv2": mobilenetv2_layers}
+from apsfast.benchmarks.kernels import SPACES, network_layers, per_layer_autograd_step
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", SPACES)
 @pytest.mark.parametrize("path", ["batched", "per_layer_autograd"])
 def test_transition_step(benchmark, model, path):
-    shapes = MODELS[model](2)[:8]
-    layers = [make_layer(s, "transitional", "cpu", torch.float32) for s in shapes]
+    layers, _ = network_layers(model, "cpu", torch.float32, limit=8, every_layer=True)
     pairs = [(layer.P, layer.Q) for layer in layers]
     before = apsfast.nn.network_sharing_level(torch.nn.ModuleList(layers))
     if path == "batched":

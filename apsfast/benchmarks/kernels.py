@@ -7,10 +7,13 @@
    autograd, then the conv). Rows: dense transforms (APS-T after its transition started)
    and exact selections (APS-O / warm-up: the slicing path). ``bound`` is the FLOP bound
    ``(3·conv + 2·build) / (3·conv)`` of the dense path.
-2. **grouped**: building every candidate kernel of an architecture (forward + weight-grad
-   scatter) in one grouped call against a per-layer loop of ``apsfast.construct``.
-3. **transition**: one transition step of every layer, batched, against per-layer autograd
-   of Φ with a per-layer projected update.
+2. **grouped**: building every candidate kernel of the widest architecture of a supernet
+   (``apsfast.models``: ResNet-20 CIFAR, MobileNet-v2) (forward + weight-grad scatter) in one
+   grouped call against a per-layer loop of ``apsfast.construct``.
+3. **transition**: one transition step of every layer of the same supernets, batched,
+   against per-layer autograd of Φ with a per-layer projected update.
+
+Conv shapes and layers come from the search spaces, so they are the layers a search runs.
 
 All providers of a row are timed in the same process, interleaved round by round, and the
 median is reported (``torch.utils.benchmark.Timer`` on CPU; CUDA is synchronised by it).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -37,10 +41,11 @@ from torch.utils.benchmark import Timer
 
 import apsfast
 from apsfast import _backends, reference
-from apsfast.nn import APSConv2d
+from apsfast import models
+from apsfast.nn import APSConv2d, APSLayer, aps_layers
 
-CIFAR_WIDTHS = (16, 32, 64, 96)
-MBV2_FRACTIONS = (0.4, 0.6, 0.8, 1.0)  # {8, 12, 16, 20} / 20, scaled by each stage's width
+# The model-level tables run on these search spaces (apsfast.models) at their widest arch.
+SPACES = {"resnet20": "resnet20_cifar", "mobilenetv2": "mobilenetv2_imagenet"}
 
 
 @dataclass(frozen=True)
@@ -56,40 +61,37 @@ class ConvShape:
     depthwise: bool = False
 
 
-def _scaled(width: int) -> tuple[int, ...]:
-    return tuple(max(1, round(width * f)) for f in MBV2_FRACTIONS)
+@functools.lru_cache(maxsize=None)
+def supernet(model: str) -> models.Supernet:
+    """The default supernet of ``model`` (a key of ``SPACES``) on the meta device: shapes only."""
+    return models.build(SPACES[model], device="meta")
 
 
-def resnet20_layers(batch: int) -> list[ConvShape]:
-    """The 19 searchable 3×3 convs of CIFAR ResNet-20, every one over {16, 32, 64, 96}."""
-    layers = [ConvShape("stem", (3,), CIFAR_WIDTHS, 3, 32, batch)]
-    for stage, hw in enumerate((32, 16, 8)):
-        for block in range(3):
-            stride = 2 if stage > 0 and block == 0 else 1
-            layers.append(ConvShape(f"s{stage}b{block}c1", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, hw * stride, batch, stride))
-            layers.append(ConvShape(f"s{stage}b{block}c2", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, hw, batch))
-    return layers
+def conv_shape(model: str, path: str, batch: int) -> ConvShape:
+    """The APS conv at ``path`` of ``model``'s supernet, at its widest arch's input size."""
+    net = supernet(model)
+    layer = net.get_submodule(path)
+    out_hw = {s.name: s.out_hw for s in net.layer_shapes(net.max_arch())}[path]
+    return ConvShape(f"{model}:{path}", layer.in_widths, layer.out_widths, layer.kernel_size[0],
+                     out_hw[0] * layer.stride[0], batch, layer.stride[0], layer.depthwise)
 
 
-def mobilenetv2_layers(batch: int) -> list[ConvShape]:
-    """The convs of MobileNet-v2 (224²) with candidates {0.4, 0.6, 0.8, 1.0} × each width."""
-    # (expansion, output width, repeats, stride) per stage, as in the MobileNet-v2 paper.
-    stages = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-              (6, 160, 3, 2), (6, 320, 1, 1)]
-    layers = [ConvShape("stem", (3,), _scaled(32), 3, 224, batch, 2)]
-    c_in, hw = 32, 112
-    for s, (t, c_out, repeats, stride) in enumerate(stages):
-        for r in range(repeats):
-            hidden = c_in * t
-            if t != 1:
-                layers.append(ConvShape(f"s{s}r{r}expand", _scaled(c_in), _scaled(hidden), 1, hw, batch))
-            st = stride if r == 0 else 1
-            layers.append(ConvShape(f"s{s}r{r}dw", _scaled(hidden), _scaled(hidden), 3, hw, batch, st, True))
-            hw //= st
-            layers.append(ConvShape(f"s{s}r{r}project", _scaled(hidden), _scaled(c_out), 1, hw, batch))
-            c_in = c_out
-    layers.append(ConvShape("head", _scaled(320), _scaled(1280), 1, hw, batch))
-    return layers
+def network_layers(model: str, device, dtype, limit: Optional[int] = None,
+                   every_layer: bool = False) -> tuple[list[APSLayer], list[int]]:
+    """APS layers with transforms of ``model``'s supernet, moved off their exact ordinal start
+    (dense transforms), with their input widths under the widest arch: the layers that arch
+    runs, or with ``every_layer`` all of them (what a network-wide transition steps; their
+    input width is then unused). The first ``limit`` only."""
+    net = models.build(SPACES[model], device=device, dtype=dtype)
+    if every_layer:
+        pairs = [(layer, 0) for layer in aps_layers(net)]
+    else:
+        pairs = [(net.get_submodule(s.name), s.in_channels) for s in net.layer_shapes(net.max_arch())]
+    pairs = [(layer, w) for layer, w in pairs if isinstance(layer, APSLayer)
+             and (layer.P is not None or layer.Q is not None)][:limit]
+    for layer, _ in pairs:
+        layer.begin_transition()
+    return [layer for layer, _ in pairs], [w for _, w in pairs]
 
 
 def make_layer(shape: ConvShape, sharing: str, device, dtype) -> APSConv2d:
@@ -159,10 +161,10 @@ def bench_conv(shape: ConvShape, device, dtype, rounds: int, min_time: float) ->
             "plain/aps": t["plain"] / t["apsfast"], "bound": (3 * conv + 2 * build) / (3 * conv)}
 
 
-def bench_grouped(model: str, shapes: Sequence[ConvShape], device, dtype, rounds: int, min_time: float) -> dict:
+def bench_grouped(model: str, device, dtype, rounds: int, min_time: float, limit: Optional[int] = None) -> dict:
     """All candidate kernels of the widest arch, forward + weight-grad scatter."""
-    layers = [make_layer(s, "transitional", device, dtype) for s in shapes]
-    operands = [layer.prebuild_operands(s.in_widths[-1]) for layer, s in zip(layers, shapes)]
+    layers, in_widths = network_layers(model, device, dtype, limit)
+    operands = [layer.prebuild_operands(w) for layer, w in zip(layers, in_widths)]
     weights = [op[1] for op in operands]
     Ps, Qs = [op[2] for op in operands], [op[3] for op in operands]
 
@@ -176,7 +178,7 @@ def bench_grouped(model: str, shapes: Sequence[ConvShape], device, dtype, rounds
         torch.autograd.backward([reference.construct(w, P, Q).sum() for w, P, Q in zip(weights, Ps, Qs)])
 
     t = _median_times({"loop": loop, "grouped": grouped, "plain": plain}, rounds, min_time)
-    return {"table": "grouped", "model": model, "layers": len(shapes), **{f"t_{k}": v for k, v in t.items()},
+    return {"table": "grouped", "model": model, "layers": len(layers), **{f"t_{k}": v for k, v in t.items()},
             "loop/grouped": t["loop"] / t["grouped"], "plain/grouped": t["plain"] / t["grouped"]}
 
 
@@ -194,9 +196,10 @@ def per_layer_autograd_step(pairs, tau: float) -> None:
                 M.copy_(F.normalize(M - tau * g, dim=0))
 
 
-def bench_transition(model: str, shapes: Sequence[ConvShape], device, dtype, rounds: int, min_time: float) -> dict:
-    layers = [make_layer(s, "transitional", device, dtype) for s in shapes]
-    pairs = [(layer.P, layer.Q) for layer in layers if layer.P is not None or layer.Q is not None]
+def bench_transition(model: str, device, dtype, rounds: int, min_time: float, limit: Optional[int] = None) -> dict:
+    """One transition step of every APS layer of the supernet."""
+    layers, _ = network_layers(model, device, dtype, limit, every_layer=True)
+    pairs = [(layer.P, layer.Q) for layer in layers]
     loose = [(None if Ps is None else [M.detach().clone() for M in Ps],
               None if Qs is None else [M.detach().clone() for M in Qs]) for Ps, Qs in pairs]
     tau = 1e-9  # timing only: keep the transforms where they are
@@ -209,22 +212,14 @@ def bench_transition(model: str, shapes: Sequence[ConvShape], device, dtype, rou
 def conv_sweep(quick: bool) -> list[ConvShape]:
     """ResNet-20 CIFAR 3×3 layers and MobileNet-v2 pointwise/depthwise layers, several batches."""
     if quick:
-        return [ConvShape("r20-s1", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 8, 2),
-                ConvShape("mbv2-pw", _scaled(40), _scaled(20), 1, 7, 2),
-                ConvShape("mbv2-dw", _scaled(40), _scaled(40), 3, 7, 2, 1, True)]
-    sweep = []
-    for batch in (8, 32, 64):
-        sweep += [ConvShape("r20-s0", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 32, batch),
-                  ConvShape("r20-s1", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 16, batch),
-                  ConvShape("r20-s2", CIFAR_WIDTHS, CIFAR_WIDTHS, 3, 8, batch)]
-    for batch in (8, 32):
-        sweep += [ConvShape("mbv2-pw112", _scaled(32), _scaled(16), 1, 112, batch),
-                  ConvShape("mbv2-dw56", _scaled(144), _scaled(144), 3, 56, batch, 1, True),
-                  ConvShape("mbv2-pw28", _scaled(192), _scaled(32), 1, 28, batch),
-                  ConvShape("mbv2-dw14", _scaled(576), _scaled(576), 3, 14, batch, 1, True),
-                  ConvShape("mbv2-pw14", _scaled(384), _scaled(96), 1, 14, batch),
-                  ConvShape("mbv2-pw7", _scaled(960), _scaled(160), 1, 7, batch)]
-    return sweep
+        return [conv_shape("resnet20", "layer3.1.conv1", 2), conv_shape("mobilenetv2", "stage7.0.layers.6", 2),
+                conv_shape("mobilenetv2", "stage7.0.layers.3", 2)]
+    resnet20 = ("layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1")  # 32², 16², 8²
+    # 1×1 at 112², depthwise at 56², 1×1 at 28², depthwise at 14², 1×1 at 14² and 7².
+    mobilenetv2 = ("stage1.0.layers.3", "stage2.1.layers.3", "stage3.1.layers.6", "stage5.1.layers.3",
+                   "stage5.0.layers.6", "stage6.1.layers.6")
+    return ([conv_shape("resnet20", path, batch) for batch in (8, 32, 64) for path in resnet20]
+            + [conv_shape("mobilenetv2", path, batch) for batch in (8, 32) for path in mobilenetv2])
 
 
 def fused_backend(device: str) -> str:
@@ -259,14 +254,12 @@ def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.flo
     for shape in conv_sweep(quick):
         progress(f"conv {shape.name} batch {shape.batch}")
         rows.append(bench_conv(shape, device, dtype, rounds, min_time))
-    models = {"resnet20": resnet20_layers(2), "mobilenetv2": mobilenetv2_layers(2)}
-    if quick:
-        models = {name: shapes[:4] for name, shapes in models.items()}
-    for name, shapes in models.items():
-        progress(f"grouped {name}")
-        rows.append(bench_grouped(name, shapes, device, dtype, rounds, min_time))
-        progress(f"transition {name}")
-        rows.append(bench_transition(name, shapes, device, dtype, rounds, min_time))
+    limit = 4 if quick else None
+    for model in SPACES:
+        progress(f"grouped {model}")
+        rows.append(bench_grouped(model, device, dtype, rounds, min_time, limit))
+        progress(f"transition {model}")
+        rows.append(bench_transition(model, device, dtype, rounds, min_time, limit))
     return rows
 
 
