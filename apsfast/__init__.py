@@ -7,6 +7,7 @@ Public API:
 * :func:`sharing_level`, :func:`transition_step`, :func:`init_transforms` — Φ (eq. 4) and
   its projected-gradient transition (eq. 5); :func:`transition_step_all` — every layer at once;
 * :mod:`apsfast.nn` — drop-in layers (:class:`~apsfast.nn.APSConv2d`, …);
+* :mod:`apsfast.models` — search spaces: supernets, architecture encoding, MACs, export;
 * :func:`backends` — which compute backends this installation has.
 """
 from apsfast import _backends
@@ -25,7 +26,8 @@ def backends() -> tuple[str, ...]:
 
 
 from apsfast import nn  # noqa: E402  (nn builds on the functions above)
+from apsfast import models  # noqa: E402  (models build on nn)
 
 __all__ = ["construct", "construct_grouped", "aps_conv2d", "sharing_level", "transition_step",
            "transition_step_all", "init_transforms",
-           "backends", "nn", "__version__"]
+           "backends", "nn", "models", "__version__"]

@@ -67,22 +67,29 @@ def test_without_extension_everything_falls_back_to_reference(monkeypatch):
     assert layer.weight.grad is not None
 
 
-def test_models_table_and_decisions():
-    result = run_cli("models")
-    assert result.returncode == 0, result.stderr
-    assert all(f"`{name}`" in result.stdout for name in ("resnet20_cifar", "resnet56_cifar",
-                                                         "resnet18_imagenet", "mobilenetv2_imagenet"))
-    one = run_cli("models", "resnet20_cifar", "-o", "residual=stage", "-o", "widths=[8,16]")
-    assert one.returncode == 0, one.stderr
-    assert "| 12 | `layer3.2.conv1` | {8,16} | 64 → 16 |" in one.stdout  # 13 decisions, 0-based
-    record = json.loads(run_cli("models", "mobilenetv2_imagenet", "--json").stdout)
+def test_models_table_and_decisions(capsys):
+    # In process: the table builds ten supernets on the meta device.
+    from apsfast import cli
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"`{name}`" in out for name in ("resnet20_cifar", "resnet56_cifar", "resnet18_imagenet",
+                                                "mobilenetv2_imagenet"))
+    assert cli.main(["models", "resnet20_cifar", "-o", "residual=stage", "-o", "widths=[8,16]"]) == 0
+    assert "| 12 | `layer3.2.conv1` | {8,16} | 64 → 16 |" in capsys.readouterr().out  # 13 decisions
+    assert cli.main(["models", "mobilenetv2_imagenet", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
     assert record["decisions"] == 24 and record["params"]["standard"] == 3_504_872
 
 
-def test_models_bad_options_are_clear():
-    result = run_cli("models", "resnet20_cifar", "-o", "depth=3")
-    assert result.returncode != 0 and "unknown option(s) ['depth']" in result.stderr
-    result = run_cli("models", "-o", "residual=stage")
-    assert result.returncode != 0 and "needs a model NAME" in result.stderr
-    result = run_cli("models", "resnet20_cifar", "-o", "residual")
-    assert result.returncode != 0 and "expected KEY=VALUE" in result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["resnet20_cifar", "-o", "depth=3"], "unknown option(s) ['depth']"),
+    (["-o", "residual=stage"], "needs a model NAME"),
+    (["resnet20_cifar", "-o", "residual"], "expected KEY=VALUE"),
+    (["resnet21"], "unknown model 'resnet21'"),
+])
+def test_models_bad_options_are_clear(capsys, args, message):
+    from apsfast import cli
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["models", *args])
+    assert exit_info.value.code != 0
+    assert message in str(exit_info.value.code) + capsys.readouterr().err

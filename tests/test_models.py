@@ -216,6 +216,19 @@ def test_layer_widths_override():
     json.dumps(net.options)
 
 
+def test_pinning_a_decision_to_one_width():
+    # The authors' CIFAR space forces the last block's output to the widest candidate.
+    torch.manual_seed(0)
+    net = models.build("resnet20_cifar", layer_widths={"layer3.2.conv2": [96]})
+    assert net.decisions()[-1] == ("layer3.2.conv2", (96,))
+    assert net.get_submodule("layer3.2.conv2").P is None  # a fixed side: no transform
+    arch = net.sample_uniform(torch.Generator().manual_seed(0))
+    assert arch[-1] == 0
+    net.set_arch(arch)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert net.layer_shapes(arch)[-1].in_channels == 96
+
+
 # ---------------------------------------------------------------------------------------------
 # cost
 # ---------------------------------------------------------------------------------------------
