@@ -1,0 +1,173 @@
+"""The architecture controller: an autoregressive LSTM policy over a supernet's decisions,
+trained by REINFORCE with a moving-average baseline and an entropy bonus, and the beam search
+of its most likely architectures."""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apsfast import _checks
+
+
+class Rollout(NamedTuple):
+    """Architectures ``[B, D]`` with their log-probabilities and entropies ``[B]``, and the
+    per-decision candidate probabilities along them (``D`` tensors ``[B, n_k]``)."""
+
+    archs: Tensor
+    log_prob: Tensor
+    entropy: Tensor
+    probs: list[Tensor]
+
+
+def _choice_counts(decisions: Sequence[Any]) -> tuple[int, ...]:
+    """Candidate counts from ``supernet.decisions()`` or from plain counts."""
+    if isinstance(decisions, (str, bytes)) or not isinstance(decisions, Sequence) or not decisions:
+        raise TypeError(f"decisions must be a non-empty sequence of decisions (or candidate counts), "
+                        f"got {decisions!r}")
+    return tuple(_checks.positive_int(f"decisions[{k}] candidates",
+                                      len(d.widths) if hasattr(d, "widths") else d)
+                 for k, d in enumerate(decisions))
+
+
+class Controller(nn.Module):
+    """LSTM policy: at decision ``k`` it reads the embedding of decision ``k-1``'s choice (a
+    learned start vector at ``k = 0``) and emits a softmax over decision ``k``'s candidates.
+
+    Args:
+        decisions: ``supernet.decisions()``, or the number of candidates of each decision.
+        hidden_size: width of the embeddings and of the LSTM.
+    """
+
+    def __init__(self, decisions: Sequence[Any], hidden_size: int = 64) -> None:
+        super().__init__()
+        self.num_choices = _choice_counts(decisions)
+        self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        self.start = nn.Parameter(torch.zeros(1, hidden_size))
+        self.embeddings = nn.ModuleList(nn.Embedding(n, hidden_size) for n in self.num_choices)
+        self.lstm = nn.LSTMCell(hidden_size, hidden_size)
+        self.heads = nn.ModuleList(nn.Linear(hidden_size, n) for n in self.num_choices)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Small uniform weights: every candidate starts about equally likely.
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+
+    def _unroll(self, batch: int, archs: Optional[Tensor], generator: Optional[torch.Generator]) -> Rollout:
+        h = c = self.start.new_zeros(batch, self.hidden_size)
+        x = self.start.expand(batch, -1)
+        chosen, log_prob, entropy, probs = [], 0.0, 0.0, []
+        for k, head in enumerate(self.heads):
+            h, c = self.lstm(x, (h, c))
+            logp = F.log_softmax(head(h), dim=-1)
+            if archs is None:
+                with torch.no_grad():
+                    choice = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            else:
+                choice = archs[:, k]
+            log_prob = log_prob + logp.gather(1, choice[:, None]).squeeze(1)
+            entropy = entropy - (logp.exp() * logp).sum(-1)
+            probs.append(logp.exp())
+            chosen.append(choice)
+            x = self.embeddings[k](choice)
+        return Rollout(torch.stack(chosen, 1), log_prob, entropy, probs)
+
+    def sample(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Rollout:
+        """Draw ``batch`` architectures; their log-probabilities carry gradients."""
+        return self._unroll(_checks.positive_int("batch", batch), None, generator)
+
+    def evaluate(self, archs: Sequence[Sequence[int]] | Tensor) -> Rollout:
+        """Log-probabilities, entropies and per-decision probabilities of given architectures."""
+        archs = torch.as_tensor(archs, dtype=torch.long, device=self.start.device)
+        if archs.dim() == 1:
+            archs = archs[None]
+        if archs.dim() != 2 or archs.shape[1] != len(self.num_choices):
+            raise ValueError(f"archs must be [B, {len(self.num_choices)}] candidate indices, got shape "
+                             f"{tuple(archs.shape)}")
+        bad = ((archs < 0) | (archs >= torch.tensor(self.num_choices, device=archs.device))).nonzero()
+        if len(bad):
+            b, k = bad[0].tolist()
+            raise ValueError(f"archs[{b}, {k}] = {int(archs[b, k])} is out of range: decision {k} has "
+                             f"{self.num_choices[k]} candidates")
+        return self._unroll(archs.shape[0], archs, None)
+
+    @torch.no_grad()
+    def beam_search(self, beam_size: int) -> list[tuple[list[int], float]]:
+        """The ``beam_size`` most likely architectures by sequence log-likelihood, best first
+        (exact when ``beam_size`` covers every prefix, a beam approximation otherwise)."""
+        beam_size = _checks.positive_int("beam_size", beam_size)
+        h = c = self.start.new_zeros(1, self.hidden_size)
+        x = self.start
+        scores = self.start.new_zeros(1)
+        archs = torch.zeros(1, 0, dtype=torch.long, device=self.start.device)
+        for k, head in enumerate(self.heads):
+            h, c = self.lstm(x, (h, c))
+            total = (scores[:, None] + F.log_softmax(head(h), dim=-1)).flatten()
+            scores, index = total.topk(min(beam_size, total.numel()))
+            parent, choice = index // self.num_choices[k], index % self.num_choices[k]
+            archs = torch.cat([archs[parent], choice[:, None]], 1)
+            h, c, x = h[parent], c[parent], self.embeddings[k](choice)
+        return [(a.tolist(), float(s)) for a, s in zip(archs, scores)]
+
+
+class Reinforce:
+    """REINFORCE for a :class:`Controller`: ``loss = −(R − b)·log π(a) − w·H(π)`` with a
+    moving-average baseline ``b ← d·b + (1 − d)·R`` (the first reward starts it).
+
+    Defaults are the authors' CIFAR settings: Adam lr 1.6e-4, betas (0.5, 0.999), baseline
+    decay 0.99, entropy weight 4e-3.
+    """
+
+    def __init__(self, controller: Controller, lr: float = 1.6e-4, betas: tuple[float, float] = (0.5, 0.999),
+                 baseline_decay: float = 0.99, entropy_weight: float = 4e-3) -> None:
+        self.controller = controller
+        self.optimizer = torch.optim.Adam(controller.parameters(), lr=_checks.finite_float("lr", lr, positive=True),
+                                          betas=betas)
+        self.baseline_decay = _checks.finite_float("baseline_decay", baseline_decay, positive=False)
+        if self.baseline_decay >= 1:
+            raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay!r}")
+        self.entropy_weight = _checks.finite_float("entropy_weight", entropy_weight, positive=False)
+        self.baseline: Optional[float] = None
+
+    def step(self, rollout: Rollout, rewards: Tensor | Sequence[float] | float) -> dict[str, float]:
+        """One policy-gradient step on the sampled ``rollout`` with its ``rewards`` ``[B]``."""
+        rewards = torch.as_tensor(rewards, dtype=rollout.log_prob.dtype, device=rollout.log_prob.device)
+        rewards = rewards.expand_as(rollout.log_prob)
+        if not bool(torch.isfinite(rewards).all()):
+            raise ValueError(f"rewards must be finite, got {rewards.tolist()}")
+        mean = float(rewards.mean())
+        self.baseline = mean if self.baseline is None else \
+            self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean
+        advantage = rewards - self.baseline
+        loss = -(advantage * rollout.log_prob).mean() - self.entropy_weight * rollout.entropy.mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), "reward": mean, "baseline": self.baseline,
+                "entropy": float(rollout.entropy.detach().mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller, optimizer and baseline: everything a resume needs."""
+        return {"controller": self.controller.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "baseline": self.baseline}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.baseline = state["baseline"]
+
+
+def flops_reward(accuracy: float, flops: float, target: Optional[float], alpha: float = 0.0,
+                 beta: float = -0.1) -> float:
+    """The FLOPs-penalised reward (MnasNet's soft constraint): ``acc·(F/T)^α`` at or below
+    the target ``T``, ``acc·(F/T)^β`` above it; ``target=None`` is unconstrained (``acc``).
+    The authors' defaults α = 0, β = −0.1 leave archs under the target unpenalised."""
+    if target is None:
+        return float(accuracy)
+    target = _checks.finite_float("target", target, positive=True)
+    flops = _checks.finite_float("flops", flops, positive=True)
+    return float(accuracy) * math.pow(flops / target, alpha if flops <= target else beta)

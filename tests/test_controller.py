@@ -1,0 +1,117 @@
+"""The controller: sampling, likelihoods, beam search, REINFORCE on a toy reward, the reward."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from apsfast import models
+from apsfast.search import Controller, Reinforce, flops_reward
+
+CHOICES = (3, 2, 4, 3)
+
+
+def controller(seed: int = 0, choices=CHOICES) -> Controller:
+    torch.manual_seed(seed)
+    return Controller(choices, hidden_size=16)
+
+
+def test_built_from_a_supernet():
+    net = models.build("resnet20_cifar", residual="stage", device="meta")
+    policy = Controller(net.decisions())
+    assert policy.num_choices == (4,) * 13
+    arch = policy.sample(generator=torch.Generator().manual_seed(0)).archs[0].tolist()
+    net.set_arch(arch)  # a valid architecture of the space
+    assert net.arch == arch
+
+
+def test_sampling_is_reproducible_and_in_range():
+    policy = controller()
+    a = policy.sample(64, torch.Generator().manual_seed(1))
+    b = policy.sample(64, torch.Generator().manual_seed(1))
+    assert torch.equal(a.archs, b.archs)
+    assert a.archs.shape == (64, 4) and (a.archs < torch.tensor(CHOICES)).all() and (a.archs >= 0).all()
+    assert [p.shape for p in a.probs] == [(64, n) for n in CHOICES]
+    # At init every candidate is about equally likely: entropy near Σ log n.
+    assert a.entropy.mean().item() == pytest.approx(sum(math.log(n) for n in CHOICES), rel=0.05)
+
+
+def test_sample_log_prob_matches_evaluate():
+    policy = controller()
+    rollout = policy.sample(8, torch.Generator().manual_seed(2))
+    again = policy.evaluate(rollout.archs)
+    torch.testing.assert_close(again.log_prob, rollout.log_prob)
+    torch.testing.assert_close(again.entropy, rollout.entropy)
+    # The likelihoods of all architectures form a distribution.
+    every = torch.tensor(list(itertools.product(*(range(n) for n in CHOICES))))
+    assert policy.evaluate(every).log_prob.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_evaluate_errors():
+    policy = controller()
+    with pytest.raises(ValueError, match=r"archs must be \[B, 4\]"):
+        policy.evaluate([[0, 0, 0]])
+    with pytest.raises(ValueError, match=r"archs\[0, 1\] = 2 is out of range: decision 1 has 2 candidates"):
+        policy.evaluate([0, 2, 0, 0])
+    with pytest.raises(TypeError, match="decisions must be a non-empty sequence"):
+        Controller([])
+
+
+def test_beam_search_is_exact_with_a_wide_beam_and_sorted():
+    policy = controller(3)
+    with torch.no_grad():  # sharpen the policy so the ranking is not a near tie
+        for head in policy.heads:
+            head.weight.mul_(20)
+    every = torch.tensor(list(itertools.product(*(range(n) for n in CHOICES))))
+    likelihood = policy.evaluate(every).log_prob.detach()
+    order = likelihood.argsort(descending=True)
+    beams = policy.beam_search(len(every))
+    assert [a for a, _ in beams] == every[order].tolist()
+    assert [s for _, s in beams] == pytest.approx(likelihood[order].tolist(), abs=1e-5)
+    top = policy.beam_search(5)
+    assert len(top) == 5 and [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    assert top[0][0] == every[order[0]].tolist()
+
+
+def test_reinforce_finds_the_best_architecture():
+    # Toy reward: the fraction of decisions equal to a hidden best architecture.
+    best = torch.tensor([2, 0, 3, 1])
+    policy = controller(4)
+    trainer = Reinforce(policy, lr=0.05, entropy_weight=1e-4)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(150):
+        rollout = policy.sample(16, generator)
+        trainer.step(rollout, (rollout.archs == best).float().mean(1))
+    arch, _ = policy.beam_search(1)[0]
+    assert arch == best.tolist()
+    assert policy.evaluate(best).log_prob.exp().item() > 0.5
+
+
+def test_reinforce_baseline_and_state():
+    policy = controller()
+    trainer = Reinforce(policy, baseline_decay=0.5)
+    rollout = policy.sample(4, torch.Generator().manual_seed(0))
+    stats = trainer.step(rollout, [1.0, 1.0, 1.0, 1.0])
+    assert trainer.baseline == 1.0 and stats["reward"] == 1.0  # the first reward starts it
+    trainer.step(policy.sample(4), 0.0)
+    assert trainer.baseline == 0.5
+    state = trainer.state_dict()
+    other = Reinforce(controller(9), baseline_decay=0.5)
+    other.load_state_dict(state)
+    assert other.baseline == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(other.controller.parameters(), policy.parameters()))
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        trainer.step(policy.sample(2), [float("nan"), 1.0])
+    with pytest.raises(ValueError, match="baseline_decay must be in"):
+        Reinforce(policy, baseline_decay=1.0)
+
+
+def test_flops_reward():
+    assert flops_reward(0.9, 50e6, None) == 0.9
+    assert flops_reward(0.9, 20e6, 40e6) == 0.9  # α = 0: under the target, no penalty
+    assert flops_reward(0.9, 80e6, 40e6) == pytest.approx(0.9 * 2 ** -0.1)
+    assert flops_reward(0.9, 20e6, 40e6, alpha=-0.1) == pytest.approx(0.9 * 0.5 ** -0.1)
+    with pytest.raises(ValueError, match="target must be a finite float > 0"):
+        flops_reward(0.9, 20e6, 0)
