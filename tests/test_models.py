@@ -265,6 +265,19 @@ def test_flops_counts_shortcuts_and_classifier(meta_nets):
     assert "layer1.0.downsample.0" in {s.name for s in net.layer_shapes(arch)}
 
 
+def test_cost_cache_is_bounded_and_follows_the_resolution(monkeypatch):
+    monkeypatch.setattr(models.base, "COST_CACHE_SIZE", 3)
+    net = models.build("resnet20_cifar", device="meta")
+    archs = random_archs(net, 5, seed=8)
+    for arch in archs:
+        assert net.flops(arch) == sum(s.macs for s in net.layer_shapes(arch))
+    assert len(net._costs) == 3
+    small = net.flops(archs[0])
+    classifier = net.layer_shapes(archs[0])[-1].macs
+    net.input_size = 64
+    assert net.flops(archs[0]) == 4 * (small - classifier) + classifier  # convs see 4× the pixels
+
+
 def test_flops_defaults_to_the_current_arch():
     net = models.build("resnet20_cifar", device="meta")
     arch = net.standard_arch()

@@ -21,6 +21,7 @@ from apsfast.models.static import export_part, part_shapes, reinitialise
 from apsfast.nn import APSConv2d
 
 Arch = list[int]
+COST_CACHE_SIZE = 4096  # archs whose (MACs, params) a supernet remembers
 
 
 class Decision(NamedTuple):
@@ -93,6 +94,10 @@ class Supernet(nn.Sequential):
         self._standard = tuple(space.standard)
         self._layer_paths = tuple(tuple(space.layers[d.name]) for d in self._decisions)
         self._check_wiring()
+        # The layers each decision sets (plain references, not registered twice): set_arch
+        # runs every step, so it must not look them up by path.
+        self._driven = [[self.get_submodule(p) for p in paths] for paths in self._layer_paths]
+        self._costs: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
 
     def _check_wiring(self) -> None:
         """Every searchable conv is set by exactly one decision, over that decision's widths."""
@@ -139,15 +144,16 @@ class Supernet(nn.Sequential):
     def set_arch(self, arch: Sequence[int]) -> None:
         """Make the forward pass run ``arch``."""
         arch = self.check_arch(arch)
-        for index, decision, paths in zip(arch, self._decisions, self._layer_paths):
-            for path in paths:
-                self.get_submodule(path).active_out = decision.widths[index]
+        for index, layers in zip(arch, self._driven):
+            for layer in layers:
+                # Checked above (a decision's widths are its layers' out_widths); a plain
+                # attribute write, since nn.Module.__setattr__ costs µs a layer, every step.
+                object.__setattr__(layer, "_active_out_index", index)
 
     @property
     def arch(self) -> Arch:
         """The architecture the forward pass runs."""
-        layers = [self.get_submodule(paths[0]) for paths in self._layer_paths]
-        return [layer.out_widths.index(layer.active_out) for layer in layers]
+        return [layers[0]._active_out_index for layers in self._driven]
 
     def sample_uniform(self, generator: Optional[torch.Generator] = None) -> Arch:
         """An architecture with every decision drawn uniformly (warm-up sampling); does not set it."""
@@ -230,14 +236,25 @@ class Supernet(nn.Sequential):
         shapes, _, _ = part_shapes(self, "", self.in_channels, (self.input_size,) * 2, self._resolver(arch))
         return shapes
 
+    def _cost(self, arch: Optional[Sequence[int]]) -> tuple[int, int]:
+        """(MACs, params) of ``arch``, remembered: a search asks for the same archs again."""
+        arch = tuple(self.arch if arch is None else self.check_arch(arch))
+        key = (self.input_size, arch)
+        if key not in self._costs:
+            if len(self._costs) >= COST_CACHE_SIZE:
+                self._costs.pop(next(iter(self._costs)))  # the oldest
+            shapes = self.layer_shapes(arch)
+            self._costs[key] = (sum(s.macs for s in shapes), sum(s.params for s in shapes))
+        return self._costs[key]
+
     def flops(self, arch: Optional[Sequence[int]] = None) -> int:
         """Multiply-accumulates of one ``input_size`` image through ``export(arch)``: every
         conv (shortcut projections included) and the classifier; see :mod:`apsfast.models.cost`."""
-        return sum(shape.macs for shape in self.layer_shapes(arch))
+        return self._cost(arch)[0]
 
     def params(self, arch: Optional[Sequence[int]] = None) -> int:
         """Learnable parameters of ``export(arch)``."""
-        return sum(shape.params for shape in self.layer_shapes(arch))
+        return self._cost(arch)[1]
 
     def export(self, arch: Optional[Sequence[int]] = None, inherit_weights: bool = True) -> nn.Sequential:
         """A plain static network (``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``) with the

@@ -19,7 +19,7 @@ from apsfast.models.base import DecisionSpace, Supernet
 from apsfast.models.cost import LayerShape
 from apsfast.models.registry import register
 from apsfast.models.resnet import scaled
-from apsfast.models.static import HW, Resolve, export_part, part_shapes
+from apsfast.models.static import HW, Part, Resolve, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d
 
 #: The candidates of the first stage (standard width 16); every other layer's are these
@@ -31,7 +31,7 @@ STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3,
 STEM_WIDTH, HEAD_WIDTH = 32, 1280
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(Part):
     """``layers`` (expand 1×1, depthwise 3×3, project 1×1, each with BN), plus the input when
     ``residual``; the same class serves the supernet and the exported network."""
 

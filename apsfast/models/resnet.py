@@ -26,7 +26,7 @@ from apsfast import _checks
 from apsfast.models.base import DecisionSpace, Supernet
 from apsfast.models.cost import LayerShape
 from apsfast.models.registry import register
-from apsfast.models.static import HW, Resolve, export_part, part_shapes
+from apsfast.models.static import HW, Part, Resolve, chain_shapes, export_chain, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 
 #: Candidate widths of every CIFAR layer (paper §5.1): for the analysis and 100% FLOPs search,
@@ -37,7 +37,7 @@ RESNET18_WIDTHS = (32, 48, 64, 80)
 RESIDUAL = ("block", "stage")
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(Part):
     """Two 3×3 conv + BN layers and a residual; the same class serves the supernet (APS
     layers) and the exported network (plain layers).
 
@@ -65,18 +65,18 @@ class BasicBlock(nn.Module):
             x = self.downsample(x)
         return F.relu(out + x, inplace=True)
 
-    def _main(self) -> nn.Sequential:
-        return nn.Sequential(OrderedDict(conv1=self.conv1, bn1=self.bn1, conv2=self.conv2, bn2=self.bn2))
+    def _main(self) -> list[tuple[str, nn.Module]]:
+        return [("conv1", self.conv1), ("bn1", self.bn1), ("conv2", self.conv2), ("bn2", self.bn2)]
 
     def export(self, path: str, in_width: int, resolve: Resolve) -> tuple[nn.Module, int]:
-        main, out_width = export_part(self._main(), path, in_width, resolve)
+        main, out_width = export_chain(self._main(), path, in_width, resolve)
         downsample = None
         if self._projects(in_width, out_width):
             downsample, _ = export_part(self.downsample, f"{path}.downsample", in_width, resolve)
-        return BasicBlock(main.conv1, main.bn1, main.conv2, main.bn2, downsample, self.stride), out_width
+        return BasicBlock(*main.values(), downsample, self.stride), out_width
 
     def shapes(self, path: str, in_width: int, hw: HW, resolve: Resolve) -> tuple[list[LayerShape], int, HW]:
-        shapes, out_width, out_hw = part_shapes(self._main(), path, in_width, hw, resolve)
+        shapes, out_width, out_hw = chain_shapes(self._main(), path, in_width, hw, resolve)
         if self._projects(in_width, out_width):
             shapes += part_shapes(self.downsample, f"{path}.downsample", in_width, hw, resolve)[0]
         return shapes, out_width, out_hw

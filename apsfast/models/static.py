@@ -11,7 +11,8 @@ counting MACs and parameters without building anything).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Protocol, runtime_checkable
+from collections import OrderedDict
+from typing import Callable, Iterable
 
 from torch import nn
 from torch.nn.modules.utils import _pair
@@ -28,15 +29,16 @@ HW = tuple[int, int]
 WIDTH_PRESERVING = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 
 
-@runtime_checkable
-class Part(Protocol):
-    """A block that knows how widths flow through it (residual blocks)."""
+class Part(nn.Module):
+    """Base of the blocks that know how widths flow through them (residual blocks)."""
 
     def export(self, path: str, in_width: int, resolve: Resolve) -> tuple[nn.Module, int]:
         """Its static module for inputs of ``in_width`` channels, and the output width."""
+        raise NotImplementedError
 
     def shapes(self, path: str, in_width: int, hw: HW, resolve: Resolve) -> tuple[list[LayerShape], int, HW]:
         """The shapes of its static module's layers, the output width and spatial size."""
+        raise NotImplementedError
 
 
 def _join(path: str, name: str) -> str:
@@ -64,11 +66,8 @@ def export_part(module: nn.Module, path: str, in_width: int, resolve: Resolve) -
     if isinstance(module, APSLinear):
         return module.to_static(in_width), module.out_features
     if isinstance(module, nn.Sequential):
-        static = nn.Sequential()
-        for name, child in module.named_children():
-            converted, in_width = export_part(child, _join(path, name), in_width, resolve)
-            static.add_module(name, converted)
-        return static, in_width
+        static, out_width = export_chain(module.named_children(), path, in_width, resolve)
+        return nn.Sequential(static), out_width
     if isinstance(module, Part):
         return module.export(path, in_width, resolve)
     if isinstance(module, nn.Linear):
@@ -98,11 +97,7 @@ def part_shapes(module: nn.Module, path: str, in_width: int, hw: HW,
         out = module.out_features
         return [LayerShape(path, "linear", in_width, out, bias=module.bias is not None)], out, (1, 1)
     if isinstance(module, nn.Sequential):
-        shapes: list[LayerShape] = []
-        for name, child in module.named_children():
-            inner, in_width, hw = part_shapes(child, _join(path, name), in_width, hw, resolve)
-            shapes += inner
-        return shapes, in_width, hw
+        return chain_shapes(module.named_children(), path, in_width, hw, resolve)
     if isinstance(module, Part):
         return module.shapes(path, in_width, hw, resolve)
     if isinstance(module, nn.MaxPool2d):
@@ -117,6 +112,26 @@ def part_shapes(module: nn.Module, path: str, in_width: int, hw: HW,
         return [], in_width, hw
     raise TypeError(f"cannot cost {type(module).__name__} at {path!r}: a supernet part must be an "
                     f"APS layer, nn.Sequential, nn.Linear, a width-preserving module or a Part")
+
+
+def export_chain(children: Iterable[tuple[str, nn.Module]], path: str, in_width: int,
+                 resolve: Resolve) -> "tuple[OrderedDict[str, nn.Module], int]":
+    """:func:`export_part` of modules applied one after the other: ``{name: static}`` and the
+    output width."""
+    static: OrderedDict[str, nn.Module] = OrderedDict()
+    for name, child in children:
+        static[name], in_width = export_part(child, _join(path, name), in_width, resolve)
+    return static, in_width
+
+
+def chain_shapes(children: Iterable[tuple[str, nn.Module]], path: str, in_width: int, hw: HW,
+                 resolve: Resolve) -> tuple[list[LayerShape], int, HW]:
+    """:func:`part_shapes` of modules applied one after the other."""
+    shapes: list[LayerShape] = []
+    for name, child in children:
+        inner, in_width, hw = part_shapes(child, _join(path, name), in_width, hw, resolve)
+        shapes += inner
+    return shapes, in_width, hw
 
 
 def reinitialise(module: nn.Module) -> nn.Module:
