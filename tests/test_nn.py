@@ -877,3 +877,11 @@ def test_conv_to_static_explicit_out_width(backend):
         layer.active_out = 6
     with pytest.raises(ValueError, match="out_width must be one of out_widths"):
         layer.to_static(5, 3)
+
+
+def test_select_out_by_index():
+    layer = conv_layer((3, 5), (2, 4, 6), 3)
+    layer.select_out(1)
+    assert layer.active_out == 4 and layer.active_out_index == 1
+    with pytest.raises(ValueError, match=r"index must be in 0..2"):
+        layer.select_out(3)

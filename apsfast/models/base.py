@@ -70,6 +70,13 @@ class DecisionSpace:
                              f"{[d.name for d in self.decisions]}")
 
 
+def scaled(base: Sequence[int], standard: int, reference: int) -> tuple[int, ...]:
+    """``base`` (candidates around the ``reference`` width) scaled to a layer whose standard
+    width is ``standard``: the paper's "increase candidate channels after each down-sampling
+    layer according to the default expansion rates"."""
+    return _checks.widths("widths", [round(w * standard / reference) for w in base])
+
+
 class Supernet(nn.Sequential):
     """A searchable network: its parts run in order, like ``nn.Sequential``.
 
@@ -93,20 +100,19 @@ class Supernet(nn.Sequential):
         self._decisions = tuple(space.decisions)
         self._standard = tuple(space.standard)
         self._layer_paths = tuple(tuple(space.layers[d.name]) for d in self._decisions)
-        self._check_wiring()
         # The layers each decision sets (plain references, not registered twice): set_arch
         # runs every step, so it must not look them up by path.
         self._driven = [[self.get_submodule(p) for p in paths] for paths in self._layer_paths]
+        self._check_wiring()
         self._costs: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
 
     def _check_wiring(self) -> None:
         """Every searchable conv is set by exactly one decision, over that decision's widths."""
         owner: dict[str, str] = {}
-        for decision, paths in zip(self._decisions, self._layer_paths):
+        for decision, paths, layers in zip(self._decisions, self._layer_paths, self._driven):
             if not paths:
                 raise ValueError(f"decision {decision.name!r} sets no layer")
-            for path in paths:
-                layer = self.get_submodule(path)
+            for path, layer in zip(paths, layers):
                 if not isinstance(layer, APSConv2d) or layer.out_widths != decision.widths:
                     raise ValueError(f"{path} is set by decision {decision.name!r} but is not an "
                                      f"APSConv2d with out_widths {decision.widths}")
@@ -146,14 +152,12 @@ class Supernet(nn.Sequential):
         arch = self.check_arch(arch)
         for index, layers in zip(arch, self._driven):
             for layer in layers:
-                # Checked above (a decision's widths are its layers' out_widths); a plain
-                # attribute write, since nn.Module.__setattr__ costs µs a layer, every step.
-                object.__setattr__(layer, "_active_out_index", index)
+                layer.select_out(index)  # a decision's widths are its layers' out_widths
 
     @property
     def arch(self) -> Arch:
         """The architecture the forward pass runs."""
-        return [layers[0]._active_out_index for layers in self._driven]
+        return [layers[0].active_out_index for layers in self._driven]
 
     def sample_uniform(self, generator: Optional[torch.Generator] = None) -> Arch:
         """An architecture with every decision drawn uniformly (warm-up sampling); does not set it."""
@@ -224,10 +228,9 @@ class Supernet(nn.Sequential):
 
     # --- cost and export -----------------------------------------------------------------
 
-    def _resolver(self, arch: Arch):
-        widths = {path: d.widths[a] for d, a, paths in zip(self._decisions, arch, self._layer_paths)
-                  for path in paths}
-        return lambda path, layer: widths[path]
+    def _resolver(self, arch: Arch) -> dict[str, int]:
+        return {path: d.widths[a] for d, a, paths in zip(self._decisions, arch, self._layer_paths)
+                for path in paths}
 
     def layer_shapes(self, arch: Optional[Sequence[int]] = None) -> list[LayerShape]:
         """The conv, batch-norm and linear layers of ``export(arch)`` with their shapes, at

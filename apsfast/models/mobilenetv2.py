@@ -15,10 +15,9 @@ from typing import Mapping, Optional, Sequence
 from torch import Tensor, nn
 
 from apsfast import _checks
-from apsfast.models.base import DecisionSpace, Supernet
+from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
 from apsfast.models.registry import register
-from apsfast.models.resnet import scaled
 from apsfast.models.static import HW, Part, Resolve, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast import _checks
-from apsfast.models.base import DecisionSpace, Supernet
+from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
 from apsfast.models.registry import register
 from apsfast.models.static import HW, Part, Resolve, chain_shapes, export_chain, export_part, part_shapes
@@ -179,13 +179,6 @@ def resnet56_cifar(widths: Union[str, Sequence[int]] = "paper", residual: str = 
     (55 decisions with ``residual="block"``, 31 with ``"stage"``)."""
     return _cifar_resnet("resnet56_cifar", 9, widths, residual, sharing, num_classes, input_size,
                          transition_noise, layer_widths, device, dtype)
-
-
-def scaled(base: Sequence[int], standard: int, reference: int) -> tuple[int, ...]:
-    """``base`` (candidates around the ``reference`` width) scaled to a layer whose standard
-    width is ``standard``: the paper's "increase candidate channels after each down-sampling
-    layer according to the default expansion rates"."""
-    return _checks.widths("widths", [round(w * standard / reference) for w in base])
 
 
 @register("resnet18_imagenet")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Iterable, Mapping
 
 from torch import nn
 from torch.nn.modules.utils import _pair
@@ -20,9 +20,9 @@ from torch.nn.modules.utils import _pair
 from apsfast.models.cost import LayerShape
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 
-#: ``resolve(path, layer)`` → the output width of the searchable APS conv at ``path`` under
-#: the architecture being walked.
-Resolve = Callable[[str, APSConv2d], int]
+#: ``resolve[path]``: the output width of the searchable APS conv at ``path`` under the
+#: architecture being walked.
+Resolve = Mapping[str, int]
 HW = tuple[int, int]
 
 # Modules that keep the channel count and whose static form is a copy of themselves.
@@ -52,12 +52,12 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) 
 def _out_width(path: str, conv: APSConv2d, in_width: int, resolve: Resolve) -> int:
     if conv.depthwise:
         return in_width
-    return conv.out_widths[0] if len(conv.out_widths) == 1 else resolve(path, conv)
+    return conv.out_widths[0] if len(conv.out_widths) == 1 else resolve[path]
 
 
 def export_part(module: nn.Module, path: str, in_width: int, resolve: Resolve) -> tuple[nn.Module, int]:
     """The static module computing ``module`` for inputs of ``in_width`` channels under the
-    architecture that ``resolve`` describes, with its weights; and the output width."""
+    architecture that ``resolve`` maps out, with its weights; and the output width."""
     if isinstance(module, APSConv2d):
         out_width = _out_width(path, module, in_width, resolve)
         return module.to_static(in_width, out_width), out_width

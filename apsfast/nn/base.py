@@ -162,6 +162,19 @@ class APSLayer(nn.Module):
             raise ValueError(f"active_out must be one of out_widths {self.out_widths}, got {width!r}")
         self._active_out_index = self.out_widths.index(width)
 
+    @property
+    def active_out_index(self) -> int:
+        """Index of ``active_out`` in ``out_widths``."""
+        return self._active_out_index
+
+    def select_out(self, index: int) -> None:
+        """Make ``out_widths[index]`` the output width: ``active_out`` by index, without
+        nn.Module's attribute machinery (µs a layer), for switching architectures every step."""
+        if not 0 <= index < len(self.out_widths):
+            raise ValueError(f"index must be in 0..{len(self.out_widths) - 1} (out_widths {self.out_widths}), "
+                             f"got {index!r}")
+        object.__setattr__(self, "_active_out_index", index)
+
     def input_index(self, width: int) -> int:
         """Index of the input candidate of this width; a clear error if it is not one."""
         try:
