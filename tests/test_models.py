@@ -297,6 +297,10 @@ def test_analytic_cost_matches_hooks_on_the_export(key):
         assert net.params(arch) == sum(p.numel() for p in static.parameters())
 
 
+def test_count_macs_of_a_module_without_parameters():
+    assert models.count_macs(nn.Sequential(nn.ReLU()), 8) == {}
+
+
 def test_count_macs_errors():
     with pytest.raises(ValueError, match="input_size"):
         models.count_macs(nn.Conv2d(3, 4, 3), (8, 8, 8))

@@ -80,7 +80,7 @@ def count_macs(module: nn.Module, input_size: Union[int, Sequence[int]], in_chan
 
     handles = [m.register_forward_hook(hook(name)) for name, m in module.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
-    reference = next(module.parameters())
+    reference = next(module.parameters(), torch.empty(0))  # its dtype and device, if it has any
     was_training = module.training
     try:
         module.eval()
