@@ -1,4 +1,4 @@
-"""The ``apsfast`` command line: ``apsfast info | models | demo | bench``."""
+"""The ``apsfast`` command line: ``apsfast search | train | models | demo | bench | info``."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,46 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from apsfast import demo
-    demo.main()
+    try:
+        demo.main(args.out)
+    except _user_errors() as error:
+        raise _fail("demo", error) from None
+    return 0
+
+
+def _fail(command: str, error: BaseException) -> SystemExit:
+    return SystemExit(f"apsfast {command}: {error}")
+
+
+# What a user gets wrong (a field, a path, a folder in use, a foreign checkpoint): one clear
+# line, no traceback. Anything else is a bug and keeps its traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from apsfast.search.checkpoint import CheckpointError
+    from apsfast.search.config import ConfigError
+    return (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from apsfast.search.config import dump_config, load_config
+    from apsfast.search.loop import Search
+    try:
+        config = load_config(args.preset, args.config, args.set or [])
+        if args.print_config:
+            print(dump_config(config), end="")
+            return 0
+        out = args.out or os.path.join("runs", f"{args.preset or config.model.name}-{config.sharing.strategy}")
+        Search(config, out, resume=args.resume).run()
+    except _user_errors() as error:
+        raise _fail("search", error) from None
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from apsfast.search.retrain import retrain
+    try:
+        retrain(args.run, args.out, args.set or [], resume=args.resume)
+    except _user_errors() + (ValueError,) as error:
+        raise _fail("train", error) from None
     return 0
 
 
@@ -119,7 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a build option, e.g. -o residual=stage -o widths=[8,16,32] (repeatable)")
     models.add_argument("--json", action="store_true", help="print machine-readable JSON")
     models.set_defaults(func=cmd_models)
-    demo = sub.add_parser("demo", help="a short demo: Φ of APS-O/I/T and a tiny APS-T training run")
+    from apsfast.search.config import presets
+    search = sub.add_parser("search", help="search channel numbers: warm-up, transition and controller, beam "
+                            "search, export", description="Run a search. Settings: the defaults, then --preset, "
+                            "then --config, then each -s; `--print-config` shows the result.")
+    search.add_argument("--preset", choices=presets(), help="the paper's settings for a model (or `demo`)")
+    search.add_argument("--config", metavar="FILE", help="a YAML config (sections as `--print-config` shows)")
+    search.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
+                        help="override a field, e.g. -s train.epochs=10 -s data.root=~/cifar (repeatable)")
+    search.add_argument("--out", metavar="DIR", help="output folder (default: runs/PRESET-STRATEGY)")
+    search.add_argument("--resume", action="store_true", help="continue the search in --out from its checkpoint")
+    search.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    search.set_defaults(func=cmd_search)
+    train = sub.add_parser("train", help="retrain a searched arch from scratch and report its test accuracy")
+    train.add_argument("run", metavar="RUN", help="a search's output folder or its result.json")
+    train.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
+                       help="override a field, e.g. -s retrain.epochs=30 (repeatable)")
+    train.add_argument("--out", metavar="DIR", help="output folder (default: RUN/retrain)")
+    train.add_argument("--resume", action="store_true", help="continue the retraining in --out")
+    train.set_defaults(func=cmd_train)
+    demo = sub.add_parser("demo", help="a complete short search on the embedded data, then a short retrain")
+    demo.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo/<date-time>)")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels [--quick] [--out PATH]`")
     bench.add_argument("suite", choices=["kernels"], help="which benchmark suite")

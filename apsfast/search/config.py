@@ -1,0 +1,363 @@
+"""The search configuration: every hyper-parameter in one typed tree, read from YAML presets
+and files, overridden from the command line, and validated before any work starts.
+
+A config is a :class:`Config` of sections (``model``, ``data``, ``train``, ``sharing``,
+``controller``, ``reward``, ``result``, ``retrain``, ``run``). :func:`load_config` starts from
+the defaults, applies a preset (``apsfast/search/presets/<name>.yaml``), then a YAML file,
+then ``section.key=value`` overrides, and checks every field's type and range; errors name
+the field, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from apsfast.search.strategies import STRATEGIES
+
+PRESET_DIR = Path(__file__).with_name("presets")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config field has an unknown name, a wrong type or an invalid value."""
+
+
+@dataclass
+class ModelConfig:
+    """The search space: a registered model (``apsfast models``) and its build options
+    (``sharing``, ``device`` and ``dtype`` come from the strategy and the run)."""
+
+    name: str = "resnet20_cifar"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """The data: ``embedded`` (generated, nothing to pass), ``cifar10`` (``root``: the folder
+    holding ``cifar-10-batches-py``) or ``imagenet`` (``root`` with ``train/`` and ``val/``).
+    The train split is divided into weight-training and controller-validation parts."""
+
+    name: str = "embedded"
+    root: Optional[str] = None
+    image_size: Optional[int] = None
+    val_fraction: float = 0.5
+    workers: Optional[int] = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The meta-weights during the search: SGD with a cosine schedule over all epochs; the
+    first ``warmup_epochs`` sample archs uniformly. ``steps_per_epoch`` caps an epoch."""
+
+    epochs: int = 600
+    warmup_epochs: int = 200
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    grad_clip: Optional[float] = None
+    steps_per_epoch: Optional[int] = None
+
+
+@dataclass
+class SharingConfig:
+    """The APS strategy. ``tau`` is the transition rate of APS-T (eq. 5, one step per weight
+    step after warm-up); ``transforms_lr`` the SGD rate of P, Q under ``learned`` (default:
+    ``train.lr``)."""
+
+    strategy: str = "transitional"
+    tau: float = 1e-3
+    transforms_lr: Optional[float] = None
+
+
+@dataclass
+class ControllerConfig:
+    """The LSTM controller and its REINFORCE training: ``samples`` archs per controller step,
+    one controller step every ``every`` weight steps after warm-up."""
+
+    hidden_size: int = 64
+    lr: float = 1.6e-4
+    betas: list = field(default_factory=lambda: [0.5, 0.999])
+    baseline_decay: float = 0.99
+    entropy_weight: float = 4e-3
+    samples: int = 1
+    every: int = 1
+
+
+@dataclass
+class RewardConfig:
+    """``acc·(F/T)^α`` at or below the target ``flops_target`` (MACs; ``40M``, ``1.2G`` are
+    accepted), ``acc·(F/T)^β`` above it; no target: the accuracy alone."""
+
+    flops_target: Optional[float] = None
+    alpha: float = 0.0
+    beta: float = -0.1
+
+
+@dataclass
+class ResultConfig:
+    """The beam search of the ``beam`` most likely archs the result is chosen from."""
+
+    beam: int = 10
+
+
+@dataclass
+class RetrainConfig:
+    """Training the chosen arch from scratch (``apsfast train``) on the whole train split."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    steps_per_epoch: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    """Seed, device and bookkeeping: a checkpoint every ``checkpoint_every`` weight steps and
+    at every epoch's end, a metrics line every ``log_every`` steps, and per epoch the accuracy
+    of the controller's most likely arch on ``eval_batches`` validation batches."""
+
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    log_every: int = 20
+    eval_batches: int = 10
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    result: ResultConfig = field(default_factory=ResultConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the whole config: a checkpoint records it so that a resume with
+        other settings is refused."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def presets() -> list[str]:
+    """The names of the shipped presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+_SUFFIX = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def _count(text: str) -> Optional[float]:
+    """``"40M"`` → 4e7: MAC counts are easier to read with a suffix."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT]?)\s*", text)
+    return None if match is None else float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
+
+
+def _convert(path: str, value: Any, kind: Any) -> Any:
+    """``value`` checked against the annotation ``kind`` (after ``from __future__ import
+    annotations`` resolution); raises :class:`ConfigError` naming ``path``."""
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [k for k in options if k is not type(None)]
+        return _convert(path, value, inner)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, str) and path.endswith("flops_target"):
+            parsed = _count(value)
+            if parsed is not None:
+                return parsed
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind in (dict, list):
+        if isinstance(value, kind):
+            return value
+    names = {bool: "a bool", int: "an int", float: "a finite number", str: "a string",
+             dict: "a mapping", list: "a list"}
+    raise ConfigError(f"{path} must be {names.get(kind, kind)}, got {value!r}")
+
+
+def _merge(obj: Any, updates: Mapping[str, Any], path: str) -> None:
+    """Set the fields of dataclass ``obj`` from ``updates``, recursing into sections."""
+    if not isinstance(updates, Mapping):
+        raise ConfigError(f"{path or 'the config'} must be a mapping of fields, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in updates.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown field {where!r}; {path or 'the config'} has "
+                              f"{', '.join(sorted(hints))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, where)
+        elif hints[key] is dict and isinstance(value, Mapping):
+            setattr(obj, key, {**current, **value})  # options merge, so one key can be overridden
+        else:
+            setattr(obj, key, _convert(where, value, hints[key]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=0.05"`` → ``("train.lr", 0.05)``; the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"an override must be SECTION.KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> Mapping[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {error}") from None
+    return {} if data is None else data
+
+
+def load_config(preset: Optional[str] = None, file: Optional[Union[str, Path]] = None,
+                overrides: Sequence[Union[str, tuple[str, Any]]] = ()) -> Config:
+    """The defaults, then ``preset``, then the YAML ``file``, then ``overrides``
+    (``"section.key=value"`` strings or ``(key, value)`` pairs), validated.
+
+    Raises:
+        ConfigError: an unknown preset, file, section or field, a wrong type or an invalid
+            value; the message names the field.
+    """
+    config = Config()
+    if preset is not None:
+        if preset not in presets():
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(presets())}")
+        _merge(config, _read_yaml(PRESET_DIR / f"{preset}.yaml", "preset"), "")
+    if file is not None:
+        _merge(config, _read_yaml(Path(file), "config file"), "")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Config, overrides: Sequence[Union[str, tuple[str, Any]]]) -> Config:
+    """``config`` (changed in place) with ``overrides`` (``"section.key=value"`` strings or
+    ``(key, value)`` pairs) applied, validated."""
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        _merge(config, _nest(key, value), "")
+    validate(config)
+    return config
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """A config from :meth:`Config.to_dict` output (a checkpoint's or a result's), validated."""
+    config = Config()
+    _merge(config, data, "")
+    validate(config)
+    return config
+
+
+def _positive(path: str, value: Optional[float], *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{path} must be > 0, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Range and consistency checks that types alone do not catch, and the model's options
+    (by building nothing: the option names are checked against the model's builder)."""
+    from apsfast import data as datasets
+    from apsfast.models import available, options_of
+
+    model, data, train, sharing = config.model, config.data, config.train, config.sharing
+    if model.name not in available():
+        raise ConfigError(f"model.name must be one of {', '.join(available())}, got {model.name!r}")
+    reserved = {"sharing", "device", "dtype"} & set(model.options)
+    if reserved:
+        raise ConfigError(f"model.options may not set {sorted(reserved)}: sharing comes from "
+                          f"sharing.strategy, device from run.device")
+    unknown = sorted(set(model.options) - set(options_of(model.name)))
+    if unknown:
+        raise ConfigError(f"model.options has unknown option(s) {unknown} for {model.name!r}; its options are "
+                          f"{sorted(set(options_of(model.name)) - {'sharing'})}")
+    if data.name not in datasets.DATASETS:
+        raise ConfigError(f"data.name must be one of {', '.join(datasets.DATASETS)}, got {data.name!r}")
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {data.val_fraction!r}")
+    for path, value in (("data.image_size", data.image_size), ("data.workers", data.workers)):
+        if value is not None and value < (0 if path == "data.workers" else 1):
+            raise ConfigError(f"{path} must be {'≥ 0' if path == 'data.workers' else '> 0'}, got {value!r}")
+    for section, name in ((train, "train"), (config.retrain, "retrain")):
+        for key in ("epochs", "batch_size", "lr"):
+            _positive(f"{name}.{key}", getattr(section, key))
+        _positive(f"{name}.steps_per_epoch", section.steps_per_epoch, allow_none=True)
+        if not 0 <= section.momentum < 1:
+            raise ConfigError(f"{name}.momentum must be in [0, 1), got {section.momentum!r}")
+        if section.weight_decay < 0:
+            raise ConfigError(f"{name}.weight_decay must be ≥ 0, got {section.weight_decay!r}")
+    if not 0 <= train.warmup_epochs < train.epochs:
+        raise ConfigError(f"train.warmup_epochs must be in [0, train.epochs={train.epochs}) so that the "
+                          f"controller gets some epochs, got {train.warmup_epochs!r}")
+    _positive("train.grad_clip", train.grad_clip, allow_none=True)
+    if sharing.strategy not in STRATEGIES:
+        raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
+    _positive("sharing.tau", sharing.tau)
+    _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
+    ctl = config.controller
+    for key in ("hidden_size", "lr", "samples", "every"):
+        _positive(f"controller.{key}", getattr(ctl, key))
+    if len(ctl.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in ctl.betas):
+        raise ConfigError(f"controller.betas must be two numbers in [0, 1), got {ctl.betas!r}")
+    if not 0 <= ctl.baseline_decay < 1:
+        raise ConfigError(f"controller.baseline_decay must be in [0, 1), got {ctl.baseline_decay!r}")
+    if ctl.entropy_weight < 0:
+        raise ConfigError(f"controller.entropy_weight must be ≥ 0, got {ctl.entropy_weight!r}")
+    _positive("reward.flops_target", config.reward.flops_target, allow_none=True)
+    _positive("result.beam", config.result.beam)
+    run = config.run
+    if run.device not in DEVICES and not run.device.startswith("cuda:"):
+        raise ConfigError(f"run.device must be one of {', '.join(DEVICES)} or cuda:N, got {run.device!r}")
+    for key in ("checkpoint_every", "log_every", "eval_batches"):
+        _positive(f"run.{key}", getattr(run, key))
+    if run.seed < 0:
+        raise ConfigError(f"run.seed must be ≥ 0, got {run.seed!r}")
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML (what ``apsfast search`` writes beside its results)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

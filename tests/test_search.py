@@ -1,0 +1,192 @@
+"""The search loop end to end on tiny embedded data: the schedule, every strategy, the result,
+the export, resuming, retraining and the command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apsfast.nn import network_sharing_level
+from apsfast.search import ConfigError, Search, load_config, load_exported, retrain
+from apsfast.search.checkpoint import load_checkpoint
+from apsfast.search.loop import batch_statistics
+from apsfast.search.metrics import read_metrics
+from apsfast.search.strategies import transform_parameters
+
+# 3 epochs (1 warm-up) of 3 steps of 32 images: seconds, and every phase is run.
+TINY = ["model.options.widths=[2, 4]", "data.options={num_train: 256, num_test: 64}", "data.image_size=8",
+        "train.epochs=3", "train.warmup_epochs=1", "train.batch_size=32", "train.steps_per_epoch=3",
+        "controller.samples=2", "result.beam=4", "retrain.epochs=1", "retrain.batch_size=32",
+        "retrain.steps_per_epoch=2", "run.eval_batches=2", "run.log_every=1", "run.checkpoint_every=2",
+        "run.progress=false"]
+
+
+def tiny(*more: str):
+    return load_config("demo", overrides=[*TINY, *more])
+
+
+def quiet(text: str) -> None:
+    pass
+
+
+def params(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_schedule_warmup_then_controller_and_transition(tmp_path):
+    search = Search(tiny(), tmp_path, log=quiet)
+    snapshots = [(params(search.controller), [m.clone() for m in transform_parameters(search.net)])]
+    end_epoch = search._end_epoch
+
+    def snapshot(phase):
+        end_epoch(phase)
+        snapshots.append((params(search.controller), [m.clone() for m in transform_parameters(search.net)]))
+
+    search._end_epoch = snapshot
+    search.run()
+    same = [(all(torch.equal(v, b[0][k]) for k, v in a[0].items()), all(map(torch.equal, a[1], b[1])))
+            for a, b in zip(snapshots, snapshots[1:])]
+    # warm-up: neither the controller nor P, Q move; after it both move every epoch
+    assert same == [(True, True), (False, False), (False, False)]
+
+
+def test_search_end_to_end_writes_everything(tmp_path):
+    search = Search(tiny(), tmp_path, log=quiet)
+    start_phi = float(network_sharing_level(search.net))
+    result = search.run()
+    steps = read_metrics(tmp_path / "metrics.jsonl", kind="step")
+    epochs = read_metrics(tmp_path / "metrics.jsonl", kind="epoch")
+    assert [r["step"] for r in steps] == list(range(1, 10))
+    assert [r["phase"] for r in epochs] == ["warmup", "search", "search"]
+    assert all("controller_reward" in r for r in steps if r["phase"] == "search")
+    assert not any("controller_reward" in r for r in steps if r["phase"] == "warmup")
+    assert epochs[-1]["phi"] < start_phi  # the transition ran
+    # the result: the beam, best first, with everything the issue lists
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    logliks = [c["loglik"] for c in saved["candidates"]]
+    assert len(logliks) == 4 and logliks == sorted(logliks, reverse=True)
+    assert saved["chosen"]["rank"] == 0 and saved["chosen"]["arch"] == saved["candidates"][0]["arch"]
+    for c in saved["candidates"]:
+        assert c["flops"] == search.net.flops(c["arch"]) and c["params"] == search.net.params(c["arch"])
+        assert c["widths"] == search.net.widths(c["arch"])
+    assert [d["name"] for d in saved["decisions"]] == [d.name for d in search.net.decisions()]
+    for d, a in zip(saved["decisions"], saved["chosen"]["arch"]):
+        assert sum(d["probs"]) == pytest.approx(1) and d["chosen"] == d["widths"][a]
+    for name in ("curves.png", "decisions.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    # the export computes what the supernet computes for the chosen arch
+    model = load_exported(tmp_path / "model.pt").eval()
+    search.net.eval().set_arch(saved["chosen"]["arch"])
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), search.net(x))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["position"]["done"]
+
+
+@pytest.mark.parametrize("strategy", ["ordinal", "independent", "learned"])
+def test_each_strategy_searches(tmp_path, strategy):
+    search = Search(tiny(f"sharing.strategy={strategy}"), tmp_path, log=quiet)
+    before = [m.clone() for m in transform_parameters(search.net)]
+    result = search.run()
+    assert result["strategy"] == strategy
+    moved = any(not torch.equal(a, b) for a, b in zip(before, transform_parameters(search.net)))
+    assert moved == (strategy == "learned")  # fixed selections never move; learned ones train
+    phis = [r["phi"] for r in read_metrics(tmp_path / "metrics.jsonl", kind="epoch")]
+    if strategy != "learned":
+        assert phis == [phis[0]] * 3
+
+
+def test_flops_target_is_respected_and_checked(tmp_path):
+    net_min = Search(tiny(), tmp_path / "probe", log=quiet).net
+    target = (net_min.flops(net_min.min_arch()) + net_min.flops(net_min.max_arch())) / 2
+    result = Search(tiny(f"reward.flops_target={target}"), tmp_path / "run", log=quiet).run()
+    under = [c for c in result["candidates"] if c["flops"] <= target]
+    if under:
+        assert result["chosen"]["flops"] == max(c["flops"] for c in under) <= target
+    with pytest.raises(ConfigError, match="below the smallest arch"):
+        Search(tiny("reward.flops_target=10"), tmp_path / "low", log=quiet)
+
+
+def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
+    reference = Search(tiny(), tmp_path / "whole", log=quiet)
+    expected = reference.run()
+    interrupted = Search(tiny(), tmp_path / "cut", log=quiet)
+    calls = {"n": 0}
+    original = interrupted.weight_step
+
+    def stop_at_step_6(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # mid-epoch; the last checkpoint is step 4's
+            raise KeyboardInterrupt
+        return original(*args)
+
+    interrupted.weight_step = stop_at_step_6
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        Search(tiny(), tmp_path / "cut", log=quiet)
+    resumed = Search(tiny(), tmp_path / "cut", resume=True, log=quiet)
+    assert resumed.step == 4  # the checkpoint of step 4 (the one of step 6 never happened)
+    assert resumed.run() == expected
+    assert all(torch.equal(v, params(resumed.net)[k]) for k, v in params(reference.net).items())
+    strip = [{k: v for k, v in r.items() if k != "seconds"}
+             for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    again = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+    assert again == strip
+    with pytest.raises(Exception, match="config"):
+        Search(tiny("train.lr=0.05"), tmp_path / "cut", resume=True, log=quiet)
+
+
+def test_retrain_from_scratch_reports_test_accuracy(tmp_path):
+    Search(tiny(), tmp_path, log=quiet).run()
+    summary = retrain(tmp_path, overrides=["retrain.epochs=2"], log=quiet)
+    assert 0 <= summary["test_acc"] <= 1 and summary["epochs"] == 2
+    assert json.loads((tmp_path / "retrain" / "retrain.json").read_text()) == summary
+    assert len(read_metrics(tmp_path / "retrain" / "metrics.jsonl", kind="epoch")) == 2
+    with pytest.raises(FileExistsError):
+        retrain(tmp_path, log=quiet)
+    assert retrain(tmp_path, overrides=["retrain.epochs=2"], resume=True, log=quiet)["test_acc"] == \
+        pytest.approx(summary["test_acc"])
+    with pytest.raises(FileNotFoundError, match="no search result"):
+        retrain(tmp_path / "nothing", log=quiet)
+
+
+def test_batch_statistics_restores_training_mode(tmp_path):
+    search = Search(tiny(), tmp_path, log=quiet)
+    search.net.train()
+    with batch_statistics(search.net):
+        assert not search.net.training
+    assert search.net.training
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apsfast", *args], capture_output=True, text=True, timeout=600,
+                          check=False, cwd=cwd)
+
+
+def test_command_line_search_then_train(tmp_path):
+    sets = [arg for item in TINY for arg in ("-s", item)]
+    out = tmp_path / "run"
+    done = cli("search", "--preset", "demo", *sets, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "result:" in done.stdout and (out / "result.json").exists() and (out / "config.yaml").exists()
+    again = cli("search", "--preset", "demo", *sets, "--out", str(out))
+    assert again.returncode != 0 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
+    trained = cli("train", str(out), "-s", "retrain.epochs=1")
+    assert trained.returncode == 0, trained.stderr
+    assert "test accuracy" in trained.stdout
+    assert json.loads((out / "retrain" / "retrain.json").read_text())["epochs"] == 1
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    for args, message in ((["--preset", "resnet20_cifar"], "needs data.root"),
+                          (["--preset", "demo", "-s", "train.epochs=x"], "train.epochs must be an int"),
+                          (["--preset", "resnet20_cifar", "-s", f"data.root={tmp_path}"], "cifar-10-batches-py")):
+        done = cli("search", *args, "--out", str(tmp_path / "x"))
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    shown = cli("search", "--preset", "demo", "-s", "train.lr=0.5", "--print-config")
+    assert shown.returncode == 0 and "lr: 0.5" in shown.stdout

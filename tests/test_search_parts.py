@@ -1,0 +1,239 @@
+"""The search's parts that need no data: config, strategies, arch selection, checkpoints,
+metrics, plots."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apsfast import models
+from apsfast.search import strategies
+from apsfast.search.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, presets
+from apsfast.search.loop import batch_statistics, select_arch
+from apsfast.search.metrics import MetricsLog, read_metrics
+
+PAPER_PRESETS = ("resnet20_cifar", "resnet56_cifar", "resnet18_imagenet", "mobilenetv2_imagenet")
+
+
+# --- config ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_load_with_the_papers_settings(name):
+    config = load_config(name)
+    assert config.model.name == name
+    assert config.sharing.strategy == "transitional" and config.sharing.tau == 1e-3
+    cifar = name.endswith("cifar")
+    assert (config.train.epochs, config.train.warmup_epochs) == ((600, 200) if cifar else (160, 80))
+    assert config.controller.lr == 1.6e-4 and config.controller.betas == [0.5, 0.999]
+    assert config.data.val_fraction == 0.5
+    assert config.reward.alpha == 0.0 and config.reward.beta == -0.1
+
+
+def test_every_preset_is_listed_and_valid():
+    assert set(PAPER_PRESETS) | {"demo"} <= set(presets())
+    for name in presets():
+        load_config(name)
+
+
+def test_overrides_are_typed_and_win_over_the_preset(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("train: {epochs: 9, warmup_epochs: 3}\nmodel: {options: {residual: stage}}\n")
+    config = load_config("resnet20_cifar", file, ["train.lr=0.05", "reward.flops_target=20.4M",
+                                                   "model.options.widths=[8, 16]", "run.progress=false"])
+    assert (config.train.epochs, config.train.warmup_epochs, config.train.lr) == (9, 3, 0.05)
+    assert config.reward.flops_target == 20.4e6
+    # options merge key by key: the file's residual and the preset's widths override survive
+    assert config.model.options == {"widths": [8, 16], "residual": "stage"}
+    assert config.run.progress is False
+    again = config_from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.digest() == config.digest()
+    assert apply_overrides(again, ["train.lr=0.01"]).digest() != config.digest()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown field 'train.lrr'"),
+    ("nosuch.x=1", "unknown field 'nosuch'"),
+    ("train.epochs=ten", "train.epochs must be an int, got 'ten'"),
+    ("train.epochs=2.5", "train.epochs must be an int"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("train.warmup_epochs=600", "train.warmup_epochs must be in [0, train.epochs=600)"),
+    ("sharing.strategy=slimmable", "sharing.strategy must be one of ordinal, independent, transitional, learned"),
+    ("sharing.tau=0", "sharing.tau must be > 0"),
+    ("model.name=vgg", "model.name must be one of"),
+    ("model.options.depth=3", "unknown option(s) ['depth']"),
+    ("model.options.sharing=ordinal", "model.options may not set ['sharing']"),
+    ("data.name=mnist", "data.name must be one of"),
+    ("data.val_fraction=1", "data.val_fraction must be in (0, 1)"),
+    ("controller.betas=[0.5]", "controller.betas must be two numbers"),
+    ("reward.flops_target=lots", "reward.flops_target must be a finite number, got 'lots'"),
+    ("run.device=tpu", "run.device must be one of auto, cpu, cuda"),
+    ("run.progress=1", "run.progress must be a bool"),
+    ("train", "an override must be SECTION.KEY=VALUE"),
+])
+def test_bad_fields_are_named(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("resnet20_cifar", overrides=[override])
+    assert message in str(info.value)
+
+
+def test_bad_preset_and_file_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'resnet21'"):
+        load_config("resnet21")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(file=tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(file=tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="the config must be a mapping"):
+        load_config(file=tmp_path / "list.yaml")
+
+
+# --- strategies ----------------------------------------------------------------------------
+
+def tiny(strategy: str) -> models.Supernet:
+    torch.manual_seed(0)
+    return models.build("resnet20_cifar", widths=[2, 4], input_size=8,
+                        sharing=strategies.supernet_sharing(strategy), dtype=torch.float64)
+
+
+def matrices(net) -> list[torch.Tensor]:
+    return [m.detach().clone() for m in strategies.transform_parameters(net)]
+
+
+@pytest.mark.parametrize("strategy", ["ordinal", "independent"])
+def test_fixed_strategies_never_move_the_transforms(strategy):
+    net = tiny(strategy)
+    before = matrices(net)
+    strategies.begin_search(net, strategy)
+    for searching in (False, True):
+        assert strategies.after_weight_step(net, strategy, 1e-2, searching) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, matrices(net)))
+    assert not any(m.requires_grad for m in strategies.transform_parameters(net))
+
+
+def test_transitional_is_frozen_in_warmup_then_phi_falls():
+    net = tiny("transitional")
+    start = strategies.sharing_level(net)
+    before = matrices(net)
+    assert strategies.after_weight_step(net, "transitional", 1e-2, searching=False) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, matrices(net)))  # warm-up: frozen
+    phis = [float(strategies.after_weight_step(net, "transitional", 1e-2, searching=True)) for _ in range(60)]
+    assert phis[0] == pytest.approx(start, rel=1e-3)  # the perturbed start
+    # the first step leaves the exact ordinal start (a stationary point): then Φ falls steadily
+    assert strategies.sharing_level(net) < 0.6 * start
+    assert all(b <= a + 1e-9 for a, b in zip(phis[1:], phis[2:]))
+    for m in strategies.transform_parameters(net):  # columns stay on the unit sphere
+        torch.testing.assert_close(m.norm(dim=0), torch.ones(m.shape[1], dtype=m.dtype))
+
+
+def test_learned_trains_the_transforms_by_the_task_loss_after_warmup():
+    net = tiny("learned")
+    before = matrices(net)
+    assert strategies.after_weight_step(net, "learned", 1e-2, searching=True) is None  # no transition
+    assert not any(m.requires_grad for m in strategies.transform_parameters(net))  # frozen in warm-up
+    strategies.begin_search(net, "learned")
+    params = strategies.transform_parameters(net)
+    assert all(m.requires_grad for m in params)
+    net.set_arch(net.sample_uniform(torch.Generator().manual_seed(3)))
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    F.cross_entropy(net(x), y).backward()
+    grads = [m.grad for m in params if m.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    torch.optim.SGD(params, lr=0.1).step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, matrices(net)))
+
+
+def test_strategy_names_are_checked():
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        strategies.supernet_sharing("slimmable")
+
+
+def test_batch_statistics_leaves_running_statistics_alone():
+    net = tiny("ordinal")
+    net.train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with batch_statistics(net):
+        out = net(torch.randn(8, 3, 8, 8, dtype=torch.float64))
+    assert net.training and out.shape == (8, 10)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+# --- arch selection ------------------------------------------------------------------------
+
+def cand(flops, loglik):
+    return {"flops": flops, "loglik": loglik}
+
+
+def test_select_arch_takes_the_closest_to_the_target_without_exceeding_it():
+    beam = [cand(90, -1.0), cand(50, -1.5), cand(80, -2.0), cand(80, -1.8), cand(120, -0.5)]
+    assert select_arch(beam, None)[0] == 0
+    assert select_arch(beam, 85)[0] == 3  # 80 MACs, the more likely of the two
+    assert select_arch(beam, 90)[0] == 0
+    index, why = select_arch(beam, 40)
+    assert index == 1 and "no arch of the beam is within" in why
+
+
+# --- checkpoints and metrics -----------------------------------------------------------------
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"kind": "search", "model": "m", "w": torch.arange(3), "nested": {"a": [1, 2.5, None]}})
+    state = load_checkpoint(path, expect={"model": "m"})
+    assert torch.equal(state["w"], torch.arange(3)) and state["nested"] == {"a": [1, 2.5, None]}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    with pytest.raises(CheckpointError, match="is for model 'm', this run has 'other'"):
+        load_checkpoint(path, expect={"model": "other"})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "none.pt")
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(CheckpointError, match="not a readable apsfast checkpoint"):
+        load_checkpoint(path)
+    torch.save({"format": 99}, path)
+    with pytest.raises(CheckpointError, match="checkpoint format 99, expected 1"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_refuses_arbitrary_pickles(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": 1, "x": Evil()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_metrics_log_truncates_to_an_offset(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.write({"kind": "step", "step": 1, "loss": 1.0})
+    offset = log.offset()
+    log.write({"kind": "step", "step": 2, "loss": float("nan")})
+    assert read_metrics(tmp_path / "m.jsonl")[1]["loss"] is None
+    log.truncate(offset)
+    log.write({"kind": "epoch", "step": 3})
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl", kind="epoch")] == [3]
+
+
+def test_plots_are_written(tmp_path):
+    from apsfast.search.plots import plot_curves, plot_decisions
+    epochs = [{"epoch": e, "phase": "warmup" if e < 2 else "search", "train_acc": 0.1 * e, "val_acc": 0.1 * e,
+               "phi": 100.0 / (e + 1), "probs": [[0.5, 0.5], [0.2, 0.8]]} for e in range(5)]
+    decisions = [{"name": "stem", "widths": [2, 4]}, {"name": "layer1", "widths": [2, 4]}]
+    for path in (plot_curves(epochs, tmp_path / "c.png"), plot_decisions(epochs, decisions, tmp_path / "d.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_defaults_are_the_authors():
+    config = Config()
+    assert (config.train.lr, config.train.momentum, config.train.weight_decay, config.train.batch_size) == \
+        (0.1, 0.9, 2e-4, 256)
+    assert (config.controller.baseline_decay, config.controller.entropy_weight) == (0.99, 4e-3)
