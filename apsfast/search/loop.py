@@ -427,7 +427,9 @@ def load_data(config: Config) -> tuple[datasets.ImageSet, datasets.ImageSet]:
     if data.workers is not None:
         options["num_workers"] = data.workers
     try:
-        return datasets.load(data.name, data.root, image_size=data.image_size, seed=config.run.seed, **options)
+        # The embedded set's own seed (data.options.seed, default 0) is not the run's: searches
+        # with different seeds must see the same data.
+        return datasets.load(data.name, data.root, image_size=data.image_size, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"data: {error}") from None
 
