@@ -10,6 +10,7 @@ import math
 import numbers
 from typing import Optional, Sequence
 
+import numpy as np
 from torch import Tensor
 
 
@@ -78,6 +79,13 @@ def choice(name: str, value: object, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return str(value)
+
+
+def flag(name: str, value: object) -> bool:
+    """Check a bool (Python or NumPy) and return it."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def finite_float(name: str, value: object, *, positive: bool) -> float:

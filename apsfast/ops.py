@@ -108,15 +108,15 @@ construct_grouped.register_autograd(_construct_grouped_backward, setup_context=_
 
 @torch.library.custom_op("apsfast::transition_step_all", mutates_args=("Ms",))
 def transition_step_all(Ms: list[Tensor], widths: list[int], counts: list[int], partner: list[int],
-                        tau: float) -> Tensor:
+                        tau: float, relative: bool = False) -> Tensor:
     """Eq. 5 on every side of every layer in one call, in place; returns the network's Φ
     before the step. See :func:`apsfast.reference.transition_step_all` for the layout."""
     backend = _backends.select("transition_step_all", Ms[0].device, Ms[0].dtype)
-    return backend.transition_step_all(Ms, widths, counts, partner, tau)
+    return backend.transition_step_all(Ms, widths, counts, partner, tau, relative)
 
 
 @transition_step_all.register_fake
-def _transition_step_all_fake(Ms, widths, counts, partner, tau) -> Tensor:
+def _transition_step_all_fake(Ms, widths, counts, partner, tau, relative=False) -> Tensor:
     return Ms[0].new_empty((), dtype=_phi_dtype(Ms[0].dtype))
 
 

@@ -26,6 +26,19 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def standard_strides(t: Tensor) -> Tensor:
+    """``t`` contiguous with the strides of a fresh tensor, also on its unit dims (a view when
+    it already is contiguous).
+
+    ``conv2d`` infers a weight's memory format from its strides: a ``[c_o, c_i, 1, 1]`` kernel
+    whose unit dims carry the stride ``c_i`` (what einsum returns) reads as channels_last, and
+    the CPU conv backward of PyTorch 2.13 then writes past its buffers at stride 2 (heap
+    corruption). Every construction returns kernels with these strides.
+    """
+    dense = t.contiguous()
+    return dense.view(-1).view(dense.shape)
+
+
 def _mode_product(weight: Tensor, M: Tensor, mode: int) -> Tensor:
     """``weight ×_mode Mᵀ``: contract dim ``mode`` (0 or 1) of ``weight`` with the rows of ``M``."""
     flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
@@ -33,7 +46,7 @@ def _mode_product(weight: Tensor, M: Tensor, mode: int) -> Tensor:
         out = torch.einsum("ao,abs->obs", M, flat)
     else:
         out = torch.einsum("bi,abs->ais", M, flat)
-    return out.reshape(out.shape[0], out.shape[1], *weight.shape[2:]).contiguous()
+    return standard_strides(out.reshape(out.shape[0], out.shape[1], *weight.shape[2:]))
 
 
 def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
@@ -65,10 +78,10 @@ def construct_backward(grad: Tensor, weight: Tensor, P: Optional[Tensor], Q: Opt
         grads.append(construct(grad, None if P is None else P.t(), None if Q is None else Q.t()))
     if need_P:
         wq = weight if Q is None else _mode_product(weight, Q, 1)
-        grads.append(torch.einsum("ai...,oi...->ao", wq, grad).contiguous())
+        grads.append(standard_strides(torch.einsum("ai...,oi...->ao", wq, grad)))
     if need_Q:
         pw = weight if P is None else _mode_product(weight, P, 0)
-        grads.append(torch.einsum("ob...,oi...->bi", pw, grad).contiguous())
+        grads.append(standard_strides(torch.einsum("ob...,oi...->bi", pw, grad)))
     return grads
 
 
@@ -114,9 +127,12 @@ def sharing_level(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]]
     return factors[0] * factors[1] if len(factors) == 2 else factors[0]
 
 
-def _step_sides(sides: Sequence[Sequence[Tensor]], partner: Sequence[int], tau: float) -> Tensor:
+def _step_sides(sides: Sequence[Sequence[Tensor]], partner: Sequence[int], tau: float,
+                relative: bool = False) -> Tensor:
     """Eq. 5 on every block of every side, in place; ``partner[s]`` is the other side of the
-    same layer or ``-1``. Returns ``Σ_layers S(P)·S(Q)`` before the step (float32 or wider).
+    same layer or ``-1``. With ``relative`` every side steps by ``τ ∂S/∂p`` (eq. 5's step
+    divided by the partner's ``S``). Returns ``Σ_layers S(P)·S(Q)`` before the step (float32
+    or wider).
 
     Every new value is known before any is written, so transforms that are overlapping views
     of one tensor all step from the same point.
@@ -129,7 +145,7 @@ def _step_sides(sides: Sequence[Sequence[Tensor]], partner: Sequence[int], tau: 
                   for s, (score, p) in enumerate(zip(scores, partner)) if p < s)
         updates = []
         for s, (side, blocks) in enumerate(zip(work, sides)):
-            other = scores[partner[s]] if partner[s] >= 0 else 1.0
+            other = scores[partner[s]] if partner[s] >= 0 and not relative else 1.0
             for m, block, g in zip(side, blocks, sharing_score_grad(side)):
                 updates.append((block, F.normalize(m - tau * other * g, dim=0)))
         for block, new in updates:
@@ -138,19 +154,19 @@ def _step_sides(sides: Sequence[Sequence[Tensor]], partner: Sequence[int], tau: 
 
 
 def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]],
-                    tau: float) -> Tensor:
+                    tau: float, relative: bool = False) -> Tensor:
     """One projected-gradient step of eq. 5 on every column of every P and Q, in place.
 
     ``p ← (p − τ ∂Φ/∂p) / ‖p − τ ∂Φ/∂p‖₂`` with ``∂Φ/∂P = S(Q) ∂S(P)/∂P`` and
-    ``∂Φ/∂Q = S(P) ∂S(Q)/∂Q``. Every gradient is taken before any matrix moves.
-    Returns Φ before the step.
+    ``∂Φ/∂Q = S(P) ∂S(Q)/∂Q``; ``relative`` drops the partner factors ``S(Q)``, ``S(P)``.
+    Every gradient is taken before any matrix moves. Returns Φ before the step.
     """
     sides = [Ms for Ms in (Ps, Qs) if Ms is not None]
-    return _step_sides(sides, [1, 0] if len(sides) == 2 else [-1], tau)
+    return _step_sides(sides, [1, 0] if len(sides) == 2 else [-1], tau, relative)
 
 
 def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Sequence[int],
-                        partner: Sequence[int], tau: float) -> Tensor:
+                        partner: Sequence[int], tau: float, relative: bool = False) -> Tensor:
     """:func:`transition_step` for every layer of a network at once, in place.
 
     Each *side* (the P or the Q of one layer) is one matrix ``Ms[s]`` ``[C_s, n_s]`` holding its
@@ -164,4 +180,4 @@ def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Seq
     for M, count in zip(Ms, counts):
         sides.append(torch.split(M, list(widths[start:start + count]), dim=1))  # views of M
         start += count
-    return _step_sides(sides, partner, tau)
+    return _step_sides(sides, partner, tau, relative)

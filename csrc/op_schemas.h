@@ -14,7 +14,7 @@ inline void define_ops(torch::Library& m) {
   m.def("construct_grouped(Tensor[] weights, Tensor?[] Ps, Tensor?[] Qs) -> Tensor[]");
   m.def(
       "transition_step_all(Tensor(a!)[] Ms, int[] widths, int[] counts, int[] partner, "
-      "float tau) -> Tensor");
+      "float tau, bool relative=False) -> Tensor");
 }
 
 }  // namespace apsfast

@@ -137,7 +137,7 @@ def _transition_gram_kernel(TABLE_ptr, TILES_ptr, X_REF_ptr, WS_ptr, BLK_ptr, PA
 
 @triton.jit(do_not_specialize=["tau_bits"])
 def _transition_update_kernel(SIDES_ptr, TILES_ptr, M_REF_ptr, WS_ptr, PART_ptr, PHI_ptr, n_sides, tau_bits,
-                              SIDE_NP: tl.constexpr, UPD_NP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                              IS_RELATIVE: tl.constexpr, SIDE_NP: tl.constexpr, UPD_NP: tl.constexpr, ACC_DTYPE: tl.constexpr,
                               PRECISION: tl.constexpr, EPS: tl.constexpr, BLOCK_R: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
                               ROUND_BF16: tl.constexpr):
@@ -162,9 +162,12 @@ def _transition_update_kernel(SIDES_ptr, TILES_ptr, M_REF_ptr, WS_ptr, PART_ptr,
     outer = tl.load(srow + 8)
     partner = tl.load(srow + 11)
 
-    prow = SIDES_ptr + tl.maximum(partner, 0) * SIDE_NP
-    s_partner = _range_sum(PART_ptr, tl.load(prow + 9), tl.load(prow + 10), ACC_DTYPE, BLOCK_RED)
-    factor = tl.where(partner >= 0, s_partner, 1.0)
+    if IS_RELATIVE:  # τ ∂S/∂p: a rate independent of the widths, no partner factor
+        factor = 1.0
+    else:
+        prow = SIDES_ptr + tl.maximum(partner, 0) * SIDE_NP
+        s_partner = _range_sum(PART_ptr, tl.load(prow + 9), tl.load(prow + 10), ACC_DTYPE, BLOCK_RED)
+        factor = tl.where(partner >= 0, s_partner, 1.0)
     # τ arrives as the bits of a float64 so that float64 inputs step with the exact τ.
     tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE)
     step = 2.0 * tau * factor
@@ -322,12 +325,12 @@ def _plan(Ms, widths, counts, partner) -> _Plan:
 
 
 def transition_step_all_forward(Ms: Sequence[Tensor], widths: Sequence[int], counts: Sequence[int],
-                                partner: Sequence[int], tau: float) -> Tensor:
+                                partner: Sequence[int], tau: float, relative: bool = False) -> Tensor:
     """One projected-gradient step of eq. 5 on every column of every side, in place.
 
     Ms: sides ``[C_s, n_s]`` (any strides, one dtype and device); widths: the block widths of
     all sides in order, ``counts[s]`` of them per side; partner: the other side of the same
-    layer or ``-1``; tau: the step. Returns Φ before the step, a 0-d tensor in float32
+    layer or ``-1``; tau: the step; relative: step by ``τ ∂S/∂p`` (no partner factor). Returns Φ before the step, a 0-d tensor in float32
     (float64 for float64 inputs). Two launches, whatever the number of layers.
     """
     plan = _plan(Ms, widths, counts, partner)
@@ -353,7 +356,7 @@ def transition_step_all_forward(Ms: Sequence[Tensor], widths: Sequence[int], cou
     if plan.n_upd:
         _transition_update_kernel[(plan.n_upd,)](
             plan.sides, plan.upd_tiles, Ms[0], plan.workspace, plan.partials, phi, plan.n_sides,
-            struct.unpack("<q", struct.pack("<d", float(tau)))[0],
+            struct.unpack("<q", struct.pack("<d", float(tau)))[0], IS_RELATIVE=bool(relative),
             SIDE_NP=_SIDE_NP, UPD_NP=_UPD_NP, ACC_DTYPE=acc, PRECISION=upd_precision, EPS=EPS,
             BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_UK, BLOCK_RED=BLOCK_RED,
             ROUND_BF16=INTERPRETED, num_warps=NUM_WARPS)

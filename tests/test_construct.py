@@ -43,6 +43,26 @@ def test_construct_values_float64(backend, shape_id, sides):
     assert_close(apsfast.construct(weight, P, Q), einsum_kernel(weight, P, Q))
 
 
+def standard_strides(shape) -> tuple[int, ...]:
+    return torch.empty(shape).stride()
+
+
+@pytest.mark.parametrize("shape_id", SHAPES)
+def test_outputs_have_standard_strides(backend, shape_id):
+    # conv2d reads a kernel's memory format from its strides, unit dims included: a 1x1 kernel
+    # with einsum's strides (c_i, 1, c_i, c_i) reads as channels_last, and PyTorch's CPU conv
+    # backward at stride 2 then corrupts the heap (see test_nn's regression test).
+    weight, P, Q = make(shape_id)
+    weight.requires_grad_()
+    out = apsfast.construct(weight, P, Q)
+    assert out.stride() == standard_strides(out.shape)
+    grads = torch.ops.apsfast.construct_backward(torch.ones_like(out), weight.detach(), P, Q, True,
+                                                 P is not None, Q is not None)
+    assert [g.stride() for g in grads] == [standard_strides(g.shape) for g in grads]
+    (grouped,) = apsfast.construct_grouped([weight], [P], [Q])
+    assert grouped.stride() == standard_strides(grouped.shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape_id", ["3x3", "odd", "1x1"])
 def test_construct_values_low_precision(backend, dtype, shape_id):

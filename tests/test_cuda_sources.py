@@ -516,21 +516,22 @@ def transition_inputs(dtype, layout: str, seed: int = 0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tau", [1e-5, 1e-2])
+@pytest.mark.parametrize("tau, relative", [(1e-5, False), (1e-2, False), (1e-2, True)],
+                         ids=["small", "large", "relative"])
 @pytest.mark.parametrize("layout", ["contiguous", "column_major", "view"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_gpu_transition_step_all(cuda, dtype, layout, tau):
+def test_gpu_transition_step_all(cuda, dtype, layout, tau, relative):
     ops, device = cuda
     Ms, widths, counts, partner, bases = transition_inputs(dtype, layout)
     # Copies (M.double() of a float64 tensor would be M itself, stepped by the reference).
     expected = [M.clone() if dtype == torch.bfloat16 else M.double().clone() for M in Ms]
-    phi_expected = ref.transition_step_all(expected, widths, counts, partner, tau)
+    phi_expected = ref.transition_step_all(expected, widths, counts, partner, tau, relative)
     if bases:
         device_bases = [b.clone().to(device) for b in bases]
         mine = [db[1:M.shape[0] + 1, 2:M.shape[1] + 2] for db, M in zip(device_bases, Ms)]
     else:
         mine = [M.clone().to(device) for M in Ms]
-    phi = ops.transition_step_all(mine, widths, counts, partner, tau)
+    phi = ops.transition_step_all(mine, widths, counts, partner, tau, relative)
     assert phi.dim() == 0 and phi.device.type == device.type
     assert phi.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(phi.cpu(), phi_expected.to(phi.dtype), phi.dtype)

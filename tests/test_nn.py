@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,6 +133,29 @@ def test_conv_forward_channels_last_layer(backend):
     layer = conv_layer((3, 5), (4, 6), 3, padding=1).to(memory_format=torch.channels_last)
     x = rand(2, 5, 6, 6).to(memory_format=torch.channels_last)
     assert_close(layer(x), ref_conv(layer, x))
+
+
+STRIDED_1X1 = """
+import torch
+from apsfast.nn import APSConv2d
+torch.manual_seed(0)
+layer = APSConv2d((4, 8, 16), (4, 8, 16), 1, stride=2)
+layer.transition_step(1e-2, relative=True)  # dense P, Q: the kernel is constructed
+layer.active_out = 16
+for _ in range(300):
+    layer(torch.randn(32, 4, 8, 8)).square().mean().backward()
+"""
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_dense_strided_1x1_conv_trains_without_corrupting_memory(backend_name):
+    # A 1x1 candidate kernel with einsum's strides made PyTorch's CPU conv backward at stride 2
+    # write past its buffers (aborts or silently different results). One thread: it crashed
+    # within a few steps there.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "APSFAST_BACKEND": backend_name}
+    done = subprocess.run([sys.executable, "-c", STRIDED_1X1], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

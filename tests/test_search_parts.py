@@ -41,7 +41,7 @@ def test_every_preset_is_listed_and_valid():
 def test_overrides_are_typed_and_win_over_the_preset(tmp_path):
     file = tmp_path / "c.yaml"
     file.write_text("train: {epochs: 9, warmup_epochs: 3}\nmodel: {options: {residual: stage}}\n")
-    config = load_config("resnet20_cifar", file, ["train.lr=0.05", "reward.flops_target=20.4M",
+    config = load_config("resnet20_cifar", file, ["train.lr=5e-2", "reward.flops_target=20.4M",
                                                    "model.options.widths=[8, 16]", "run.progress=false"])
     assert (config.train.epochs, config.train.warmup_epochs, config.train.lr) == (9, 3, 0.05)
     assert config.reward.flops_target == 20.4e6
@@ -59,6 +59,7 @@ def test_overrides_are_typed_and_win_over_the_preset(tmp_path):
     ("train.epochs=ten", "train.epochs must be an int, got 'ten'"),
     ("train.epochs=2.5", "train.epochs must be an int"),
     ("train.lr=-1", "train.lr must be > 0"),
+    ("train.lr=1M", "train.lr must be a finite number, got '1M'"),
     ("train.warmup_epochs=600", "train.warmup_epochs must be in [0, train.epochs=600)"),
     ("sharing.strategy=slimmable", "sharing.strategy must be one of ordinal, independent, transitional, learned"),
     ("sharing.tau=0", "sharing.tau must be > 0"),
@@ -119,9 +120,9 @@ def test_transitional_is_frozen_in_warmup_then_phi_falls():
     net = tiny("transitional")
     start = strategies.sharing_level(net)
     before = matrices(net)
-    assert strategies.after_weight_step(net, "transitional", 1e-2, searching=False) is None
+    assert strategies.after_weight_step(net, "transitional", 0.05, searching=False) is None
     assert all(torch.equal(a, b) for a, b in zip(before, matrices(net)))  # warm-up: frozen
-    phis = [float(strategies.after_weight_step(net, "transitional", 1e-2, searching=True)) for _ in range(60)]
+    phis = [float(strategies.after_weight_step(net, "transitional", 0.05, searching=True)) for _ in range(60)]
     assert phis[0] == pytest.approx(start, rel=1e-3)  # the perturbed start
     # the first step leaves the exact ordinal start (a stationary point): then Φ falls steadily
     assert strategies.sharing_level(net) < 0.6 * start

@@ -77,11 +77,44 @@ def test_float32_matches_float64(backend):
     assert_close(phi32, phi64.float(), torch.float32)
 
 
-def test_opcheck(backend):
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_opcheck(backend, relative):
     Ms = [torch.cat(apsfast.init_transforms(9, (2, 3), "orthogonal", dtype=torch.float64), 1),
           torch.cat(apsfast.init_transforms(7, (1, 4), "orthogonal", dtype=torch.float64), 1)]
     torch.library.opcheck(torch.ops.apsfast.transition_step_all.default,
-                          (Ms, [2, 3, 1, 4], [2, 2], [1, 0], 1e-3))
+                          (Ms, [2, 3, 1, 4], [2, 2], [1, 0], 1e-3, relative))
+
+
+def test_relative_steps_each_side_as_if_it_were_alone(backend):
+    # ∂Φ/∂P = S(Q) ∂S(P)/∂P: without the partner factor, a side steps as a one-sided layer would.
+    layers = network()
+    perturb(layers)
+    twins = copy.deepcopy(layers)
+    phi = apsfast.transition_step_all([(l.P, l.Q) for l in layers], 1e-2, relative=True)
+    assert_close(phi, sum(reference.sharing_level(t.P, t.Q) for t in twins))
+    for layer, twin in zip(layers, twins):
+        for name, pair in (("out_transforms", (twin.P, None)), ("in_transforms", (None, twin.Q))):
+            if getattr(layer, name) is not None:
+                reference.transition_step(*pair, 1e-2)
+                assert_close(getattr(layer, name).matrix, getattr(twin, name).matrix)
+
+
+def test_relative_rate_does_not_grow_with_the_widths(backend):
+    # The paper's CIFAR space ({16, 32, 64, 96} on both sides, meta = Σ widths) from a perturbed
+    # ordinal start: eq. 5's own scale (S ~ 400 per side) overshoots at τ = 1e-2 and Φ climbs
+    # past its ordinal maximum (the columns align); the relative step descends smoothly.
+    phis = {}
+    for relative in (False, True):
+        torch.manual_seed(0)
+        layer = apsfast.nn.APSConv2d((16, 32, 64, 96), (16, 32, 64, 96), 1, sharing="transitional",
+                                     dtype=torch.float64)
+        start = float(layer.sharing_level())  # the ordinal maximum, 384² (Theorem 3.1)
+        phis[relative] = [float(layer.transition_step(1e-2, relative=relative)) for _ in range(150)]
+        phis[relative].append(float(layer.sharing_level()))
+    assert start == 384 ** 2
+    assert max(phis[False][-50:]) > start
+    relative = phis[True]
+    assert relative[-1] < 0.5 * start and all(b <= a * (1 + 1e-9) for a, b in zip(relative[5:], relative[6:]))
 
 
 def test_errors():
@@ -99,8 +132,9 @@ def test_errors():
         apsfast.transition_step_all([pairs[0], ([p.double() for p in layers[1].P], None)], 1e-3)
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
 @pytest.mark.parametrize("rows,cols", [(5, 9), (9, 5), (7, 7)], ids=["wide", "tall", "square"])
-def test_every_aspect_matches_reference(backend, rows, cols):
+def test_every_aspect_matches_reference(backend, rows, cols, relative):
     # Sides narrower than their candidates (C < n, e.g. ordinal meta = max width) take the
     # M Mᵀ route in the compiled kernels, taller ones the MᵀM route.
     g = torch.Generator().manual_seed(rows * 10 + cols)
@@ -108,7 +142,7 @@ def test_every_aspect_matches_reference(backend, rows, cols):
     Ms = [torch.nn.functional.normalize(torch.randn(rows, cols, generator=g, dtype=torch.float64), dim=0)
           for _ in range(3)]
     twins = [M.clone() for M in Ms]
-    args = (widths * 3, [2, 2, 2], [1, 0, -1], 1e-2)
+    args = (widths * 3, [2, 2, 2], [1, 0, -1], 1e-2, relative)
     phi = torch.ops.apsfast.transition_step_all(Ms, *args)
     expected = reference.transition_step_all(twins, *args)
     assert_close(phi, expected)

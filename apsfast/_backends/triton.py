@@ -75,8 +75,9 @@ def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
 
 
 def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Sequence[int],
-                        partner: Sequence[int], tau: float) -> Tensor:
-    return _transition.transition_step_all_forward(list(Ms), list(widths), list(counts), list(partner), tau)
+                        partner: Sequence[int], tau: float, relative: bool = False) -> Tensor:
+    return _transition.transition_step_all_forward(list(Ms), list(widths), list(counts), list(partner), tau,
+                                                   relative)
 
 
 def aps_conv1x1(x: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:

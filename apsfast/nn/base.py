@@ -257,12 +257,13 @@ class APSLayer(nn.Module):
             side.perturb(self.transition_noise, generator)
         return True
 
-    def transition_step(self, tau: float) -> Tensor:
+    def transition_step(self, tau: float, *, relative: bool = False) -> Tensor:
         """One step of paper eq. 5 on this layer's transforms, in place; returns Φ before it.
 
-        An APS-T layer's first step starts the transition (see :meth:`begin_transition`).
+        An APS-T layer's first step starts the transition (see :meth:`begin_transition`);
+        ``relative`` as in :func:`apsfast.transition_step_all`.
         """
         if self.P is None and self.Q is None:
             return self.sharing_level()
         self.begin_transition()
-        return transition_step(self.P, self.Q, tau)
+        return transition_step(self.P, self.Q, tau, relative=relative)

@@ -25,18 +25,19 @@ def network_sharing_level(module: nn.Module) -> Tensor:
     return torch.stack([layer.sharing_level() for layer in layers]).sum()
 
 
-def network_transition_step(module: nn.Module, tau: float) -> Tensor:
+def network_transition_step(module: nn.Module, tau: float, *, relative: bool = False) -> Tensor:
     """One transition step (eq. 5) of every APS layer of ``module`` in one batched call.
 
     APS-T layers still at their exact ordinal start are perturbed first (see
-    :meth:`APSLayer.begin_transition`). Returns the network's Φ before the step.
+    :meth:`APSLayer.begin_transition`); ``relative`` as in :func:`apsfast.transition_step_all`.
+    Returns the network's Φ before the step.
     """
     layers = [layer for layer in aps_layers(module) if layer.P is not None or layer.Q is not None]
     if not layers:
         raise ValueError(f"{type(module).__name__} has no APS layer with candidate transforms")
     for layer in layers:
         layer.begin_transition()
-    return transition_step_all([(layer.P, layer.Q) for layer in layers], tau)
+    return transition_step_all([(layer.P, layer.Q) for layer in layers], tau, relative=relative)
 
 
 def prebuild_kernels(items: Sequence[tuple[APSLayer, int]]) -> None:

@@ -193,10 +193,10 @@ def _convert(path: str, value: Any, kind: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:
-        if isinstance(value, str) and path.endswith("flops_target"):
-            parsed = _count(value)
-            if parsed is not None:
-                return parsed
+        # YAML 1.1 reads 1e-4 (no dot) as a string; MAC counts may carry a K/M/G suffix.
+        parsed = _count(value) if isinstance(value, str) else None
+        if parsed is not None and (path.endswith("flops_target") or value.strip()[-1:].isdigit()):
+            return parsed
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif kind is str:

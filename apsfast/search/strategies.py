@@ -3,7 +3,8 @@
 * ``ordinal`` (APS-O) and ``independent`` (APS-I): fixed selections, never updated.
 * ``transitional`` (APS-T): ordinal start, frozen during warm-up, then one projected-descent
   step of Φ (eq. 5) with rate τ after every weight step; the first step perturbs the exact
-  ordinal start, a stationary point of the descent.
+  ordinal start, a stationary point of the descent. τ is the width-free (``relative``) rate of
+  :func:`apsfast.transition_step_all`, so the paper's τ = 1e-3 suits every search space.
 * ``learned``: the same supernet and schedule, but after warm-up P, Q are trained by the task
   loss with SGD like the weights instead of by the transition (the ablation the paper's
   reviewers asked for); their columns are left unconstrained.
@@ -44,7 +45,7 @@ def after_weight_step(net: nn.Module, strategy: str, tau: float, searching: bool
     """APS-T's transition step after a weight step of the search phase; returns Φ before it,
     or ``None`` where the strategy does not step."""
     if strategy == "transitional" and searching:
-        return network_transition_step(net, tau)
+        return network_transition_step(net, tau, relative=True)
     return None
 
 

@@ -41,6 +41,15 @@ void check_transform(const Tensor& weight, const std::optional<Tensor>& M, const
   TORCH_CHECK(M->device() == weight.device(), name, " must be on ", weight.device());
 }
 
+// `t` contiguous with the strides of a fresh tensor, also on its unit dims (a view where it
+// already is contiguous). conv2d infers a weight's memory format from its strides, and a
+// [c_o, c_i, 1, 1] kernel whose unit dims carry the stride c_i reads as channels_last; the CPU
+// conv backward of PyTorch 2.13 then writes past its buffers at stride 2 (heap corruption).
+Tensor standard_strides(const Tensor& t) {
+  const Tensor dense = t.contiguous();
+  return dense.view({-1}).view(dense.sizes());
+}
+
 std::vector<int64_t> out_shape(const Tensor& weight, int64_t c_o, int64_t c_i) {
   std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
   shape[0] = c_o;
@@ -72,7 +81,7 @@ Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
   } else {
     out = out_mode(in_mode(w3, *Q), *P);
   }
-  return out.reshape(out_shape(weight, c_o, c_i)).contiguous();
+  return standard_strides(out.reshape(out_shape(weight, c_o, c_i)));
 }
 
 // Gradients for the inputs flagged need_*, in the order W, P, Q.
@@ -101,11 +110,11 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
   }
   if (need_P) {
     auto wq = Q ? in_mode(w3, *Q) : w3;
-    grads.push_back(at::matmul(wq.reshape({C_out, -1}), g3.reshape({c_o, -1}).t()));
+    grads.push_back(standard_strides(at::matmul(wq.reshape({C_out, -1}), g3.reshape({c_o, -1}).t())));
   }
   if (need_Q) {
     auto pw = P ? out_mode(w3, *P) : w3;
-    grads.push_back(at::einsum("obs,ois->bi", {pw, g3}).contiguous());
+    grads.push_back(standard_strides(at::einsum("obs,ois->bi", {pw, g3})));
   }
   return grads;
 }

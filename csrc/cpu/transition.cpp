@@ -6,7 +6,8 @@
 //   S = 1/2 |G|^2 + 1/2 sum_a |G_aa|^2,   G = M^T M,  G_aa = M_a^T M_a
 //   dS/dM = 2 M (G + blockdiag G_aa) = 2 (M M^T) M + 2 [M_a G_aa]_a
 // with the Gram formed once, on the smaller side (|M^T M| = |M M^T|), and reused by both.
-// and every column steps  p <- normalize(p - tau * S_partner * dS/dp).
+// and every column steps  p <- normalize(p - tau * S_partner * dS/dp), or with S_partner = 1
+// when `relative` (a rate independent of the widths: see apsfast.sharing.transition_step_all).
 // Sides are independent given the partners' scores, so both passes spread sides over threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,7 +30,7 @@ at::ScalarType work_type(at::ScalarType t) {
 }  // namespace
 
 Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArrayRef counts,
-                           at::IntArrayRef partner, double tau) {
+                           at::IntArrayRef partner, double tau, bool relative) {
   const int64_t sides = static_cast<int64_t>(Ms.size());
   TORCH_CHECK(sides > 0, "Ms must hold at least one side");
   TORCH_CHECK(static_cast<int64_t>(counts.size()) == sides && static_cast<int64_t>(partner.size()) == sides,
@@ -77,7 +78,7 @@ Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArr
   at::parallel_for(0, sides, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const Tensor& M = work[s];
-      const double rate = 2.0 * tau * (partner[s] >= 0 ? score[partner[s]] : 1.0);
+      const double rate = 2.0 * tau * (partner[s] >= 0 && !relative ? score[partner[s]] : 1.0);
       const bool tall = M.size(0) >= M.size(1);
       Tensor coupling = gram[s].clone();  // G (+ its diagonal blocks) or M M^T
       Tensor step = M.clone();

@@ -103,7 +103,8 @@ cudaError_t launch_mode_product_grouped(const ModeProductParams* params,
 //   S = 1/2 |G|^2 + 1/2 sum_a |M_a^T M_a|^2
 //   dS/dM_a = 2 (M M^T) M_a + 2 M_a (M_a^T M_a)
 // and every column steps p <- normalize(p - tau * S_partner * dS/dp) (S_partner = 1 without
-// a partner). Phi = sum over layers of S_P * S_Q (a one-sided layer counts its S once).
+// a partner, or for every side when `relative`). Phi = sum over layers of S_P * S_Q (a
+// one-sided layer counts its S once).
 //
 // The Gram is formed on the smaller side:
 //   tall side (C >= n): H = G + blockdiag(G_aa) [n, n]; then U = M - 2 tau S_p M H.
@@ -173,6 +174,7 @@ struct TransitionArgs {
   void* workspace;  // TransitionPlan::workspace accumulator elements (float, or double)
   void* phi;        // one accumulator element
   double tau;
+  bool relative;  // step by tau * dS/dp: no partner factor
   int64_t partial_offset, score_offset;
   int64_t gram_tiles, update_tiles, columns;
 };

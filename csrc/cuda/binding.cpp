@@ -280,7 +280,7 @@ std::vector<Tensor> construct_grouped(at::TensorList weights,
 // Eq. 5 on every side at once, in place (see TransitionSide in aps_kernels.h); returns Phi
 // before the step, in float32 (16-bit and float32 sides) or float64.
 Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArrayRef counts,
-                           at::IntArrayRef partner, double tau) {
+                           at::IntArrayRef partner, double tau, bool relative) {
   const int64_t sides = static_cast<int64_t>(Ms.size());
   TORCH_CHECK(sides > 0, "Ms must hold at least one side");
   TORCH_CHECK(static_cast<int64_t>(counts.size()) == sides && static_cast<int64_t>(partner.size()) == sides,
@@ -349,6 +349,7 @@ Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArr
   args.workspace = workspace.data_ptr();
   args.phi = phi.data_ptr();
   args.tau = tau;
+  args.relative = relative;
   args.partial_offset = plan.partial_offset;
   args.score_offset = plan.score_offset;
   args.gram_tiles = plan.gram_tiles;

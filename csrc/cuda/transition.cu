@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) _transition_update_kernel(const Tran
   }
 
   const Acc* scores = ws + args.score_offset;
-  const Acc partner = s.partner >= 0 ? scores[s.partner] : Acc(1);
+  const Acc partner = s.partner >= 0 && !args.relative ? scores[s.partner] : Acc(1);
   const Acc coef = static_cast<Acc>(2.0 * args.tau) * partner;
   Acc* U = static_cast<Acc*>(args.workspace) + s.update;
 #pragma unroll
