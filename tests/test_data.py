@@ -2,6 +2,7 @@
 CIFAR-10 from (fake) files with the restricted unpickler, ImageFolder trees and the embedded set."""
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import struct
@@ -433,6 +434,29 @@ def test_embedded_is_learnable_but_not_linearly_trivial(default_embedded):
     with torch.no_grad():
         accuracy = (model(x.flatten(1)).argmax(1) == y).float().mean().item()
     assert 0.2 < accuracy < 0.6, accuracy
+
+
+def test_embedded_wider_networks_score_higher(default_embedded):
+    # What a channel number search must be able to see: the same static ResNet-20 trained
+    # for the same steps scores higher the wider it is.
+    from apsfast import models
+    train, test = default_embedded
+    x_test, y_test = next(test.batches(len(test), seed=0, epoch=0, shuffle=False))
+    scores = {}
+    for width in (2, 16):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = models.build("resnet20_cifar", widths=[width], residual="stage", input_size=16)
+            model = net.export(net.max_arch(), inherit_weights=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for x, y in itertools.islice(train.batches(64, seed=0, epoch=0, augment=True, drop_last=True), 150):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            scores[width] = (model.eval()(x_test).argmax(1) == y_test).float().mean().item()
+    assert scores[16] > scores[2] + 0.1, scores
 
 
 def test_load_dispatches_and_checks(tmp_path):
