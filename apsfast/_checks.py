@@ -11,6 +11,7 @@ import numbers
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 
@@ -41,6 +42,16 @@ def same_kind(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
     if value.device != ref.device:
         raise ValueError(f"{name} is on device {value.device}, expected {ref.device} "
                          f"(the device of {ref_name})")
+
+
+def input_kind(name: str, value: Tensor, weight: Tensor) -> None:
+    """An input's dtype and device against its layer's weight; the dtypes may differ under
+    autocast on the input's device, which casts both for the conv or the matmul."""
+    if value.dtype != weight.dtype and not torch.is_autocast_enabled(value.device.type):
+        raise TypeError(f"{name} has dtype {value.dtype}, expected {weight.dtype} (the dtype of weight; "
+                        f"mixed dtypes need autocast)")
+    if value.device != weight.device:
+        raise ValueError(f"{name} is on device {value.device}, expected {weight.device} (the device of weight)")
 
 
 def dim_size(name: str, value: Tensor, dim: int, expected: int, why: str) -> None:
@@ -79,6 +90,15 @@ def choice(name: str, value: object, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return str(value)
+
+
+def pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each ``≥ minimum`` (a conv's stride, padding, dilation)."""
+    items = (value, value) if isinstance(value, numbers.Integral) else value
+    if isinstance(items, (tuple, list)) and len(items) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in items):
+        return int(items[0]), int(items[1])
+    raise ValueError(f"{name} must be an int ≥ {minimum} or a pair of them, got {value!r}")
 
 
 def flag(name: str, value: object) -> bool:

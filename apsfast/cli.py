@@ -72,24 +72,26 @@ def _fail(command: str, error: BaseException) -> SystemExit:
     return SystemExit(f"apsfast {command}: {error}")
 
 
-# What a user gets wrong (a field, a path, a folder in use, a foreign checkpoint): one clear
+# What a user gets wrong (a field, a path, a folder in use, a foreign checkpoint) and a run
+# that diverged (its message names the step and the checkpoint to resume from): one clear
 # line, no traceback. Anything else is a bug and keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from apsfast.search.checkpoint import CheckpointError
     from apsfast.search.config import ConfigError
-    return (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError)
+    return (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            FloatingPointError)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from apsfast.search.config import dump_config, load_config
-    from apsfast.search.loop import Search
+    from apsfast.search.loop import search
     try:
         config = load_config(args.preset, args.config, args.set or [])
         if args.print_config:
             print(dump_config(config), end="")
             return 0
         out = args.out or os.path.join("runs", f"{args.preset or config.model.name}-{config.sharing.strategy}")
-        Search(config, out, resume=args.resume).run()
+        search(config, out, resume=args.resume)
     except _user_errors() as error:
         raise _fail("search", error) from None
     return 0

@@ -13,6 +13,9 @@ _IntOrPair = Union[int, tuple[int, int]]
 
 def _check_transforms(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> None:
     _checks.tensor("weight", weight, min_dim=2, layout="(C_out, C_in, *kernel)")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must have no zero-size dimension (a meta-weight holds at least one "
+                         f"channel and one kernel element), got shape {tuple(weight.shape)}")
     for name, M, dim, side in (("P", P, 0, "C_out, c_o"), ("Q", Q, 1, "C_in, c_i")):
         if M is None:
             continue
@@ -61,8 +64,18 @@ def aps_conv2d(input: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[T
     _check_transforms(weight, P, Q)
     _checks.tensor("weight", weight, ndim=4, layout="(C_out, C_in, kh, kw)")
     _checks.tensor("input", input, ndim=4, layout="(N, C, H, W)")
-    _checks.same_kind("input", input, "weight", weight)
+    _checks.input_kind("input", input, weight)
     _checks.positive_int("groups", groups)
+    stride, dilation = _checks.pair("stride", stride, minimum=1), _checks.pair("dilation", dilation, minimum=1)
+    if input.shape[2] == 0 or input.shape[3] == 0:
+        raise ValueError(f"input must have a height and a width ≥ 1, got shape {tuple(input.shape)}")
+    if not isinstance(padding, str):
+        padding = _checks.pair("padding", padding, minimum=0)
+        for d, name in ((0, "height"), (1, "width")):
+            span = dilation[d] * (weight.shape[2 + d] - 1) + 1
+            if input.shape[2 + d] + 2 * padding[d] < span:
+                raise ValueError(f"input {name} {input.shape[2 + d]} + 2 × padding {padding[d]} must be ≥ the "
+                                 f"dilated kernel's {span}, got shape {tuple(input.shape)}")
     c_o = weight.shape[0] if P is None else P.shape[1]
     if c_o % groups:
         raise ValueError(f"groups={groups} must divide the candidate output width c_o={c_o}")

@@ -12,6 +12,7 @@ from apsfast import _backends
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile("deep", max_examples=2000, deadline=None)  # --hypothesis-profile=deep
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # (rtol, atol) for comparing a backend with the float64 reference; one place for all tests.

@@ -18,6 +18,7 @@ from apsfast.data.base import ImageSet, TensorImageSet, split
 from apsfast.data.cifar import cifar10
 from apsfast.data.shapes import embedded
 from apsfast.data.folder import FolderImageSet, discover
+from apsfast.data.prefetch import prefetch
 
 DATASETS = ("embedded", "cifar10", "imagenet")
 
@@ -85,4 +86,4 @@ def load(name: str, root: Optional[Union[str, os.PathLike]] = None, *, image_siz
 
 
 __all__ = ["DATASETS", "FolderImageSet", "ImageSet", "TensorImageSet", "cifar10", "embedded", "image_folder", "load",
-           "split"]
+           "prefetch", "split"]

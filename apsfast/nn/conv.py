@@ -98,7 +98,7 @@ class APSConv2d(APSLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         _checks.tensor("x", x, ndim=4, layout="(N, C, H, W)")
-        _checks.same_kind("x", x, "weight", self.weight)
+        _checks.input_kind("x", x, self.weight)
         out_index, in_index = self._indices(x.shape[1])
         kernel = self._candidate_weight(out_index, in_index)
         return F.conv2d(x, kernel, self._candidate_bias(out_index, self.bias), self.stride,

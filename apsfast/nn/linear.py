@@ -46,7 +46,7 @@ class APSLinear(APSLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         _checks.tensor("x", x, min_dim=1, layout="(..., in_features)")
-        _checks.same_kind("x", x, "weight", self.weight)
+        _checks.input_kind("x", x, self.weight)
         return F.linear(x, self.candidate_weight(x.shape[-1]), self.bias)
 
     def to_static(self, in_width: int) -> nn.Linear:

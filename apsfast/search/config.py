@@ -22,10 +22,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from apsfast.search.strategies import STRATEGIES
+from apsfast.search.strategies import STRATEGIES, supernet_sharing
 
 PRESET_DIR = Path(__file__).with_name("presets")
 DEVICES = ("auto", "cpu", "cuda")
+AMP = ("none", "bf16", "fp16")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -128,12 +130,18 @@ class RetrainConfig:
 
 @dataclass
 class RunConfig:
-    """Seed, device and bookkeeping: a checkpoint every ``checkpoint_every`` weight steps and
-    at every epoch's end, a metrics line every ``log_every`` steps, and per epoch the accuracy
-    of the controller's most likely arch on ``eval_batches`` validation batches."""
+    """Seed, device, precision and bookkeeping: a checkpoint every ``checkpoint_every`` weight
+    steps and at every epoch's end, a metrics line every ``log_every`` steps, and per epoch
+    the accuracy of the controller's most likely arch on ``eval_batches`` validation batches.
+    ``amp``: ``bf16`` or ``fp16`` autocast (float32 master weights; fp16 with a loss scaler);
+    ``channels_last``: that memory format for the supernet and its inputs; ``dist_backend``:
+    the process group's under ``torchrun`` (``auto``: NCCL on GPUs, gloo on CPUs)."""
 
     seed: int = 0
     device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    dist_backend: str = "auto"
     checkpoint_every: int = 500
     log_every: int = 20
     eval_batches: int = 10
@@ -302,7 +310,7 @@ def validate(config: Config) -> None:
     """Range and consistency checks that types alone do not catch, and the model's options
     (by building nothing: the option names are checked against the model's builder)."""
     from apsfast import data as datasets
-    from apsfast.models import available, options_of
+    from apsfast.models import available, build, options_of
 
     model, data, train, sharing = config.model, config.data, config.train, config.sharing
     if model.name not in available():
@@ -336,6 +344,10 @@ def validate(config: Config) -> None:
     _positive("train.grad_clip", train.grad_clip, allow_none=True)
     if sharing.strategy not in STRATEGIES:
         raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
+    try:  # the option values, by the builder's own checks, on the meta device (no memory)
+        build(model.name, device="meta", sharing=supernet_sharing(sharing.strategy), **model.options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.options: {error}") from None
     _positive("sharing.tau", sharing.tau)
     _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
     ctl = config.controller
@@ -352,6 +364,9 @@ def validate(config: Config) -> None:
     run = config.run
     if run.device not in DEVICES and not run.device.startswith("cuda:"):
         raise ConfigError(f"run.device must be one of {', '.join(DEVICES)} or cuda:N, got {run.device!r}")
+    for key, options in (("amp", AMP), ("dist_backend", DIST_BACKENDS)):
+        if getattr(run, key) not in options:
+            raise ConfigError(f"run.{key} must be one of {', '.join(options)}, got {getattr(run, key)!r}")
     for key in ("checkpoint_every", "log_every", "eval_batches"):
         _positive(f"run.{key}", getattr(run, key))
     if run.seed < 0:

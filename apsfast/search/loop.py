@@ -10,6 +10,10 @@ exceeding it) is written to ``result.json`` and exported.
 Everything random comes from generators whose states are checkpointed with the weights, the
 optimizers and the data position, so a run killed at any moment resumes from its last
 checkpoint and continues as if it had not been stopped.
+
+Launched with ``torchrun``, each process computes its slice of every global batch (see
+:mod:`apsfast.search.distributed`); ``run.amp`` trains in bfloat16 or float16 autocast with
+float32 master weights, ``run.channels_last`` in the channels-last memory format.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from torch import Tensor, nn
 
 from apsfast import data as datasets
 from apsfast import models
-from apsfast.search import strategies
+from apsfast.nn import sync_batch_norm
+from apsfast.search import distributed, strategies
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
 from apsfast.search.config import Config, ConfigError, dump_config
 from apsfast.search.controller import Controller, Reinforce, flops_reward
@@ -38,15 +43,26 @@ from apsfast.search.metrics import MetricsLog, read_metrics
 
 CHECKPOINT, METRICS, RESULT, MODEL = "checkpoint.pt", "metrics.jsonl", "result.json", "model.pt"
 CURVES, DECISIONS, CONFIG = "curves.png", "decisions.png", "config.yaml"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``run.device``: ``auto`` is the GPU when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device is {name!r} but torch sees no CUDA device; use auto or cpu")
-    return torch.device(name)
+class Precision:
+    """``run.amp`` and ``run.channels_last``: the autocast context of forward passes, the loss
+    scaler (float16 only: its range needs one), and the memory format of the inputs."""
+
+    def __init__(self, amp: str, channels_last: bool, device: torch.device) -> None:
+        self.dtype = AMP_DTYPES.get(amp)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=self.memory_format)
 
 
 @contextlib.contextmanager
@@ -125,14 +141,21 @@ class Search:
                  log: Optional[Callable[[str], None]] = None) -> None:
         self.config = config
         self.out = Path(out_dir)
-        self.log = log or (lambda text: print(text, flush=True))
-        self.out.mkdir(parents=True, exist_ok=True)
+        run, train = config.run, config.train
+        self.processes = distributed.setup(run.device, run.dist_backend)
+        self.main = self.processes.main
+        self.log = (log or (lambda text: print(text, flush=True))) if self.main else (lambda text: None)
         checkpoint = self.out / CHECKPOINT
         if checkpoint.exists() and not resume:
             raise FileExistsError(f"{str(self.out)!r} already holds a search (checkpoint.pt): pass --resume to "
                                   f"continue it, or another output folder")
-        run, train = config.run, config.train
-        self.device = resolve_device(run.device)
+        if train.batch_size % self.processes.world:
+            raise ConfigError(f"train.batch_size = {train.batch_size} must be divisible by the number of processes "
+                              f"({self.processes.world}): each computes an equal slice of every batch")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.device = self.processes.device
+        self.precision = Precision(run.amp, run.channels_last, self.device)
         self.strategy = config.sharing.strategy
 
         train_set, _ = load_data(config)
@@ -141,6 +164,13 @@ class Search:
 
         torch.manual_seed(run.seed)  # the supernet's and the controller's initialisation
         self.net = build_supernet(config, self.num_classes, self.image_size, self.device)
+        if run.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.processes.distributed:
+            sync_batch_norm(self.net)
+        self._parallel: Optional[tuple[tuple[int, ...], nn.Module]] = None
+        # APS-T's step (strategies.transition); the benchmarks swap in the plain-PyTorch one.
+        self.transition: Callable[[nn.Module, float], Tensor] = strategies.transition
         self.decisions = self.net.decisions()
         target = config.reward.flops_target
         if target is not None and target < self.net.flops(self.net.min_arch()):
@@ -172,10 +202,10 @@ class Search:
         self.epoch = self.batch = self.step = self.val_epoch = self.val_batch = 0
         self.sums = _Epoch()
         self.done = False
-        self.metrics = MetricsLog(self.out / METRICS, tensorboard_dir=self.out / "tensorboard")
+        self.metrics = MetricsLog(self.out / METRICS, tensorboard_dir=self.out / "tensorboard") if self.main else None
         if checkpoint.exists():
             self._restore(checkpoint)
-        else:
+        elif self.main:
             self.metrics.truncate(0)
             (self.out / CONFIG).write_text(dump_config(config))
         self._val_stream = self._validation_batches()
@@ -195,11 +225,13 @@ class Search:
                              "val_epoch": self.val_epoch, "val_batch": self.val_batch, "done": self.done},
                 "epoch_sums": self.sums.state(), "supernet": self.net.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "reinforce": self.reinforce.state_dict(),
-                "rng": rng, "metrics_offset": self.metrics.offset()}
+                "scaler": self.precision.scaler.state_dict(), "rng": rng, "metrics_offset": self.metrics.offset()}
 
     def save(self) -> None:
-        """Checkpoint now (atomically)."""
-        save_checkpoint(self.out / CHECKPOINT, self._state())
+        """Checkpoint now (atomically; process 0 writes, every process waits for it)."""
+        if self.main:
+            save_checkpoint(self.out / CHECKPOINT, self._state())
+        self.processes.barrier()
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, expect=self._expect())
@@ -208,6 +240,7 @@ class Search:
         self.net.load_state_dict(state["supernet"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.reinforce.load_state_dict(state["reinforce"])
+        self.precision.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.arch_generator.set_state(state["rng"]["arch"])
         self.controller_generator.set_state(state["rng"]["controller"])
@@ -217,7 +250,8 @@ class Search:
             setattr(self, key, value)
         for key, value in state["epoch_sums"].items():
             setattr(self.sums, key, value)
-        self.metrics.truncate(state["metrics_offset"])
+        if self.main:
+            self.metrics.truncate(state["metrics_offset"])
         self.log(f"resumed from {path} at epoch {self.epoch + 1}, step {self.step}")
 
     # --- the schedule -------------------------------------------------------------------
@@ -239,8 +273,26 @@ class Search:
                 yield x, y
             self.val_epoch, self.val_batch = self.val_epoch + 1, 0
 
-    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def _local(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """This process's slice of a global batch, on the device in the run's memory format."""
+        x, y = self.processes.local(x), self.processes.local(y)
+        x = x.to(self.device, non_blocking=True)
+        return self.precision.inputs(x), y.to(self.device, non_blocking=True)
+
+    def _model(self) -> nn.Module:
+        """The supernet as the weight step runs it: wrapped for data parallelism when there are
+        several processes (re-wrapped when the trainable parameters change, as ``learned``
+        unfreezes P, Q after warm-up). Parameters a sampled arch leaves unused get no gradient
+        on any process, so the optimizer skips them, as it does in a single process."""
+        if not self.processes.distributed:
+            return self.net
+        trainable = tuple(i for i, p in enumerate(self.net.parameters()) if p.requires_grad)
+        if self._parallel is None or self._parallel[0] != trainable:
+            self._parallel = None  # the old wrapper's gradient hooks go with it
+            ids = [self.device] if self.device.type == "cuda" else None
+            self._parallel = (trainable, nn.parallel.DistributedDataParallel(
+                self.net, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False))
+        return self._parallel[1]
 
     # --- the steps ----------------------------------------------------------------------
 
@@ -251,48 +303,59 @@ class Search:
             return self.controller.sample(1, self.controller_generator).archs[0].tolist()
 
     def weight_step(self, x: Tensor, y: Tensor, phase: str) -> dict[str, float]:
-        """Train the meta-weights on one batch for a sampled arch; then APS-T's transition."""
-        train = self.config.train
+        """Train the meta-weights on one global batch for a sampled arch; then APS-T's transition."""
+        train, precision = self.config.train, self.precision
         self.net.train()
-        self.net.set_arch(self._sample_train_arch(phase))
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
+        self.net.set_arch(self.processes.same(self._sample_train_arch(phase)))
+        model = self._model()
+        x, y = self._local(x, y)
+        with precision.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        loss_sum, correct = self.processes.sum([float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum())])
+        seen = len(y) * self.processes.world
+        if not math.isfinite(loss_sum):
             raise FloatingPointError(
-                f"the training loss is {float(loss)} at epoch {self.epoch + 1}, step {self.step + 1} "
+                f"the training loss is {loss_sum / seen} at epoch {self.epoch + 1}, step {self.step + 1} "
                 f"(arch {self.net.arch}); the last good checkpoint is {self.out / CHECKPOINT}. Lower train.lr "
                 f"or set train.grad_clip, then resume with --resume")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.scaler.scale(loss).backward()
         if train.grad_clip is not None:
+            precision.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.net.parameters(), train.grad_clip)
         factor = self._lr_factor()
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        self.optimizer.step()
-        phi = strategies.after_weight_step(self.net, self.strategy, self.config.sharing.tau, phase == "search")
-        correct = float((logits.argmax(1) == y).sum())
-        out = {"loss": float(loss.detach()), "acc": correct / len(y), "lr": train.lr * factor}
+        precision.scaler.step(self.optimizer)
+        precision.scaler.update()
+        phi = strategies.after_weight_step(self.net, self.strategy, self.config.sharing.tau, phase == "search",
+                                           self.transition)
+        out = {"loss": loss_sum / seen, "acc": correct / seen, "lr": train.lr * factor}
         if phi is not None:
             out["phi"] = float(phi)
-        self.sums.loss += out["loss"] * len(y)
+        self.sums.loss += loss_sum
         self.sums.correct += correct
-        self.sums.seen += len(y)
+        self.sums.seen += seen
         return out
 
-    def accuracy(self, arch: list[int], x: Tensor, y: Tensor) -> float:
-        """Accuracy of ``arch`` on one batch, with that batch's normalisation statistics."""
-        with batch_statistics(self.net):
+    def correct(self, arch: list[int], x: Tensor, y: Tensor) -> float:
+        """How many samples of this process's slice of a global batch ``arch`` classifies right,
+        with the batch's normalisation statistics (summed over the processes by the caller)."""
+        with batch_statistics(self.net), self.precision.autocast():
             self.net.set_arch(arch)
-            return float((self.net(x).argmax(1) == y).float().mean())
+            return float((self.net(x).argmax(1) == y).sum())
 
     def controller_step(self) -> dict[str, float]:
         """One REINFORCE step: sample archs, reward each by its validation accuracy and FLOPs."""
-        x, y = self._to_device(*next(self._val_stream))
+        x, y = self._local(*next(self._val_stream))
         reward_cfg = self.config.reward
         rollout = self.controller.sample(self.config.controller.samples, self.controller_generator)
-        rewards = [flops_reward(self.accuracy(arch, x, y), self.net.flops(arch), reward_cfg.flops_target,
-                                reward_cfg.alpha, reward_cfg.beta) for arch in rollout.archs.tolist()]
+        archs = rollout.archs.tolist()
+        size = len(y) * self.processes.world
+        accuracies = [c / size for c in self.processes.sum([self.correct(arch, x, y) for arch in archs])]
+        rewards = [flops_reward(acc, self.net.flops(arch), reward_cfg.flops_target, reward_cfg.alpha, reward_cfg.beta)
+                   for acc, arch in zip(accuracies, archs)]
         out = self.reinforce.step(rollout, rewards)
         self.sums.reward += out["reward"]
         self.sums.entropy += out["entropy"]
@@ -310,24 +373,34 @@ class Search:
         """Accuracy of ``arch`` on the first ``run.eval_batches`` validation batches."""
         correct = seen = 0.0
         size = self.config.train.batch_size
-        for x, y in islice(self.val.batches(size, seed=0, epoch=0, shuffle=False), self.config.run.eval_batches):
-            x, y = self._to_device(x, y)
-            correct += self.accuracy(arch, x, y) * len(y)
+        for x, y in islice(self.val.batches(size, seed=0, epoch=0, shuffle=False, drop_last=True),
+                           self.config.run.eval_batches):
+            correct += self.correct(arch, *self._local(x, y))
             seen += len(y)
-        return correct / seen
+        return self.processes.sum([correct])[0] / seen
 
     # --- the run ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the search to its end; returns the result (also in ``result.json``)."""
+        try:
+            return self._run()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _run(self) -> dict[str, Any]:
         config, train = self.config, self.config.train
         if self.done:
             self.log(f"the search in {self.out} is complete")
             return json.loads((self.out / RESULT).read_text()) if (self.out / RESULT).exists() else self.finish()
+        world = f"{self.processes.world} processes on {self.device.type}" if self.processes.distributed \
+            else str(self.device)
+        amp = "" if config.run.amp == "none" else f", {config.run.amp} autocast"
         self.log(f"searching {self.net.name} ({len(self.decisions)} decisions) with {self.strategy} sharing on "
                  f"{config.data.name} ({len(self.w_train)} images for the weights, {len(self.val)} for the "
                  f"controller), {train.epochs} epochs ({train.warmup_epochs} warm-up) of {self.steps_per_epoch} "
-                 f"steps, on {self.device}; output in {self.out}")
+                 f"steps, on {world}{amp}; output in {self.out}")
         from tqdm.auto import tqdm
         while self.epoch < train.epochs:
             phase = self.epoch_phase(self.epoch)
@@ -335,11 +408,11 @@ class Search:
                 strategies.begin_search(self.net, self.strategy)
             batches = self.w_train.batches(train.batch_size, seed=config.run.seed, epoch=self.epoch, shuffle=True,
                                            augment=True, drop_last=True, start=self.batch)
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch, disable=not config.run.progress,
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch, disable=not (config.run.progress and self.main),
                        desc=f"epoch {self.epoch + 1}/{train.epochs} {phase}", leave=False, file=sys.stderr)
             record: dict[str, float] = {}
-            for x, y in islice(batches, self.steps_per_epoch - self.batch):
-                record = self.weight_step(*self._to_device(x, y), phase)
+            for x, y in datasets.prefetch(islice(batches, self.steps_per_epoch - self.batch), self.device):
+                record = self.weight_step(x, y, phase)
                 if phase == "search" and self.step % config.controller.every == 0:
                     record.update({f"controller_{k}": v for k, v in self.controller_step().items()})
                 self.batch += 1
@@ -347,7 +420,7 @@ class Search:
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "acc", "phi", "controller_reward",
                                                                    "controller_entropy") if k in record})
-                if self.step % config.run.log_every == 0:
+                if self.step % config.run.log_every == 0 and self.main:
                     if "phi" not in record:
                         record["phi"] = strategies.sharing_level(self.net)
                     self.metrics.write({"kind": "step", "step": self.step, "epoch": self.epoch, "phase": phase,
@@ -368,7 +441,8 @@ class Search:
                   "entropy": sums.entropy / sums.controller_steps if sums.controller_steps else None,
                   "arch": arch, "flops": self.net.flops(arch), "probs": probs,
                   "seconds": time.perf_counter() - sums.started}
-        self.metrics.write(record)
+        if self.main:
+            self.metrics.write(record)
         extra = "" if record["reward"] is None else \
             f"  reward {record['reward']:.4f}  entropy {record['entropy']:.3f}"
         self.log(f"epoch {self.epoch + 1}/{self.config.train.epochs} {phase:<6}  loss {record['train_loss']:.4f}  "
@@ -397,14 +471,15 @@ class Search:
                   "flops_target": target, "chosen": {**chosen, "rank": index, "why": why},
                   "candidates": candidates, "decisions": decisions, "phi": strategies.sharing_level(self.net),
                   "max_flops": self.net.flops(self.net.max_arch()), "config": config.to_dict()}
-        export = self.net.export(chosen["arch"], inherit_weights=True)
-        save_checkpoint(self.out / MODEL, {"kind": "exported", "model": self.net.name, "options": self.net.options,
-                                           "arch": chosen["arch"], "state_dict": export.state_dict()})
-        _write_json(self.out / RESULT, result)
-        self._plot(decisions)
+        if self.main:
+            export = self.net.export(chosen["arch"], inherit_weights=True)
+            save_checkpoint(self.out / MODEL, {"kind": "exported", "model": self.net.name,
+                                               "options": self.net.options, "arch": chosen["arch"],
+                                               "state_dict": export.state_dict()})
+            _write_json(self.out / RESULT, result)
+            self._plot(decisions)
         self.done = True
         self.save()
-        self.metrics.close()
         widths = ", ".join(f"{d['name']}={d['chosen']}" for d in decisions)
         self.log(f"chosen ({why}): {chosen['flops'] / 1e6:.2f}M MACs, {chosen['params']:,} params, "
                  f"probability {chosen['probability']:.3g}; widths {widths}")
@@ -432,6 +507,8 @@ def load_data(config: Config) -> tuple[datasets.ImageSet, datasets.ImageSet]:
         return datasets.load(data.name, data.root, image_size=data.image_size, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"data: {error}") from None
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise ConfigError(f"data.root: {error}") from None
 
 
 def build_supernet(config: Config, num_classes: int, image_size: int, device: Union[str, torch.device],
@@ -456,5 +533,10 @@ def load_exported(path: Union[str, Path], device: Union[str, torch.device] = "cp
 
 
 def search(config: Config, out_dir: Union[str, Path], *, resume: bool = False) -> dict[str, Any]:
-    """Run a search to its end (see :class:`Search`); returns the result."""
-    return Search(config, out_dir, resume=resume).run()
+    """Run a search to its end (see :class:`Search`); returns the result. Under ``torchrun``
+    every process calls it; the process group is left at the end."""
+    runner = Search(config, out_dir, resume=resume)
+    try:
+        return runner.run()
+    finally:
+        distributed.teardown(runner.processes)

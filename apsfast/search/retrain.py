@@ -20,7 +20,8 @@ from apsfast import models
 from apsfast.models.static import reinitialise
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
 from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict
-from apsfast.search.loop import RESULT, _write_json, load_data, resolve_device
+from apsfast.search.distributed import resolve_device
+from apsfast.search.loop import RESULT, _write_json, load_data
 from apsfast.search.metrics import MetricsLog
 
 CHECKPOINT, METRICS, SUMMARY, MODEL = "checkpoint.pt", "metrics.jsonl", "retrain.json", "retrained.pt"

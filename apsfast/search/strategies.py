@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -41,11 +41,17 @@ def begin_search(net: nn.Module, strategy: str) -> None:
             matrix.requires_grad_(True)
 
 
-def after_weight_step(net: nn.Module, strategy: str, tau: float, searching: bool) -> Optional[Tensor]:
-    """APS-T's transition step after a weight step of the search phase; returns Φ before it,
-    or ``None`` where the strategy does not step."""
+def transition(net: nn.Module, tau: float) -> Tensor:
+    """APS-T's step: eq. 5 at the width-free rate on every layer in one batched call."""
+    return network_transition_step(net, tau, relative=True)
+
+
+def after_weight_step(net: nn.Module, strategy: str, tau: float, searching: bool,
+                      step: Callable[[nn.Module, float], Tensor] = transition) -> Optional[Tensor]:
+    """APS-T's transition ``step`` after a weight step of the search phase; returns Φ before
+    it, or ``None`` where the strategy does not step."""
     if strategy == "transitional" and searching:
-        return network_transition_step(net, tau, relative=True)
+        return step(net, tau)
     return None
 
 

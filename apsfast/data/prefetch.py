@@ -1,0 +1,66 @@
+"""Keeping an accelerator fed: batches prepared and pinned ahead of the step that needs them."""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable, Iterator
+
+import torch
+
+from apsfast.data.base import Batch
+
+_DONE = object()
+
+
+def prefetch(batches: Iterable[Batch], device: torch.device, depth: int = 2) -> Iterator[Batch]:
+    """Yield ``batches`` as they are, while for a CUDA ``device`` a background thread already
+    produces the next ``depth`` ones (augmentation and normalisation are torch ops, which
+    release the interpreter) into pinned memory, so the copy to the GPU can be asynchronous
+    and overlap the step.
+
+    On other devices the batches are yielded as they come: there a second thread would
+    compete with the step for the same cores. The order of the batches never changes, so a
+    run is the same with and without prefetching, and a consumer that stops early stops the
+    thread.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for x, y in batches:
+                item: object = (x.pin_memory(), y.pin_memory())
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            item = _DONE
+        except BaseException as error:  # handed to the consumer, raised there
+            item = error
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    worker = threading.Thread(target=produce, name="apsfast-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()

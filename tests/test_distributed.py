@@ -1,0 +1,132 @@
+"""Data parallelism on CPU with gloo: synchronised batch norm against one process's batch norm,
+and a 2-process search against a 1-process search with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from apsfast.nn import APSBatchNorm2d, sync_batch_norm
+from apsfast.search.checkpoint import load_checkpoint
+from test_search import TINY
+
+WIDTHS = (3, 5)
+
+
+def batch_norm_case(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 4, 3, generator=g, dtype=dtype) * 3 + 1
+    dy = torch.randn(6, 5, 4, 3, generator=g, dtype=dtype)
+    bn = APSBatchNorm2d(WIDTHS, dtype=dtype)
+    with torch.no_grad():
+        for m in bn.bns:
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.uniform_(-1, 1, generator=g)
+    return bn, x, dy
+
+
+def run_batch_norm(bn, x, dy):
+    x = x.clone().requires_grad_()
+    y = bn(x)
+    y.backward(dy)
+    layer = bn.candidate(x.shape[1])
+    return y.detach(), x.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var
+
+
+def _sync_worker(rank: int, world: int, store: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        bn, x, dy = batch_norm_case()
+        sync_batch_norm(bn)
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        # Each process's loss is its own slice's: scale dy as a mean over the slice would.
+        out = run_batch_norm(bn, x[rows], dy[rows] * world)
+        results[rank] = [t.clone() for t in out]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synchronised_batch_norm_equals_one_process_on_the_whole_batch(tmp_path):
+    bn, x, dy = batch_norm_case()
+    y, dx, dw, db, mean, var = run_batch_norm(bn, x, dy)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sync_worker, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        parts = [results[r] for r in range(2)]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), y)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]) / 2, dx)  # dy was scaled by 2
+    for part in parts:
+        # the local parameter gradients average (as data parallelism does) to the whole batch's
+        torch.testing.assert_close((parts[0][2] + parts[1][2]) / 2, dw)
+        torch.testing.assert_close((parts[0][3] + parts[1][3]) / 2, db)
+        torch.testing.assert_close(part[4], mean)
+        torch.testing.assert_close(part[5], var)
+
+
+def test_without_a_process_group_batch_norm_is_unchanged():
+    bn, x, dy = batch_norm_case()
+    assert sync_batch_norm(bn) is bn and bn.process_group is None
+    expected = run_batch_norm(*batch_norm_case())
+    for a, b in zip(run_batch_norm(bn, x, dy), expected):
+        assert torch.equal(a, b)
+
+
+def search_cli(out, *extra: str, launcher=()) -> subprocess.CompletedProcess:
+    sets = [arg for item in TINY for arg in ("-s", item)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *launcher, "-m", "apsfast", "search", "--preset", "demo", *sets, *extra,
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, check=False, env=env)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    single = search_cli(tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    double = search_cli(tmp_path / "two", launcher=torchrun)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 processes on cpu" in double.stdout
+    one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    assert [c["arch"] for c in one["candidates"]] == [c["arch"] for c in two["candidates"]]
+    assert [c["loglik"] for c in two["candidates"]] == pytest.approx([c["loglik"] for c in one["candidates"]],
+                                                                      rel=1e-4)
+    assert two["phi"] == pytest.approx(one["phi"], rel=1e-5)
+    states = [load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("one", "two")]
+    for part in ("supernet", "reinforce"):
+        flat = [{k: v for k, v in _flatten(s[part]).items() if torch.is_tensor(v) and v.is_floating_point()}
+                for s in states]
+        assert flat[0].keys() == flat[1].keys()
+        for key in flat[0]:
+            torch.testing.assert_close(flat[1][key], flat[0][key], rtol=1e-4, atol=1e-5, msg=f"{part}: {key}")
+    # the metrics of both runs tell the same story
+    epochs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if '"epoch"' in line and '"kind": "epoch"' in line] for d in ("one", "two")]
+    assert [r["arch"] for r in epochs[0]] == [r["arch"] for r in epochs[1]]
+    assert [r["train_loss"] for r in epochs[1]] == pytest.approx([r["train_loss"] for r in epochs[0]], rel=1e-4)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = {}
+        for i, value in enumerate(tree):
+            out.update(_flatten(value, f"{prefix}{i}."))
+        return out
+    return {prefix: tree}
+
+
+def test_batch_size_must_split_evenly_over_the_processes(tmp_path):
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    done = search_cli(tmp_path / "odd", "-s", "train.batch_size=33", launcher=torchrun)
+    assert done.returncode != 0
+    assert "train.batch_size = 33 must be divisible by the number of processes (2)" in done.stderr
