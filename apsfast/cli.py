@@ -107,8 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from apsfast.benchmarks import kernels
-    return kernels.main(args.rest, prog="apsfast bench kernels")
+    from importlib import import_module
+    suite = import_module(f"apsfast.benchmarks.{args.suite}")
+    return suite.main(args.rest, prog=f"apsfast bench {args.suite}")
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -182,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a complete short search on the embedded data, then a short retrain")
     demo.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo/<date-time>)")
     demo.set_defaults(func=cmd_demo)
-    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels [--quick] [--out PATH]`")
-    bench.add_argument("suite", choices=["kernels"], help="which benchmark suite")
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search [--quick] [--out PATH]`")
+    bench.add_argument("suite", choices=["kernels", "search"],
+                       help="kernels: the fused ops against nn.Conv2d and plain PyTorch; search: one search step "
+                            "against plain PyTorch and the static network")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
     bench.set_defaults(func=cmd_bench)
     return parser

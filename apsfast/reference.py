@@ -165,6 +165,25 @@ def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor
     return _step_sides(sides, [1, 0] if len(sides) == 2 else [-1], tau, relative)
 
 
+def transition_step_autograd(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]], tau: float,
+                             relative: bool = False) -> Tensor:
+    """:func:`transition_step` the way plain PyTorch code would write it: Φ of the layer by
+    autograd (``relative``: each side's ``S`` by autograd), then the projected update. The
+    baseline the benchmarks measure the batched closed form against; returns Φ before it."""
+    sides = [list(Ms) for Ms in (Ps, Qs) if Ms is not None]
+    leaves = [M.detach().requires_grad_(True) for Ms in sides for M in Ms]
+    with torch.enable_grad():
+        split = [leaves[:len(sides[0])], leaves[len(sides[0]):]]
+        scores = [sharing_score(Ms) for Ms in split[:len(sides)]]
+        phi = scores[0] * scores[1] if len(scores) == 2 else scores[0]
+        objective = sum(scores) if relative else phi
+        grads = torch.autograd.grad(objective, leaves)
+    with torch.no_grad():
+        for M, leaf, g in zip((M for Ms in sides for M in Ms), leaves, grads):
+            M.copy_(F.normalize(leaf - tau * g, dim=0))
+    return phi.detach()
+
+
 def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Sequence[int],
                         partner: Sequence[int], tau: float, relative: bool = False) -> Tensor:
     """:func:`transition_step` for every layer of a network at once, in place.

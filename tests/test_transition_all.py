@@ -99,6 +99,20 @@ def test_relative_steps_each_side_as_if_it_were_alone(backend):
                 assert_close(getattr(layer, name).matrix, getattr(twin, name).matrix)
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_autograd_transition_equals_the_closed_form(relative):
+    # The plain-PyTorch baseline of the benchmarks computes the same step by autograd.
+    layers = network()
+    perturb(layers)
+    twins = copy.deepcopy(layers)
+    for layer, twin in zip(layers, twins):
+        phi = reference.transition_step_autograd(layer.P, layer.Q, 1e-2, relative)
+        assert_close(phi, reference.transition_step(twin.P, twin.Q, 1e-2, relative))
+        for name in ("out_transforms", "in_transforms"):
+            if getattr(layer, name) is not None:
+                assert_close(getattr(layer, name).matrix, getattr(twin, name).matrix)
+
+
 def test_relative_rate_does_not_grow_with_the_widths(backend):
     # The paper's CIFAR space ({16, 32, 64, 96} on both sides, meta = Σ widths) from a perturbed
     # ordinal start: eq. 5's own scale (S ~ 400 per side) overshoots at τ = 1e-2 and Φ climbs

@@ -23,25 +23,18 @@ the whole run, whatever the default dispatch would pick.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import functools
-import json
-import os
-import platform
 import statistics
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 import apsfast
-from apsfast import _backends, reference
-from apsfast import models
+from apsfast import models, reference
+from apsfast.benchmarks.common import environment, forced_backend, fused_backend, median_times, write_results
 from apsfast.nn import APSConv2d, APSLayer, aps_layers
 
 # The model-level tables run on these search spaces (apsfast.models) at their widest arch.
@@ -102,22 +95,6 @@ def make_layer(shape: ConvShape, sharing: str, device, dtype) -> APSConv2d:
     return layer
 
 
-def _median_times(fns: dict[str, Callable[[], object]], rounds: int, min_time: float) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so drift hits all alike."""
-    timers = {name: Timer(stmt="fn()", globals={"fn": fn}) for name, fn in fns.items()}
-    numbers, once = {}, {}
-    for name, timer in timers.items():  # warm up, and size each round to about min_time
-        once[name] = max(timer.timeit(1).mean, 1e-7)
-        numbers[name] = max(1, int(min_time / once[name]))
-    if max(once.values()) > 1.0:  # calls of seconds: three rounds tell enough
-        rounds = min(rounds, 3)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer.timeit(numbers[name]).mean)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def _conv_flops(shape: ConvShape, c_o: int, c_i: int) -> float:
     hw_out = shape.hw // shape.stride
     per_out = (1 if shape.depthwise else c_i) * shape.kernel ** 2
@@ -151,7 +128,7 @@ def bench_conv(shape: ConvShape, device, dtype, rounds: int, min_time: float) ->
            "apsfast": lambda: dense(x).sum().backward(),
            "slice": lambda: sliced(x).sum().backward(),
            "plain": plain}
-    t = _median_times(fns, rounds, min_time)
+    t = median_times(fns, rounds, min_time)
     conv, build = _conv_flops(shape, c_o, c_i), _build_flops(dense, c_o, c_i)
     return {"table": "conv", "layer": shape.name, "batch": shape.batch, "hw": shape.hw,
             "shape": f"{c_i}->{c_o} k{shape.kernel}{' dw' if shape.depthwise else ''}",
@@ -177,7 +154,7 @@ def bench_grouped(model: str, device, dtype, rounds: int, min_time: float, limit
     def plain():
         torch.autograd.backward([reference.construct(w, P, Q).sum() for w, P, Q in zip(weights, Ps, Qs)])
 
-    t = _median_times({"loop": loop, "grouped": grouped, "plain": plain}, rounds, min_time)
+    t = median_times({"loop": loop, "grouped": grouped, "plain": plain}, rounds, min_time)
     return {"table": "grouped", "model": model, "layers": len(layers), **{f"t_{k}": v for k, v in t.items()},
             "loop/grouped": t["loop"] / t["grouped"], "plain/grouped": t["plain"] / t["grouped"]}
 
@@ -185,15 +162,7 @@ def bench_grouped(model: str, device, dtype, rounds: int, min_time: float, limit
 def per_layer_autograd_step(pairs, tau: float) -> None:
     """The plain way: per layer, Φ by autograd, then the projected update of eq. 5."""
     for Ps, Qs in pairs:
-        leaves = [M for Ms in (Ps, Qs) if Ms is not None for M in Ms]
-        for M in leaves:
-            M.requires_grad_(True)
-        phi = reference.sharing_level(Ps, Qs)
-        grads = torch.autograd.grad(phi, leaves)
-        with torch.no_grad():
-            for M, g in zip(leaves, grads):
-                M.requires_grad_(False)
-                M.copy_(F.normalize(M - tau * g, dim=0))
+        reference.transition_step_autograd(Ps, Qs, tau)
 
 
 def bench_transition(model: str, device, dtype, rounds: int, min_time: float, limit: Optional[int] = None) -> dict:
@@ -203,7 +172,7 @@ def bench_transition(model: str, device, dtype, rounds: int, min_time: float, li
     loose = [(None if Ps is None else [M.detach().clone() for M in Ps],
               None if Qs is None else [M.detach().clone() for M in Qs]) for Ps, Qs in pairs]
     tau = 1e-9  # timing only: keep the transforms where they are
-    t = _median_times({"batched": lambda: apsfast.transition_step_all(pairs, tau),
+    t = median_times({"batched": lambda: apsfast.transition_step_all(pairs, tau),
                        "per_layer": lambda: per_layer_autograd_step(loose, tau)}, rounds, min_time)
     return {"table": "transition", "model": model, "layers": len(pairs), **{f"t_{k}": v for k, v in t.items()},
             "per_layer/batched": t["per_layer"] / t["batched"]}
@@ -220,28 +189,6 @@ def conv_sweep(quick: bool) -> list[ConvShape]:
                    "stage5.0.layers.6", "stage6.1.layers.6")
     return ([conv_shape("resnet20", path, batch) for batch in (8, 32, 64) for path in resnet20]
             + [conv_shape("mobilenetv2", path, batch) for batch in (8, 32) for path in mobilenetv2])
-
-
-def fused_backend(device: str) -> str:
-    """The compiled backend whose kernels the "apsfast" columns time on ``device``."""
-    for name in (("cpu",) if device == "cpu" else ("cuda", "triton")):
-        if name in apsfast.backends():
-            return name
-    return "reference"
-
-
-@contextlib.contextmanager
-def forced_backend(name: str):
-    """Force ``name`` through APSFAST_BACKEND for the duration of the block."""
-    before = os.environ.get(_backends.ENV_VAR)
-    os.environ[_backends.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[_backends.ENV_VAR]
-        else:
-            os.environ[_backends.ENV_VAR] = before
 
 
 def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -297,19 +244,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def environment(command: str) -> dict:
-    """Machine, date, commit and command: recorded with every result."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False, cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "apsfast": apsfast.__version__,
-            "backends": list(apsfast.backends()), "commit": commit, "command": command}
-
-
 def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench kernels") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one untimed round (a smoke test)")
@@ -321,16 +255,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench kernel
     fused = fused_backend(args.device)
     with forced_backend(fused):
         rows = run(args.quick, args.device, getattr(torch, args.dtype))
-    env = {**environment(command), "fused_backend": fused}
+    env = {**environment(command), "fused_backend": fused, "device": args.device, "dtype": args.dtype}
     table = markdown(rows)
     header = (f"# Kernel microbenchmarks ({args.device}, {args.dtype})\n\n"
               + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n")
     print("\n" + header + "\n" + table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(header + "\n" + table + "\n")
-        with args.out.with_suffix(".jsonl").open("w") as f:
-            for row in rows:
-                f.write(json.dumps({**env, "device": args.device, "dtype": args.dtype, **row}) + "\n")
+        write_results(args.out, header, table, rows, env)
         print(f"\nwrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.jsonl')}")
     return 0

@@ -69,7 +69,12 @@ class CandidateTransforms(nn.Module):
             return None
         key = (self.matrix.data_ptr(), self.matrix._version)
         if self._selections[0] != key:
-            self._selections = (key, [self._find_selection(a) for a in range(len(self.widths))])
+            # A selection's columns are basis vectors, whose largest entry is exactly 1; a unit
+            # column with two nonzero entries has none. One reduction over the whole matrix
+            # rules out the dense transforms (APS-T in transition: every step) cheaply.
+            ones = (self.matrix.abs().amax(0) == 1).tolist()
+            self._selections = (key, [self._find_selection(a) if all(ones[o:o + w]) else None
+                                      for a, (o, w) in enumerate(zip(self._offsets, self.widths))])
         return self._selections[1][index]
 
     def _find_selection(self, index: int) -> Optional[int]:

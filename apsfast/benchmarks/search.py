@@ -1,0 +1,258 @@
+"""End-to-end benchmark: one search step of apsfast against the plain-PyTorch way and the limit.
+
+``apsfast bench search`` (or ``python -m bench.search``) times, for ResNet-20 (CIFAR, 32×32)
+and MobileNet-v2 (224×224) at several batch sizes and width multipliers, one step of an APS-T
+search after warm-up, as the search loop runs it (``Search.weight_step`` and
+``Search.controller_step``):
+
+1. the weight step: forward, backward and SGD of the supernet for a sampled arch,
+2. one transition step of every layer (eq. 5 at the relative rate),
+3. one controller step: sample an arch, score it on a validation batch, REINFORCE.
+
+Providers, interleaved round by round in one process, medians reported:
+
+* ``apsfast``: the search loop with the default dispatch (fused backends where they win);
+* ``plain``: the same loop with every candidate kernel built by plain PyTorch per layer
+  (einsum / two GEMMs: the reference backend forced) and the transition by per-layer autograd
+  of Φ (:func:`apsfast.reference.transition_step_autograd`) — what one writes without apsfast;
+* ``limit``: the exported static network of the same arch (``nn.Conv2d``, ``nn.BatchNorm2d``)
+  doing the same weight step, and nothing else.
+
+Also timed alone: the transition and the controller step (where the apsfast step's time
+beyond the limit goes), images/s, and the peak memory of each provider's step. Writes a
+markdown table, a JSON-lines file and a PNG plot with ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apsfast import reference
+from apsfast.benchmarks.common import environment, forced_backend, median_times, peak_memory, write_results
+from apsfast.nn import aps_layers
+from apsfast.search import Search, load_config, strategies
+
+PROVIDERS = ("apsfast", "plain", "limit")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration: a preset's search space at an input size, a global
+    batch size and a multiplier of every candidate width."""
+
+    model: str
+    image_size: int
+    batch: int
+    width: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}@{self.image_size} b{self.batch} w×{self.width:g}"
+
+
+def sweep(quick: bool, device: str) -> list[Case]:
+    """ResNet-20 CIFAR over batch sizes and width multipliers, MobileNet-v2 ImageNet over batch
+    sizes (smaller on a CPU, where one step of it takes seconds)."""
+    if quick:
+        return [Case("resnet20_cifar", 16, 4, 0.5), Case("mobilenetv2_imagenet", 32, 4, 0.25)]
+    gpu = device != "cpu"
+    cifar = [Case("resnet20_cifar", 32, b) for b in ((64, 256, 1024) if gpu else (16, 64, 256))]
+    cifar += [Case("resnet20_cifar", 32, 256 if gpu else 64, w) for w in (0.5, 2.0)]
+    imagenet = [Case("mobilenetv2_imagenet", 224, b) for b in ((32, 128, 256) if gpu else (8, 32))]
+    return cifar + imagenet
+
+
+def scaled_widths(model: str, factor: float) -> list[int]:
+    """The preset's first-stage candidates times ``factor`` (at least 1 channel each)."""
+    base = {"resnet20_cifar": (16, 32, 64, 96), "mobilenetv2_imagenet": (8, 12, 16, 20)}[model]
+    return sorted({max(1, round(w * factor)) for w in base})
+
+
+def make_search(case: Case, device: str, amp: str, channels_last: bool, out: Path) -> Search:
+    """A search in its APS-T phase on generated images of the case's size: controller running,
+    transforms off their ordinal start (dense: the construction runs). A small learning rate
+    keeps the weights finite over the many timed steps on one batch; it does not change the
+    time of a step."""
+    config = load_config(case.model, overrides=[
+        "data.name=embedded", "data.root=null", f"data.image_size={case.image_size}",
+        f"data.options={{num_train: {2 * case.batch}, num_test: 2, num_classes: 10}}",
+        f"model.options.widths={scaled_widths(case.model, case.width)}", "model.options.num_classes=10",
+        f"model.options.input_size={case.image_size}", f"train.batch_size={case.batch}", "train.lr=1e-4", "train.epochs=2",
+        "train.warmup_epochs=1", f"run.device={device}", f"run.amp={amp}", f"run.channels_last={channels_last}",
+        "run.progress=false"])
+    search = Search(config, out, log=lambda text: None)
+    strategies.begin_search(search.net, search.strategy)
+    search.transition(search.net, config.sharing.tau)  # leave the exact ordinal start
+    return search
+
+
+def plain_transition(net: nn.Module, tau: float) -> Tensor:
+    """APS-T's transition step without apsfast: per layer, each side's score by autograd."""
+    phi = 0.0
+    for layer in aps_layers(net):
+        if layer.P is not None or layer.Q is not None:
+            layer.begin_transition()
+            phi = phi + reference.transition_step_autograd(layer.P, layer.Q, tau, relative=True)
+    return torch.as_tensor(phi)
+
+
+def providers(search: Search) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
+    """The three step functions, and the parts of the apsfast step timed alone."""
+    train = search.config.train
+    x, y = next(search.w_train.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
+    val = next(search.val.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
+    arch = search.net.sample_uniform(torch.Generator().manual_seed(0))
+    search._sample_train_arch = lambda phase: arch  # every provider trains the same arch
+    search._val_stream = itertools.repeat(val)
+    static = search.net.export(arch).to(search.device)
+    if search.config.run.channels_last:
+        static.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(static.parameters(), lr=train.lr, momentum=train.momentum,
+                                weight_decay=train.weight_decay)
+    precision = search.precision
+    x_dev, y_dev = search._local(x, y)
+
+    def apsfast_step() -> None:
+        search.transition = strategies.transition
+        search.weight_step(x, y, "search")
+        search.controller_step()
+
+    def plain_step() -> None:
+        search.transition = plain_transition
+        with forced_backend("reference"):
+            search.weight_step(x, y, "search")
+            search.controller_step()
+
+    def limit_step() -> None:
+        static.train()
+        with precision.autocast():
+            loss = F.cross_entropy(static(x_dev).float(), y_dev)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+
+    parts = {"transition": lambda: strategies.transition(search.net, search.config.sharing.tau),
+             "controller": search.controller_step}
+    return {"apsfast": apsfast_step, "plain": plain_step, "limit": limit_step}, parts
+
+
+def _synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    if device.type != "cuda":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+    return run
+
+
+def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: int, min_time: float) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        search = make_search(case, device, amp, channels_last, Path(out))
+        steps, parts = providers(search)
+        fns = {name: _synchronised(fn, search.device) for name, fn in {**steps, **parts}.items()}
+        t = median_times(fns, rounds, min_time)
+        memory = {name: peak_memory(steps[name], search.device) for name in PROVIDERS}
+        arch = search.net.sample_uniform(torch.Generator().manual_seed(0))
+        macs = search.net.flops(arch)
+    row = {"case": case.name, "model": case.model, "image_size": case.image_size, "batch": case.batch,
+           "width": case.width, "macs": macs, **{f"t_{k}": v for k, v in t.items()},
+           **{f"mem_{k}": v for k, v in memory.items()},
+           "apsfast/limit": t["apsfast"] / t["limit"], "plain/apsfast": t["plain"] / t["apsfast"]}
+    row.update({f"img/s {k}": case.batch / t[k] for k in PROVIDERS})
+    return row
+
+
+def run(quick: bool = False, device: str = "cpu", amp: str = "none", channels_last: bool = False,
+        rounds: Optional[int] = None, min_time: Optional[float] = None,
+        progress: Callable[[str], None] = print) -> list[dict]:
+    """Every case of the sweep."""
+    rounds = rounds or (1 if quick else 5)
+    min_time = min_time if min_time is not None else (0.0 if quick else 0.2)
+    rows = []
+    for case in sweep(quick, device):
+        progress(f"search step {case.name}")
+        rows.append(bench_case(case, device, amp, channels_last, rounds, min_time))
+    return rows
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The step table, the medians against the targets, and the scaling table."""
+    out = ["| case | MACs | limit ms | apsfast ms | plain ms | transition ms | controller ms | apsfast/limit | "
+           "plain/apsfast | img/s apsfast | img/s limit | peak MB apsfast / plain / limit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mb = " / ".join(f"{r[f'mem_{k}'] / 2 ** 20:.0f}" for k in PROVIDERS)
+        out.append(f"| {r['case']} | {r['macs'] / 1e6:.1f}M | {_ms(r['t_limit'])} | {_ms(r['t_apsfast'])} | "
+                   f"{_ms(r['t_plain'])} | {_ms(r['t_transition'])} | {_ms(r['t_controller'])} | "
+                   f"{r['apsfast/limit']:.2f} | {r['plain/apsfast']:.2f} | {r['img/s apsfast']:.0f} | "
+                   f"{r['img/s limit']:.0f} | {mb} |")
+    ratios = [r["apsfast/limit"] for r in rows]
+    small = [r["plain/apsfast"] for r in rows if r["batch"] <= 64]
+    out.append(f"\napsfast/limit: median {statistics.median(ratios):.2f} over the sweep (target ≤ 1.10)")
+    if small:
+        out.append(f"plain/apsfast at batch ≤ 64: median {statistics.median(small):.2f}, worst {min(small):.2f} "
+                   f"(target ≥ 1.5)")
+    out += ["", "Scaling (apsfast step ms, and µs per image):", "",
+            "| model | batch | width× | step ms | µs / image | MACs |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["width"], r["batch"])):
+        out.append(f"| {r['model']} | {r['batch']} | {r['width']:g} | {_ms(r['t_apsfast'])} | "
+                   f"{r['t_apsfast'] / r['batch'] * 1e6:.0f} | {r['macs'] / 1e6:.1f}M |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Step time per provider against batch size (width ×1), one panel per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = sorted((r for r in rows if r["model"] == model and r["width"] == 1.0), key=lambda r: r["batch"])
+        for name in PROVIDERS:
+            ax.plot([r["batch"] for r in mine], [r[f"t_{name}"] * 1e3 for r in mine], marker="o", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per search step", title=model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.85, wspace=0.25)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench search") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny cases, one untimed round (a smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last supernet and inputs")
+    parser.add_argument("--out", type=Path, help="write <out>.md, <out>.jsonl and <out>.png")
+    args = parser.parse_args(argv)
+    command = " ".join([prog, *(argv if argv is not None else [])])
+    rows = run(args.quick, args.device, args.amp, args.channels_last)
+    env = {**environment(command), "device": args.device, "amp": args.amp, "channels_last": args.channels_last}
+    table = markdown(rows)
+    header = (f"# Search-step benchmark ({args.device}, amp {args.amp}"
+              f"{', channels_last' if args.channels_last else ''})\n\n"
+              + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n")
+    print("\n" + header + "\n" + table)
+    if args.out:
+        write_results(args.out, header, table, rows, env)
+        plot(rows, args.out.with_suffix(".png"), header.splitlines()[0].lstrip("# "))
+        print(f"\nwrote {args.out.with_suffix('.md')}, .jsonl and .png")
+    return 0
