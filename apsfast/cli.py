@@ -183,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a complete short search on the embedded data, then a short retrain")
     demo.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo/<date-time>)")
     demo.set_defaults(func=cmd_demo)
-    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search [--quick] [--out PATH]`")
-    bench.add_argument("suite", choices=["kernels", "search"],
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|data [--quick] [--out PATH]`")
+    bench.add_argument("suite", choices=["kernels", "search", "data"],
                        help="kernels: the fused ops against nn.Conv2d and plain PyTorch; search: one search step "
-                            "against plain PyTorch and the static network")
+                            "against plain PyTorch and the static network; data: the loaders' images/s")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
     bench.set_defaults(func=cmd_bench)
     return parser

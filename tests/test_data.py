@@ -480,3 +480,34 @@ def test_load_dispatches_and_checks(tmp_path):
     train, val = load("imagenet", tmp_path / "tree", image_size=8, num_workers=0)
     assert isinstance(train, FolderImageSet) and train.image_size == 8 and train.num_workers == 0
     assert load("imagenet", tmp_path / "tree")[0].image_size == 224
+
+
+# --- prefetching ----------------------------------------------------------------------------
+
+def test_prefetch_keeps_the_order_and_only_reads_ahead_on_a_gpu():
+    from apsfast.data import prefetch
+    data = tensor_set(40)
+    expected = collect(data, 8, seed=3, epoch=1, augment=True)
+    assert_same_batches(list(prefetch(data.batches(8, seed=3, epoch=1, augment=True), torch.device("cpu"))),
+                        expected)
+
+
+def test_read_ahead_in_order_with_errors_raised_and_early_stop():
+    import threading
+    from apsfast.data.prefetch import read_ahead
+    data = tensor_set(40)
+    expected = collect(data, 8, seed=0, epoch=0)
+    assert_same_batches(list(read_ahead(data.batches(8, seed=0, epoch=0), 2, pin=False)), expected)
+
+    def broken():
+        yield expected[0]
+        raise OSError("a truncated file")
+
+    stream = read_ahead(broken(), 2, pin=False)
+    assert torch.equal(next(stream)[0], expected[0][0])
+    with pytest.raises(OSError, match="a truncated file"):
+        next(stream)
+    endless = read_ahead(iter(lambda: expected[0], None), 1, pin=False)
+    next(endless)
+    endless.close()  # a consumer that stops: the producer thread ends
+    assert not any(t.name == "apsfast-prefetch" for t in threading.enumerate())

@@ -59,16 +59,20 @@ class Case:
         return f"{self.model}@{self.image_size} b{self.batch} w×{self.width:g}"
 
 
-def sweep(quick: bool, device: str) -> list[Case]:
+MODELS = ("resnet20_cifar", "mobilenetv2_imagenet")
+
+
+def sweep(quick: bool, device: str, models: Sequence[str] = MODELS) -> list[Case]:
     """ResNet-20 CIFAR over batch sizes and width multipliers, MobileNet-v2 ImageNet over batch
-    sizes (smaller on a CPU, where one step of it takes seconds)."""
+    sizes (smaller on a CPU, where one step of it takes seconds); only the cases of ``models``."""
     if quick:
-        return [Case("resnet20_cifar", 16, 4, 0.5), Case("mobilenetv2_imagenet", 32, 4, 0.25)]
+        cases = [Case("resnet20_cifar", 16, 4, 0.5), Case("mobilenetv2_imagenet", 32, 4, 0.25)]
+        return [c for c in cases if c.model in models]
     gpu = device != "cpu"
     cifar = [Case("resnet20_cifar", 32, b) for b in ((64, 256, 1024) if gpu else (16, 64, 256))]
     cifar += [Case("resnet20_cifar", 32, 256 if gpu else 64, w) for w in (0.5, 2.0)]
     imagenet = [Case("mobilenetv2_imagenet", 224, b) for b in ((32, 128, 256) if gpu else (8, 32))]
-    return cifar + imagenet
+    return [c for c in cifar + imagenet if c.model in models]
 
 
 def scaled_widths(model: str, factor: float) -> list[int]:
@@ -174,13 +178,13 @@ def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: i
 
 
 def run(quick: bool = False, device: str = "cpu", amp: str = "none", channels_last: bool = False,
-        rounds: Optional[int] = None, min_time: Optional[float] = None,
+        rounds: Optional[int] = None, min_time: Optional[float] = None, models: Sequence[str] = MODELS,
         progress: Callable[[str], None] = print) -> list[dict]:
     """Every case of the sweep."""
     rounds = rounds or (1 if quick else 5)
     min_time = min_time if min_time is not None else (0.0 if quick else 0.2)
     rows = []
-    for case in sweep(quick, device):
+    for case in sweep(quick, device, models):
         progress(f"search step {case.name}")
         rows.append(bench_case(case, device, amp, channels_last, rounds, min_time))
     return rows
@@ -241,10 +245,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench search
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="channels_last supernet and inputs")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which search spaces")
     parser.add_argument("--out", type=Path, help="write <out>.md, <out>.jsonl and <out>.png")
     args = parser.parse_args(argv)
     command = " ".join([prog, *(argv if argv is not None else [])])
-    rows = run(args.quick, args.device, args.amp, args.channels_last)
+    rows = run(args.quick, args.device, args.amp, args.channels_last, models=args.models)
     env = {**environment(command), "device": args.device, "amp": args.amp, "channels_last": args.channels_last}
     table = markdown(rows)
     header = (f"# Search-step benchmark ({args.device}, amp {args.amp}"

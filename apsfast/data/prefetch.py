@@ -20,36 +20,37 @@ def prefetch(batches: Iterable[Batch], device: torch.device, depth: int = 2) -> 
 
     On other devices the batches are yielded as they come: there a second thread would
     compete with the step for the same cores. The order of the batches never changes, so a
-    run is the same with and without prefetching, and a consumer that stops early stops the
-    thread.
+    run is the same with and without prefetching.
     """
     if device.type != "cuda":
-        yield from batches
-        return
+        return iter(batches)
+    return read_ahead(batches, depth, pin=True)
+
+
+def read_ahead(batches: Iterable[Batch], depth: int, *, pin: bool) -> Iterator[Batch]:
+    """``batches`` in order, produced up to ``depth`` ahead by a background thread (pinned
+    with ``pin``). An error in the producer is raised here; closing this iterator early (a
+    consumer that stops) stops and joins the thread."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def hand_over(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for x, y in batches:
-                item: object = (x.pin_memory(), y.pin_memory())
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over((x.pin_memory(), y.pin_memory()) if pin else (x, y)):
                     return
-            item = _DONE
+            hand_over(_DONE)
         except BaseException as error:  # handed to the consumer, raised there
-            item = error
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            hand_over(error)
 
     worker = threading.Thread(target=produce, name="apsfast-prefetch", daemon=True)
     worker.start()
