@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import apsfast
-from apsfast import models, reference
+from apsfast import _backends, models, reference
 from apsfast.benchmarks.common import environment, forced_backend, fused_backend, median_times, write_results
 from apsfast.nn import APSConv2d, APSLayer, aps_layers
 
@@ -193,20 +193,25 @@ def conv_sweep(quick: bool) -> list[ConvShape]:
 
 def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
         rounds: Optional[int] = None, min_time: Optional[float] = None,
-        progress: Callable[[str], None] = print) -> list[dict]:
-    """Every row of the three tables."""
+        progress: Callable[[str], None] = print,
+        on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Every row of the three tables; ``on_row`` sees the rows so far after each one (a long
+    run interrupted keeps what it measured)."""
     rounds = rounds or (1 if quick else 7)
     min_time = min_time if min_time is not None else (0.0 if quick else 0.05)
     rows = []
     for shape in conv_sweep(quick):
         progress(f"conv {shape.name} batch {shape.batch}")
         rows.append(bench_conv(shape, device, dtype, rounds, min_time))
+        on_row(rows)
     limit = 4 if quick else None
     for model in SPACES:
         progress(f"grouped {model}")
         rows.append(bench_grouped(model, device, dtype, rounds, min_time, limit))
+        on_row(rows)
         progress(f"transition {model}")
         rows.append(bench_transition(model, device, dtype, rounds, min_time, limit))
+        on_row(rows)
     return rows
 
 
@@ -249,18 +254,24 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench kernel
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one untimed round (a smoke test)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.jsonl (rows + environment)")
+    parser.add_argument("--backend", choices=[n for n in _backends.NAMES if n != "reference"],
+                        help="the compiled backend of the apsfast columns (default: the device's first built)")
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.jsonl (rows + environment), "
+                                                 "after every row")
     args = parser.parse_args(argv)
     command = " ".join([prog, *(argv if argv is not None else [])])
-    fused = fused_backend(args.device)
-    with forced_backend(fused):
-        rows = run(args.quick, args.device, getattr(torch, args.dtype))
+    fused = args.backend or fused_backend(args.device)
     env = {**environment(command), "fused_backend": fused, "device": args.device, "dtype": args.dtype}
-    table = markdown(rows)
     header = (f"# Kernel microbenchmarks ({args.device}, {args.dtype})\n\n"
               + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n")
-    print("\n" + header + "\n" + table)
+
+    def save(rows: list[dict]) -> None:
+        if args.out:
+            write_results(args.out, header, markdown(rows), rows, env)
+
+    with forced_backend(fused):
+        rows = run(args.quick, args.device, getattr(torch, args.dtype), on_row=save)
+    print("\n" + header + "\n" + markdown(rows))
     if args.out:
-        write_results(args.out, header, table, rows, env)
         print(f"\nwrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.jsonl')}")
     return 0

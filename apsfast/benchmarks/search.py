@@ -25,6 +25,7 @@ markdown table, a JSON-lines file and a PNG plot with ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import tempfile
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from apsfast import reference
+from apsfast import _backends, reference
 from apsfast.benchmarks.common import environment, forced_backend, median_times, peak_memory, write_results
 from apsfast.nn import aps_layers
 from apsfast.search import Search, load_config, strategies
@@ -109,8 +110,13 @@ def plain_transition(net: nn.Module, tau: float) -> Tensor:
     return torch.as_tensor(phi)
 
 
-def providers(search: Search) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
-    """The three step functions, and the parts of the apsfast step timed alone."""
+def providers(search: Search, backend: Optional[str] = None
+              ) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
+    """The three step functions, and the parts of the apsfast step timed alone; ``backend``
+    forces one backend for apsfast's ops (default: the dispatch's choice per op)."""
+    def fused():
+        return forced_backend(backend) if backend else contextlib.nullcontext()
+
     train = search.config.train
     x, y = next(search.w_train.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
     val = next(search.val.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
@@ -127,8 +133,9 @@ def providers(search: Search) -> tuple[dict[str, Callable[[], object]], dict[str
 
     def apsfast_step() -> None:
         search.transition = strategies.transition
-        search.weight_step(x, y, "search")
-        search.controller_step()
+        with fused():
+            search.weight_step(x, y, "search")
+            search.controller_step()
 
     def plain_step() -> None:
         search.transition = plain_transition
@@ -145,8 +152,15 @@ def providers(search: Search) -> tuple[dict[str, Callable[[], object]], dict[str
         precision.scaler.step(optimizer)
         precision.scaler.update()
 
-    parts = {"transition": lambda: strategies.transition(search.net, search.config.sharing.tau),
-             "controller": search.controller_step}
+    def transition() -> None:
+        with fused():
+            strategies.transition(search.net, search.config.sharing.tau)
+
+    def controller() -> None:
+        with fused():
+            search.controller_step()
+
+    parts = {"transition": transition, "controller": controller}
     return {"apsfast": apsfast_step, "plain": plain_step, "limit": limit_step}, parts
 
 
@@ -160,10 +174,11 @@ def _synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[]
     return run
 
 
-def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: int, min_time: float) -> dict:
+def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: int, min_time: float,
+               backend: Optional[str] = None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         search = make_search(case, device, amp, channels_last, Path(out))
-        steps, parts = providers(search)
+        steps, parts = providers(search, backend)
         fns = {name: _synchronised(fn, search.device) for name, fn in {**steps, **parts}.items()}
         t = median_times(fns, rounds, min_time)
         memory = {name: peak_memory(steps[name], search.device) for name in PROVIDERS}
@@ -179,14 +194,17 @@ def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: i
 
 def run(quick: bool = False, device: str = "cpu", amp: str = "none", channels_last: bool = False,
         rounds: Optional[int] = None, min_time: Optional[float] = None, models: Sequence[str] = MODELS,
-        progress: Callable[[str], None] = print) -> list[dict]:
-    """Every case of the sweep."""
+        backend: Optional[str] = None, progress: Callable[[str], None] = print,
+        on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Every case of the sweep; ``on_row`` sees the rows so far after each case (a long run
+    interrupted keeps what it measured)."""
     rounds = rounds or (1 if quick else 5)
     min_time = min_time if min_time is not None else (0.0 if quick else 0.2)
     rows = []
     for case in sweep(quick, device, models):
         progress(f"search step {case.name}")
-        rows.append(bench_case(case, device, amp, channels_last, rounds, min_time))
+        rows.append(bench_case(case, device, amp, channels_last, rounds, min_time, backend))
+        on_row(rows)
     return rows
 
 
@@ -227,7 +245,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
-        mine = sorted((r for r in rows if r["model"] == model and r["width"] == 1.0), key=lambda r: r["batch"])
+        of_model = [r for r in rows if r["model"] == model]
+        mine = sorted([r for r in of_model if r["width"] == 1.0] or of_model, key=lambda r: r["batch"])
         for name in PROVIDERS:
             ax.plot([r["batch"] for r in mine], [r[f"t_{name}"] * 1e3 for r in mine], marker="o", label=name)
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per search step", title=model)
@@ -246,18 +265,25 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench search
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="channels_last supernet and inputs")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which search spaces")
-    parser.add_argument("--out", type=Path, help="write <out>.md, <out>.jsonl and <out>.png")
+    parser.add_argument("--backend", choices=_backends.NAMES,
+                        help="force one backend for apsfast's ops (default: the dispatch's choice per op)")
+    parser.add_argument("--out", type=Path, help="write <out>.md, <out>.jsonl and <out>.png (after every case)")
     args = parser.parse_args(argv)
     command = " ".join([prog, *(argv if argv is not None else [])])
-    rows = run(args.quick, args.device, args.amp, args.channels_last, models=args.models)
-    env = {**environment(command), "device": args.device, "amp": args.amp, "channels_last": args.channels_last}
-    table = markdown(rows)
+    env = {**environment(command), "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
+           "apsfast backend": args.backend or "dispatch"}
     header = (f"# Search-step benchmark ({args.device}, amp {args.amp}"
               f"{', channels_last' if args.channels_last else ''})\n\n"
               + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n")
-    print("\n" + header + "\n" + table)
+
+    def save(rows: list[dict]) -> None:
+        if args.out:
+            write_results(args.out, header, markdown(rows), rows, env)
+            plot(rows, args.out.with_suffix(".png"), header.splitlines()[0].lstrip("# "))
+
+    rows = run(args.quick, args.device, args.amp, args.channels_last, models=args.models, backend=args.backend,
+               on_row=save)
+    print("\n" + header + "\n" + markdown(rows))
     if args.out:
-        write_results(args.out, header, table, rows, env)
-        plot(rows, args.out.with_suffix(".png"), header.splitlines()[0].lstrip("# "))
         print(f"\nwrote {args.out.with_suffix('.md')}, .jsonl and .png")
     return 0
