@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Everything a GPU machine is for, in one run that fits a few minutes: build the CUDA
-# extension, run the GPU tests, then the kernel and search-step benchmarks (bf16 autocast,
-# channels_last) with the CUDA and the Triton backends. Each stage has a time cap and writes
-# its log and results under $OUT (default: bench/results/gpu), so a stage cut short still
-# leaves the rows it measured.
+# What a GPU machine is for, in one run that fits a few minutes: build the CUDA extension, run
+# the GPU tests, profile a search step, then the search-step and kernel benchmarks (bf16
+# autocast, channels_last) with the CUDA and the Triton backends. Each stage has a time cap;
+# results go to $OUT (default: bench/results/gpu), logs to $LOGS (default: $OUT), so a stage
+# cut short still leaves the rows it measured.
 #
-#   OUT=/tmp/gpu bash bench/gpu.sh [seconds]     (default budget: 540)
+#   OUT=/tmp/gpu bash bench/gpu.sh [BUDGET_SECONDS [STAGE ...]]
+#   stages: build tests profile search-cuda search-triton kernels-cuda kernels-triton
+#   (default: all, in that order; the build always runs first)
 set -u
 OUT=${OUT:-bench/results/gpu}
+LOGS=${LOGS:-$OUT}
 BUDGET=${1:-540}
-mkdir -p "$OUT"
+shift || true
+STAGES=${*:-"tests profile search-cuda search-triton kernels-cuda kernels-triton"}
+mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} APSFAST_CUDA_ARCHS=${APSFAST_CUDA_ARCHS:-9.0}
 PY=${PYTHON:-python3}
 
@@ -21,20 +26,28 @@ stage() {
     if ((limit < 10)); then echo "== $name: skipped (budget spent)"; return; fi
     echo "== $name (at most ${limit} s)"
     local start=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
     echo "   exit $? after $((SECONDS - start)) s"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-stage build 240 $PY setup.py build_ext --inplace
-tail -3 "$OUT/build.log"
-$PY -m apsfast info | tee "$OUT/info.log"
-stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_sources.py
-tail -15 "$OUT/tests.log"
-for backend in cuda triton; do
-    stage "search-$backend" 150 $PY -m apsfast bench search --device cuda --amp bf16 --channels-last \
-        --backend "$backend" --out "$OUT/search-$backend"
+# Editable install: it maps apsfast.kernels (the Triton kernels) and builds both extensions.
+stage build 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+tail -2 "$LOGS/build.log"
+$PY -m apsfast info | tail -8
+BENCH=(--device cuda --amp bf16 --channels-last)
+for name in $STAGES; do
+    case $name in
+        tests)  # xdist: a crashing test is reported by name and its worker replaced
+            stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/test_cuda_sources.py
+            grep -E "crashed|FAILED|ERROR|passed|failed" "$LOGS/tests.log" | tail -25 ;;
+        profile)
+            stage profile 120 $PY -m bench.profile_step "${BENCH[@]}" --backend cuda --out "$OUT" ;;
+        search-*)
+            stage "$name" 150 $PY -m apsfast bench search "${BENCH[@]}" --backend "${name#search-}" --out "$OUT/$name" ;;
+        kernels-*)
+            stage "$name" 120 $PY -m apsfast bench kernels --device cuda --backend "${name#kernels-}" --out "$OUT/$name" ;;
+        *) echo "unknown stage $name" ;;
+    esac
 done
-stage kernels-cuda 120 $PY -m apsfast bench kernels --device cuda --backend cuda --out "$OUT/kernels-cuda"
-for f in "$OUT"/search-*.md "$OUT"/kernels-*.md; do [ -f "$f" ] && { echo "---- $f"; grep -v '^- ' "$f" | head -40; }; done

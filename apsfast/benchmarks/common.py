@@ -81,10 +81,12 @@ def forced_backend(name: str) -> Iterator[None]:
 
 
 def environment(command: str) -> dict:
-    """Machine, date, commit and command: recorded with every result."""
+    """Machine, date, commit and command: recorded with every result. ``APSFAST_COMMIT``
+    names the commit where the tree was copied without its history."""
+    commit = os.environ.get("APSFAST_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False, cwd=Path(__file__).parent).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                          text=True, check=False, cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
         commit = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None

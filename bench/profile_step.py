@@ -1,0 +1,94 @@
+"""Where one search step's time goes: each part timed alone, and the profiler's top ops.
+
+``python -m bench.profile_step --device cuda --amp bf16 --channels-last --backend cuda --out DIR``
+
+For a ResNet-20 CIFAR and a MobileNet-v2 ImageNet case of ``apsfast bench search``: the
+weight step alone, the controller's sampling alone and its whole step, the transition under
+every backend that runs on the device, and the static limit; then ``torch.profiler`` over a
+few apsfast steps, the ops sorted by self device time and by self host time. Writes
+``DIR/profile.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+from pathlib import Path
+
+import torch
+
+import apsfast
+from apsfast.benchmarks.common import forced_backend, median_times
+from apsfast.benchmarks.search import Case, _synchronised, make_search, providers
+from apsfast.search import strategies
+
+CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128))
+
+
+def profile_case(case: Case, args: argparse.Namespace) -> str:
+    with tempfile.TemporaryDirectory() as out:
+        search = make_search(case, args.device, args.amp, args.channels_last, Path(out))
+        steps, _ = providers(search, args.backend)
+        x, y = next(search.w_train.batches(case.batch, seed=0, epoch=0, drop_last=True))
+        fused = (lambda: forced_backend(args.backend)) if args.backend else contextlib.nullcontext
+
+        def weight_only():
+            search.transition = lambda net, tau: None
+            with fused():
+                search.weight_step(x, y, "search")
+
+        def sample_only():
+            with torch.no_grad():
+                search.controller.sample(search.config.controller.samples, search.controller_generator)
+
+        def controller():
+            with fused():
+                search.controller_step()
+
+        fns = {"apsfast step": steps["apsfast"], "limit step": steps["limit"], "weight step": weight_only,
+               "controller sample": sample_only, "controller step": controller}
+        runs_here = {"reference"} | ({"cpu"} if args.device == "cpu" else {"triton", "cuda"})
+        for name in (n for n in apsfast.backends() if n in runs_here):
+
+            def transition(name=name):
+                with forced_backend(name):
+                    strategies.transition(search.net, search.config.sharing.tau)
+            fns[f"transition [{name}]"] = transition
+        times = median_times({k: _synchronised(f, search.device) for k, f in fns.items()}, 5, 0.2)
+        lines = [f"## {case.name}", "", "| part | ms |", "|---|---|"]
+        lines += [f"| {k} | {v * 1e3:.2f} |" for k, v in times.items()]
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if search.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                _synchronised(steps["apsfast"], search.device)()
+        table = prof.key_averages()
+        device_key = "self_cuda_time_total" if search.device.type == "cuda" else "self_cpu_time_total"
+        lines += ["", "Top ops by self device time (3 apsfast steps):", "```",
+                  table.table(sort_by=device_key, row_limit=18, max_name_column_width=60), "```",
+                  "", "Top ops by host time (3 apsfast steps):", "```",
+                  table.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60), "```", ""]
+        return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--backend", help="force one backend for apsfast's ops")
+    parser.add_argument("--quick", action="store_true", help="tiny cases (a smoke test)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for profile.md")
+    args = parser.parse_args()
+    cases = (Case("resnet20_cifar", 16, 4, 0.5),) if args.quick else CASES
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = []
+    for case in cases:
+        print(f"profiling {case.name}", flush=True)
+        text.append(profile_case(case, args))
+        (args.out / "profile.md").write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
