@@ -6,8 +6,9 @@
 # cut short still leaves the rows it measured.
 #
 #   OUT=/tmp/gpu bash bench/gpu.sh [BUDGET_SECONDS [STAGE ...]]
-#   stages: build tests profile search-cuda search-triton kernels-cuda kernels-triton
-#   (default: all, in that order; the build always runs first)
+#   stages: errors tests profile search-dispatch search-cuda search-triton kernels-cuda
+#   kernels-triton (default: all but errors and search-dispatch, in that order; the build always
+#   runs first). TESTS_K selects tests (pytest -k); SEARCH_MODELS limits the search benchmark.
 set -u
 OUT=${OUT:-bench/results/gpu}
 LOGS=${LOGS:-$OUT}
@@ -33,19 +34,29 @@ stage() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 # Editable install: it maps apsfast.kernels (the Triton kernels) and builds both extensions.
-stage build 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
-tail -2 "$LOGS/build.log"
+if [ -z "${SKIP_BUILD:-}" ]; then  # SKIP_BUILD=1: use what an earlier run on this machine built
+    stage build 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+    tail -2 "$LOGS/build.log"
+fi
 $PY -m apsfast info | tail -8
 BENCH=(--device cuda --amp bf16 --channels-last)
 for name in $STAGES; do
     case $name in
+        errors)  # bad input to each compiled op, each call in its own process
+            stage errors 60 $PY -m bench.error_probe
+            cat "$LOGS/errors.log" ;;
         tests)  # xdist: a crashing test is reported by name and its worker replaced
-            stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/test_cuda_sources.py
+            stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/test_cuda_sources.py \
+                ${TESTS_K:+-k "$TESTS_K"}
             grep -E "crashed|FAILED|ERROR|passed|failed" "$LOGS/tests.log" | tail -25 ;;
         profile)
             stage profile 120 $PY -m bench.profile_step "${BENCH[@]}" --backend cuda --out "$OUT" ;;
+        search-dispatch)
+            stage "$name" 150 $PY -m apsfast bench search "${BENCH[@]}" ${SEARCH_MODELS:+--models $SEARCH_MODELS} \
+                --out "$OUT/$name" ;;
         search-*)
-            stage "$name" 150 $PY -m apsfast bench search "${BENCH[@]}" --backend "${name#search-}" --out "$OUT/$name" ;;
+            stage "$name" 150 $PY -m apsfast bench search "${BENCH[@]}" ${SEARCH_MODELS:+--models $SEARCH_MODELS} \
+                --backend "${name#search-}" --out "$OUT/$name" ;;
         kernels-*)
             stage "$name" 120 $PY -m apsfast bench kernels --device cuda --backend "${name#kernels-}" --out "$OUT/$name" ;;
         *) echo "unknown stage $name" ;;

@@ -66,8 +66,9 @@ _NPARAM = 17
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _mma(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` with both operands in ``DOT_DTYPE`` (a no-op cast when they already are)."""
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    """``acc + a @ b`` with both operands in ``DOT_DTYPE`` (a no-op cast when they already are),
+    accumulated in ``acc``'s dtype (a GPU compile needs it named for float64)."""
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -54,7 +54,7 @@ _UPD_NP = 5     # side, col0, blk_off, blk_w, d_off
 
 @triton.jit
 def _mma(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
