@@ -41,3 +41,46 @@ def load_extension(name: str) -> None:
         importlib.import_module(f"apsfast.{name}")
     except ImportError as err:
         raise ImportError(f"apsfast.{name} failed to load ({err}); rebuild with {REBUILD}") from err
+
+
+# One bad call to a compiled op, in a fresh process: it must raise, not bring the process down.
+_BAD_CALL = """
+import torch
+from apsfast._backends import {backend} as ops
+try:
+    ops.construct(torch.ones(8, 6, 3, 3, device="{device}"), torch.ones(6, 2, device="{device}"), None)
+except RuntimeError as error:
+    print(str(error).splitlines()[0])
+"""
+
+
+def check_errors() -> dict[str, str]:
+    """Whether each compiled backend loaded here raises a Python exception on bad input.
+
+    A C++ error raised in an extension crosses into Python by unwinding through torch's
+    frames; an extension compiled by a toolchain whose C++ runtime differs from the one the
+    process loads can crash there instead (seen with a second GCC installed beside the
+    system's: rebuild with ``CC``/``CXX`` naming the system compiler). Each backend is tried in
+    its own process, so a crash is reported, not suffered. Returns ``{backend: "ok: <message>"
+    or "CRASHED (...)"}``.
+    """
+    import subprocess
+    import sys
+
+    from apsfast import _backends
+
+    cases = [("cpu", "cpu")] + ([("cuda", "cuda")] if torch.cuda.is_available() else [])
+    results = {}
+    for backend, device in cases:
+        if backend not in _backends.available():
+            continue
+        done = subprocess.run([sys.executable, "-c", _BAD_CALL.format(backend=backend, device=device)],
+                              capture_output=True, text=True, check=False)
+        message = done.stdout.strip()
+        if done.returncode == 0 and message:
+            results[backend] = f"ok: raised {message!r}"
+        else:
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            results[backend] = f"CRASHED (exit {done.returncode}: {tail[0]}); rebuild with CC/CXX naming the " \
+                               f"compiler of the system's C++ runtime"
+    return results

@@ -12,7 +12,7 @@ import torch
 
 import apsfast
 from apsfast import _backends
-from apsfast._build import build_info
+from apsfast._build import build_info, check_errors
 
 
 def collect_info() -> dict:
@@ -37,9 +37,12 @@ def collect_info() -> dict:
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = collect_info()
+    if args.check:
+        info["bad_input_raises"] = check_errors()
+    status = 0 if all(r.startswith("ok") for r in info.get("bad_input_raises", {}).values()) else 1
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return status
     build = info["build"]
     print(f"apsfast {info['apsfast']}  (python {info['python']}, torch {info['torch']}, "
           f"CUDA {info['torch_cuda'] or 'none'}, triton {info['triton'] or 'not installed'})")
@@ -56,7 +59,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"default dispatch: {routes or 'nothing'} (where built); every other op → reference")
     if info["forced_backend"]:
         print(f"{_backends.ENV_VAR}={info['forced_backend']} forces that backend for every op")
-    return 0
+    if args.check:
+        print("bad input raises:")
+        for name, result in info["bad_input_raises"].items():
+            print(f"  {name:<10} {result}")
+    return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -154,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, build and available backends")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.add_argument("--check", action="store_true",
+                      help="also check, in a fresh process per compiled backend, that bad input raises")
     info.set_defaults(func=cmd_info)
     models = sub.add_parser("models", help="the search spaces: decisions, candidates, MACs, supernet size")
     models.add_argument("name", nargs="?", help="one model (then its decisions too); default: the paper's spaces")

@@ -43,7 +43,7 @@ BENCH=(--device cuda --amp bf16 --channels-last)
 for name in $STAGES; do
     case $name in
         errors)  # bad input to each compiled op, each call in its own process
-            stage errors 60 $PY -m bench.error_probe
+            stage errors 60 $PY -m apsfast info --check
             cat "$LOGS/errors.log" ;;
         tests)  # xdist: a crashing test is reported by name and its worker replaced
             stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/test_cuda_sources.py \

@@ -38,6 +38,24 @@ def test_info_lists_every_backend():
     assert text.returncode == 0 and "backends:" in text.stdout
 
 
+def test_info_check_finds_bad_input_raising():
+    # The compiled ops built here raise on bad input (a toolchain whose C++ runtime differs from
+    # the process's can make them crash instead).
+    if "cpu" not in apsfast.backends():
+        pytest.skip("no compiled backend built")
+    result = run_cli("info", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok: raised 'P.shape[0] must be weight.shape[0] = 8, got 6'" in result.stdout
+
+
+def test_check_errors_reports_a_crash(monkeypatch):
+    if "cpu" not in apsfast.backends():
+        pytest.skip("no compiled backend built")
+    monkeypatch.setattr(_build, "_BAD_CALL", "import ctypes; ctypes.string_at(0)  # {backend} {device}")
+    result = _build.check_errors()["cpu"]
+    assert result.startswith("CRASHED (exit -11") and "CC/CXX" in result
+
+
 def test_demo_runs():
     result = run_cli("demo")
     assert result.returncode == 0, result.stderr
