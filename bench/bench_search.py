@@ -20,3 +20,13 @@ def test_search_step(benchmark, tmp_path, provider):
     benchmark(steps[provider])
     moved = any(not torch.equal(v, search.net.state_dict()[k]) for k, v in before.items())
     assert moved == (provider != "limit")  # the limit trains its own static copy
+
+
+def test_step_profile_runs(tmp_path):
+    # The step profiler (bench/profile_step.py) on a tiny case: every part timed, a profile written.
+    from bench import profile_step
+    profile_step.main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "profile.md").read_text()
+    for part in ("apsfast step", "limit step", "weight step", "controller sample", "controller step",
+                 "transition [reference]", "Top ops by host time"):
+        assert part in text

@@ -11,15 +11,15 @@ few apsfast steps, the ops sorted by self device time and by self host time. Wri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 import apsfast
 from apsfast.benchmarks.common import forced_backend, median_times
-from apsfast.benchmarks.search import Case, _synchronised, make_search, providers
+from apsfast.benchmarks.search import Case, _synchronised, make_search, providers, using
 from apsfast.search import strategies
 
 CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128))
@@ -28,25 +28,20 @@ CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128)
 def profile_case(case: Case, args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as out:
         search = make_search(case, args.device, args.amp, args.channels_last, Path(out))
-        steps, _ = providers(search, args.backend)
+        steps, parts = providers(search, args.backend)
         x, y = next(search.w_train.batches(case.batch, seed=0, epoch=0, drop_last=True))
-        fused = (lambda: forced_backend(args.backend)) if args.backend else contextlib.nullcontext
 
         def weight_only():
             search.transition = lambda net, tau: None
-            with fused():
+            with using(args.backend):
                 search.weight_step(x, y, "search")
 
         def sample_only():
             with torch.no_grad():
                 search.controller.sample(search.config.controller.samples, search.controller_generator)
 
-        def controller():
-            with fused():
-                search.controller_step()
-
         fns = {"apsfast step": steps["apsfast"], "limit step": steps["limit"], "weight step": weight_only,
-               "controller sample": sample_only, "controller step": controller}
+               "controller sample": sample_only, "controller step": parts["controller"]}
         runs_here = {"reference"} | ({"cpu"} if args.device == "cpu" else {"triton", "cuda"})
         for name in (n for n in apsfast.backends() if n in runs_here):
 
@@ -72,7 +67,7 @@ def profile_case(case: Case, args: argparse.Namespace) -> str:
         return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
@@ -80,7 +75,7 @@ def main() -> None:
     parser.add_argument("--backend", help="force one backend for apsfast's ops")
     parser.add_argument("--quick", action="store_true", help="tiny cases (a smoke test)")
     parser.add_argument("--out", type=Path, required=True, help="folder for profile.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cases = (Case("resnet20_cifar", 16, 4, 0.5),) if args.quick else CASES
     args.out.mkdir(parents=True, exist_ok=True)
     text = []

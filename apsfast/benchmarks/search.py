@@ -110,13 +110,15 @@ def plain_transition(net: nn.Module, tau: float) -> Tensor:
     return torch.as_tensor(phi)
 
 
+def using(backend: Optional[str]) -> contextlib.AbstractContextManager:
+    """``backend`` forced for apsfast's ops; ``None``: the dispatch's choice per op."""
+    return forced_backend(backend) if backend else contextlib.nullcontext()
+
+
 def providers(search: Search, backend: Optional[str] = None
               ) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
-    """The three step functions, and the parts of the apsfast step timed alone; ``backend``
-    forces one backend for apsfast's ops (default: the dispatch's choice per op)."""
-    def fused():
-        return forced_backend(backend) if backend else contextlib.nullcontext()
-
+    """The three step functions, and the parts of the apsfast step timed alone (apsfast's ops
+    on ``backend``, see :func:`using`)."""
     train = search.config.train
     x, y = next(search.w_train.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
     val = next(search.val.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
@@ -133,7 +135,7 @@ def providers(search: Search, backend: Optional[str] = None
 
     def apsfast_step() -> None:
         search.transition = strategies.transition
-        with fused():
+        with using(backend):
             search.weight_step(x, y, "search")
             search.controller_step()
 
@@ -153,11 +155,11 @@ def providers(search: Search, backend: Optional[str] = None
         precision.scaler.update()
 
     def transition() -> None:
-        with fused():
+        with using(backend):
             strategies.transition(search.net, search.config.sharing.tau)
 
     def controller() -> None:
-        with fused():
+        with using(backend):
             search.controller_step()
 
     parts = {"transition": transition, "controller": controller}
