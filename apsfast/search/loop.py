@@ -411,7 +411,9 @@ class Search:
                 strategies.begin_search(self.net, self.strategy)
             batches = self.w_train.batches(train.batch_size, seed=config.run.seed, epoch=self.epoch, shuffle=True,
                                            augment=True, drop_last=True, start=self.batch)
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch, disable=not (config.run.progress and self.main),
+            # disable=None: no bar where stderr is not a terminal (a log file gets the epoch lines only).
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch,
+                       disable=None if config.run.progress and self.main else True,
                        desc=f"epoch {self.epoch + 1}/{train.epochs} {phase}", leave=False, file=sys.stderr)
             record: dict[str, float] = {}
             for x, y in datasets.prefetch(islice(batches, self.steps_per_epoch - self.batch), self.device):
