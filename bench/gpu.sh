@@ -7,14 +7,16 @@
 #
 #   OUT=/tmp/gpu bash bench/gpu.sh [BUDGET_SECONDS [STAGE ...]]
 #   stages: errors tests profile search-dispatch search-cuda search-triton kernels-cuda
-#   kernels-triton (default: all but errors and search-dispatch, in that order; the build always
-#   runs first). TESTS_K selects tests (pytest -k); SEARCH_MODELS limits the search benchmark.
+#   kernels-triton (default: all but search-cuda, which the default dispatch already is, in that
+#   order). The build runs first unless SKIP_BUILD=1; TESTS_K selects tests (pytest -k);
+#   SEARCH_MODELS limits the search benchmark. If `errors` reports a crash, rebuild with CC/CXX
+#   naming the system compiler (see the README's GPU build).
 set -u
 OUT=${OUT:-bench/results/gpu}
 LOGS=${LOGS:-$OUT}
 BUDGET=${1:-540}
 shift || true
-STAGES=${*:-"tests profile search-cuda search-triton kernels-cuda kernels-triton"}
+STAGES=${*:-"errors tests profile search-dispatch search-triton kernels-cuda kernels-triton"}
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} APSFAST_CUDA_ARCHS=${APSFAST_CUDA_ARCHS:-9.0}
 PY=${PYTHON:-python3}
