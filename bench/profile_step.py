@@ -19,7 +19,7 @@ import torch
 
 import apsfast
 from apsfast.benchmarks.common import forced_backend, median_times
-from apsfast.benchmarks.search import Case, _synchronised, make_search, providers, using
+from apsfast.benchmarks.search import Case, make_search, providers, synchronised, using
 from apsfast.search import strategies
 
 CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128))
@@ -49,7 +49,7 @@ def profile_case(case: Case, args: argparse.Namespace) -> str:
                 with forced_backend(name):
                     strategies.transition(search.net, search.config.sharing.tau)
             fns[f"transition [{name}]"] = transition
-        times = median_times({k: _synchronised(f, search.device) for k, f in fns.items()}, 5, 0.2)
+        times = median_times({k: synchronised(f, search.device) for k, f in fns.items()}, 5, 0.2)
         lines = [f"## {case.name}", "", "| part | ms |", "|---|---|"]
         lines += [f"| {k} | {v * 1e3:.2f} |" for k, v in times.items()]
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -57,7 +57,7 @@ def profile_case(case: Case, args: argparse.Namespace) -> str:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
-                _synchronised(steps["apsfast"], search.device)()
+                synchronised(steps["apsfast"], search.device)()
         table = prof.key_averages()
         device_key = "self_cuda_time_total" if search.device.type == "cuda" else "self_cpu_time_total"
         lines += ["", "Top ops by self device time (3 apsfast steps):", "```",

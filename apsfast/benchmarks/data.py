@@ -55,11 +55,11 @@ def jpeg_tree(root: Path, count: int, classes: int = 10, size: tuple[int, int] =
 
 def run(quick: bool = False, workers: Sequence[int] = (0, 2, 4)) -> list[dict]:
     rows = []
-    cifar_n, jpeg_n, batch = (512, 48, 16) if quick else (50000, 1024, 128)
+    cifar_n, cifar_batch, jpeg_n, batch = (512, 16, 48, 16) if quick else (50000, 256, 1024, 128)
     images = torch.randint(0, 256, (cifar_n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     cifar = TensorImageSet(images, torch.arange(cifar_n) % 10, 10)
-    rows.append({"loader": "TensorImageSet 32×32 (cifar10, embedded)", "workers": 0, "batch": 256 if not quick else 16,
-                 "img/s": images_per_second(cifar, 256 if not quick else 16, cifar_n // (256 if not quick else 16) - 1)})
+    rows.append({"loader": "TensorImageSet 32×32 (cifar10, embedded)", "workers": 0, "batch": cifar_batch,
+                 "img/s": images_per_second(cifar, cifar_batch, cifar_n // cifar_batch - 1)})
     with tempfile.TemporaryDirectory() as tmp:
         root = jpeg_tree(Path(tmp), jpeg_n)
         for w in workers:

@@ -91,8 +91,8 @@ def make_search(case: Case, device: str, amp: str, channels_last: bool, out: Pat
         "data.name=embedded", "data.root=null", f"data.image_size={case.image_size}",
         f"data.options={{num_train: {2 * case.batch}, num_test: 2, num_classes: 10}}",
         f"model.options.widths={scaled_widths(case.model, case.width)}", "model.options.num_classes=10",
-        f"model.options.input_size={case.image_size}", f"train.batch_size={case.batch}", "train.lr=1e-4", "train.epochs=2",
-        "train.warmup_epochs=1", f"run.device={device}", f"run.amp={amp}", f"run.channels_last={channels_last}",
+        f"model.options.input_size={case.image_size}", f"train.batch_size={case.batch}", "train.lr=1e-4",
+        "train.epochs=2", "train.warmup_epochs=1", f"run.device={device}", f"run.amp={amp}", f"run.channels_last={channels_last}",
         "run.progress=false"])
     search = Search(config, out, log=lambda text: None)
     strategies.begin_search(search.net, search.strategy)
@@ -166,7 +166,8 @@ def providers(search: Search, backend: Optional[str] = None
     return {"apsfast": apsfast_step, "plain": plain_step, "limit": limit_step}, parts
 
 
-def _synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+def synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a wait for the device, so a host timer sees its whole cost."""
     if device.type != "cuda":
         return fn
 
@@ -181,7 +182,7 @@ def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: i
     with tempfile.TemporaryDirectory() as out:
         search = make_search(case, device, amp, channels_last, Path(out))
         steps, parts = providers(search, backend)
-        fns = {name: _synchronised(fn, search.device) for name, fn in {**steps, **parts}.items()}
+        fns = {name: synchronised(fn, search.device) for name, fn in {**steps, **parts}.items()}
         t = median_times(fns, rounds, min_time)
         memory = {name: peak_memory(steps[name], search.device) for name in PROVIDERS}
         arch = search.net.sample_uniform(torch.Generator().manual_seed(0))

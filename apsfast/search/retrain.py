@@ -121,8 +121,8 @@ def retrain(result_path: Union[str, Path], out_dir: Optional[Union[str, Path]] =
     while epoch < cfg.epochs:
         model.train()
         started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        bar = tqdm(total=steps, desc=f"retrain {epoch + 1}/{cfg.epochs}", disable=None if run.progress else True, leave=False,
-                   file=sys.stderr)
+        bar = tqdm(total=steps, desc=f"retrain {epoch + 1}/{cfg.epochs}", disable=None if run.progress else True,
+                   leave=False, file=sys.stderr)  # disable=None: a bar only where stderr is a terminal
         for b, (x, y) in enumerate(islice(train_set.batches(cfg.batch_size, seed=run.seed + 7, epoch=epoch,
                                                             augment=True, drop_last=True), steps)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
