@@ -27,7 +27,8 @@ def backends() -> tuple[str, ...]:
 
 from apsfast import nn  # noqa: E402  (nn builds on the functions above)
 from apsfast import models  # noqa: E402  (models build on nn)
+from apsfast.models.converter import convert  # noqa: E402
 
 __all__ = ["construct", "construct_grouped", "aps_conv2d", "sharing_level", "transition_step",
            "transition_step_all", "init_transforms",
-           "backends", "nn", "models", "__version__"]
+           "backends", "nn", "models", "convert", "__version__"]

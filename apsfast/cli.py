@@ -1,4 +1,4 @@
-"""The ``apsfast`` command line: ``apsfast search | train | models | demo | bench | info``."""
+"""The ``apsfast`` command line: ``apsfast search | train | analyze | models | demo | bench | info``."""
 from __future__ import annotations
 
 import argparse
@@ -69,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from apsfast import demo
     try:
-        demo.main(args.out)
+        demo.main(args.out, args.set or [])
     except _user_errors() as error:
         raise _fail("demo", error) from None
     return 0
@@ -90,11 +90,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from apsfast.search import assemble
     from apsfast.search.config import dump_config, load_config
-    from apsfast.search.loop import search
+    from apsfast.search.runs import saved_config
+    from apsfast.search.schedule import search
     try:
-        config = load_config(args.preset, args.config, args.set or [])
+        if args.resume and args.preset is None and args.config is None:
+            if args.out is None:
+                raise SystemExit("apsfast search: --resume needs --out RUN (the folder of the run to continue)")
+            config = saved_config(args.out, args.set or [])  # the run's own settings
+        else:
+            config = load_config(args.preset, args.config, args.set or [])
         if args.print_config:
+            assemble.check(config, with_data=config.data.name == "embedded" or config.data.root is not None)
             print(dump_config(config), end="")
             return 0
         out = args.out or os.path.join("runs", f"{args.preset or config.model.name}-{config.sharing.strategy}")
@@ -105,11 +113,72 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from apsfast.search.retrain import retrain
+    from apsfast.search.retrain import retrain, retrain_top, retrain_uniform
     try:
-        retrain(args.run, args.out, args.set or [], resume=args.resume)
+        if args.uniform is not None:
+            _train_uniform(args, retrain_uniform)
+        elif args.run is None:
+            raise SystemExit("apsfast train: pass RUN (a search's output folder), or --uniform RATIO with --preset")
+        elif args.preset is not None or args.config is not None:
+            raise SystemExit("apsfast train: --preset/--config go with --uniform; a search's retrain reads the "
+                             "search's settings (change them with -s)")
+        elif args.top is not None:
+            retrain_top(args.run, args.top, args.out, args.set or [], resume=args.resume)
+        else:
+            retrain(args.run, args.out, args.set or [], resume=args.resume)
     except _user_errors() + (ValueError,) as error:
         raise _fail("train", error) from None
+    return 0
+
+
+def _train_uniform(args: argparse.Namespace, retrain_uniform) -> None:
+    """``apsfast train --uniform RATIO``: the settings of ``--preset``/``--config`` or of RUN's search."""
+    from apsfast.search.config import apply_overrides, config_from_dict, load_config
+    from apsfast.search.result import read_result
+    if args.top is not None:
+        raise SystemExit("apsfast train: --top and --uniform are two different retrains; pass one")
+    overrides = args.set or []
+    if args.run is not None:
+        if args.preset is not None or args.config is not None:
+            raise SystemExit("apsfast train: --uniform takes RUN or --preset/--config, not both")
+        result, path = read_result(args.run)
+        config = apply_overrides(config_from_dict(result["config"]), overrides)
+        out = args.out or os.path.join(path.parent, "retrain", f"uniform-{args.uniform:g}")
+        source = f"{path.parent} --uniform {args.uniform:g}"
+    elif args.preset is None and args.config is None:
+        raise SystemExit("apsfast train: --uniform needs --preset P (or --config FILE, or a search's RUN folder)")
+    else:
+        config = load_config(args.preset, args.config, overrides)
+        name = args.preset or config.model.name
+        out = args.out or os.path.join("runs", f"{name}-uniform-{args.uniform:g}")
+        given = f"--preset {args.preset}" if args.preset else f"--config {args.config}"
+        source = f"--uniform {args.uniform:g} {given}"
+    retrain_uniform(config, args.uniform, out, resume=args.resume, source=source)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from apsfast.analysis import AnalysisError, draw
+    try:
+        if args.compare is not None:
+            from apsfast.analysis.compare import compare, parse_list
+            if args.runs:
+                raise SystemExit("apsfast analyze: --compare runs its own searches; pass no RUN with it")
+            if args.preset is None and args.config is None:
+                raise SystemExit("apsfast analyze: --compare needs --preset P (or --config FILE)")
+            strategies = parse_list(args.compare, "--compare")
+            seeds = parse_list(args.seeds, "--seeds", int)
+            out = args.out or os.path.join("runs", f"{args.preset or 'config'}-compare")
+            compare(strategies, out, preset=args.preset, config_file=args.config, overrides=args.set or [],
+                    seeds=seeds, retrained=args.retrain)
+            return 0
+        if args.preset is not None or args.config is not None or args.set or args.retrain:
+            raise SystemExit("apsfast analyze: --preset, --config, -s and --retrain go with --compare")
+        if not args.runs:
+            raise SystemExit("apsfast analyze: pass one or more search output folders (or --compare)")
+        for path in draw(args.runs, args.out):
+            print(path)
+    except _user_errors() + (AnalysisError,) as error:
+        raise _fail("analyze", error) from None
     return 0
 
 
@@ -155,6 +224,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(sub) -> None:
+    """The ``analyze`` subcommand's parser."""
+    from apsfast.search.config import presets
+    analyze = sub.add_parser(
+        "analyze", help="the paper's analysis figures (Fig. 3, 4, 5, 8, 9) from runs, or the §5.2 comparison",
+        description="Draw the analysis figures of one or several search runs made with -s analysis.every=N "
+                    "(runs overlaid, labelled by strategy), or with --compare run one search per strategy (and "
+                    "seed) with the analysis on and write the §5.2 table and figures.")
+    analyze.add_argument("runs", metavar="RUN", nargs="*", help="search output folders (one model)")
+    analyze.add_argument("--out", metavar="DIR",
+                         help="where the PNGs go (default: the run's folder; for several runs, their common folder; "
+                              "with --compare runs/PRESET-compare)")
+    analyze.add_argument("--compare", metavar="STRATEGIES",
+                         help="comma-separated strategies to search and compare, e.g. ordinal,independent,transitional")
+    analyze.add_argument("--preset", choices=presets(), help="with --compare: the settings of every search")
+    analyze.add_argument("--config", metavar="FILE", help="with --compare: a YAML config")
+    analyze.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
+                         help="with --compare: override a field of every search (repeatable)")
+    analyze.add_argument("--seeds", default="0", metavar="S,S,...", help="with --compare: run.seed of each "
+                         "search per strategy (default: 0)")
+    analyze.add_argument("--retrain", action="store_true",
+                         help="with --compare: retrain every chosen arch and report test accuracy")
+    analyze.set_defaults(func=cmd_analyze)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apsfast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"apsfast {apsfast.__version__}")
@@ -179,23 +273,43 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
                         help="override a field, e.g. -s train.epochs=10 -s data.root=~/cifar (repeatable)")
     search.add_argument("--out", metavar="DIR", help="output folder (default: runs/PRESET-STRATEGY)")
-    search.add_argument("--resume", action="store_true", help="continue the search in --out from its checkpoint")
+    search.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint, with its own settings (config.yaml); "
+                             "-s may change only bookkeeping, train.epochs, train.lr and train.grad_clip")
     search.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     search.set_defaults(func=cmd_search)
-    train = sub.add_parser("train", help="retrain a searched arch from scratch and report its test accuracy")
-    train.add_argument("run", metavar="RUN", help="a search's output folder or its result.json")
+    train = sub.add_parser("train", help="retrain a searched arch from scratch and report its test accuracy",
+                           description="Retrain a search's chosen arch (RUN), its N most likely archs (--top N), or "
+                                       "the uniformly scaled standard network (--uniform RATIO) from scratch.")
+    train.add_argument("run", metavar="RUN", nargs="?", help="a search's output folder or its result.json")
+    train.add_argument("--top", type=int, metavar="N",
+                       help="retrain the N most likely archs of the beam, each into OUT/top-k/, and report the "
+                            "mean ± std of their test accuracy (OUT/top.json; paper Fig. 8)")
+    train.add_argument("--uniform", type=float, metavar="RATIO",
+                       help="retrain the standard network with every width scaled by RATIO (the nearest candidate; "
+                            "paper Fig. 9's baseline), with the settings of --preset/--config or of RUN's search")
+    train.add_argument("--preset", choices=presets(), help="with --uniform: the settings to train with")
+    train.add_argument("--config", metavar="FILE", help="with --uniform: a YAML config")
     train.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
                        help="override a field, e.g. -s retrain.epochs=30 (repeatable)")
-    train.add_argument("--out", metavar="DIR", help="output folder (default: RUN/retrain)")
-    train.add_argument("--resume", action="store_true", help="continue the retraining in --out")
+    train.add_argument("--out", metavar="DIR", help="output folder (default: RUN/retrain; with --uniform "
+                       "RUN/retrain/uniform-RATIO, or runs/PRESET-uniform-RATIO)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the retraining in --out with its own settings (-s may change bookkeeping, "
+                            "retrain.epochs, retrain.lr and retrain.grad_clip)")
     train.set_defaults(func=cmd_train)
+    _add_analyze(sub)
     demo = sub.add_parser("demo", help="a complete short search on the embedded data, then a short retrain")
     demo.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo/<date-time>)")
+    demo.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
+                      help="override a field of the demo preset, e.g. -s train.epochs=4 (repeatable)")
     demo.set_defaults(func=cmd_demo)
-    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|data [--quick] [--out PATH]`")
-    bench.add_argument("suite", choices=["kernels", "search", "data"],
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|profile|data [--quick] "
+                                         "[--out PATH]`")
+    bench.add_argument("suite", choices=["kernels", "search", "profile", "data"],
                        help="kernels: the fused ops against nn.Conv2d and plain PyTorch; search: one search step "
-                            "against plain PyTorch and the static network; data: the loaders' images/s")
+                            "against plain PyTorch and the static network; profile: where a search step's time "
+                            "goes; data: the loaders' images/s")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -27,17 +27,18 @@ def show_sharing_levels() -> None:
     print(f"  Theorem 3.1: ordinal is the maximum, independent the minimum (Σc)² = {meta ** 2}\n")
 
 
-def main(out: Optional[Union[str, Path]] = None) -> Path:
-    """Run the demo into ``out`` (default ``runs/demo/<date-time>``); returns that folder."""
+def main(out: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Path:
+    """Run the demo into ``out`` (default ``runs/demo/<date-time>``) with the ``demo`` preset
+    and ``overrides`` (``"train.epochs=4"``…); returns that folder."""
     from apsfast.search.config import load_config
-    from apsfast.search.loop import Search
+    from apsfast.search.schedule import Search
     from apsfast.search.retrain import retrain
 
     started = time.perf_counter()
     print(f"apsfast {apsfast.__version__} — backends: {', '.join(apsfast.backends())}\n")
     show_sharing_levels()
     out = Path(out) if out is not None else Path("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
-    Search(load_config("demo"), out).run()
+    Search(load_config("demo", overrides=overrides), out).run()
     retrain(out)
     print(f"\ndemo done in {time.perf_counter() - started:.0f} s. Everything is in {out}: result.json (the "
           f"beam, the chosen arch and the controller's probabilities), model.pt (the export), curves.png and "

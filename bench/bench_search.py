@@ -23,9 +23,9 @@ def test_search_step(benchmark, tmp_path, provider):
 
 
 def test_step_profile_runs(tmp_path):
-    # The step profiler (bench/profile_step.py) on a tiny case: every part timed, a profile written.
-    from bench import profile_step
-    profile_step.main(["--quick", "--out", str(tmp_path)])
+    # The step profiler (apsfast bench profile) on a tiny case: every part timed, a profile written.
+    from apsfast.benchmarks import profile
+    profile.main(["--quick", "--out", str(tmp_path)])
     text = (tmp_path / "profile.md").read_text()
     for part in ("apsfast step", "limit step", "weight step", "controller sample", "controller step",
                  "transition [reference]", "Top ops by host time"):

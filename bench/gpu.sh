@@ -52,7 +52,7 @@ for name in $STAGES; do
                 ${TESTS_K:+-k "$TESTS_K"}
             grep -E "crashed|FAILED|ERROR|passed|failed" "$LOGS/tests.log" | tail -25 ;;
         profile)
-            stage profile 120 $PY -m bench.profile_step "${BENCH[@]}" --backend cuda --out "$OUT" ;;
+            stage profile 120 $PY -m apsfast bench profile "${BENCH[@]}" --backend cuda --out "$OUT" ;;
         search-dispatch)
             stage "$name" 150 $PY -m apsfast bench search "${BENCH[@]}" ${SEARCH_MODELS:+--models $SEARCH_MODELS} \
                 --out "$OUT/$name" ;;

@@ -56,10 +56,24 @@ def test_check_errors_reports_a_crash(monkeypatch):
     assert result.startswith("CRASHED (exit -11") and "CC/CXX" in result
 
 
-def test_demo_runs():
-    result = run_cli("demo")
-    assert result.returncode == 0, result.stderr
-    assert "Theorem 3.1" in result.stdout and "transition" in result.stdout
+def test_demo_runs(tmp_path, capsys):
+    # The demo's own code path on a tiny configuration, in a temporary folder.
+    from apsfast import demo
+    from test_search import TINY
+    out = demo.main(tmp_path / "demo", overrides=TINY)
+    printed = capsys.readouterr().out
+    assert "Theorem 3.1" in printed and "demo done" in printed
+    result = json.loads((out / "result.json").read_text())
+    assert result["model"] == "resnet20_cifar" and result["strategy"] == "transitional"
+    assert len(result["candidates"]) == 4 and result["chosen"]["arch"] == result["candidates"][0]["arch"]
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in line]
+    assert [r["phase"] for r in epochs] == ["warmup", "search", "search"]
+    assert all(r["val_images"] == 64 and 0 <= r["val_acc"] <= 1 for r in epochs)
+    for name in ("curves.png", "decisions.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 10_000
+    summary = json.loads((out / "retrain" / "retrain.json").read_text())
+    assert summary["epochs"] == 1 and 0 <= summary["test_acc"] <= 1
 
 
 def test_extension_built_against_other_torch_is_refused(monkeypatch):

@@ -98,7 +98,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
                                                                       rel=1e-4)
     assert two["phi"] == pytest.approx(one["phi"], rel=1e-5)
     states = [load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("one", "two")]
-    for part in ("supernet", "reinforce"):
+    for part in ("supernet", "searcher"):
         flat = [{k: v for k, v in _flatten(s[part]).items() if torch.is_tensor(v) and v.is_floating_point()}
                 for s in states]
         assert flat[0].keys() == flat[1].keys()

@@ -12,7 +12,7 @@ import torch
 from apsfast.nn import network_sharing_level
 from apsfast.search import ConfigError, Search, load_config, load_exported, retrain
 from apsfast.search.checkpoint import load_checkpoint
-from apsfast.search.loop import batch_statistics
+from apsfast.search.steps import batch_statistics
 from apsfast.search.metrics import read_metrics
 from apsfast.search.strategies import transform_parameters
 
@@ -38,12 +38,12 @@ def params(module) -> dict[str, torch.Tensor]:
 
 def test_schedule_warmup_then_controller_and_transition(tmp_path):
     search = Search(tiny(), tmp_path, log=quiet)
-    snapshots = [(params(search.controller), [m.clone() for m in transform_parameters(search.net)])]
+    snapshots = [(params(search.searcher.controller), [m.clone() for m in transform_parameters(search.net)])]
     end_epoch = search._end_epoch
 
     def snapshot(phase):
         end_epoch(phase)
-        snapshots.append((params(search.controller), [m.clone() for m in transform_parameters(search.net)]))
+        snapshots.append((params(search.searcher.controller), [m.clone() for m in transform_parameters(search.net)]))
 
     search._end_epoch = snapshot
     search.run()
@@ -116,7 +116,7 @@ def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
     expected = reference.run()
     interrupted = Search(tiny(), tmp_path / "cut", log=quiet)
     calls = {"n": 0}
-    original = interrupted.weight_step
+    original = interrupted.train_step
 
     def stop_at_step_6(*args):
         calls["n"] += 1
@@ -124,7 +124,7 @@ def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
             raise KeyboardInterrupt
         return original(*args)
 
-    interrupted.weight_step = stop_at_step_6
+    interrupted.train_step = stop_at_step_6
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
     with pytest.raises(FileExistsError, match="pass --resume"):
@@ -137,8 +137,8 @@ def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
              for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     again = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
     assert again == strip
-    with pytest.raises(Exception, match="config"):
-        Search(tiny("train.lr=0.05"), tmp_path / "cut", resume=True, log=quiet)
+    with pytest.raises(ConfigError, match=r"a resume may not change train.weight_decay: 0.0005 → 0.001"):
+        Search(tiny("train.weight_decay=0.001"), tmp_path / "cut", resume=True, log=quiet)
 
 
 def test_retrain_from_scratch_reports_test_accuracy(tmp_path):

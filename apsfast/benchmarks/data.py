@@ -1,6 +1,6 @@
 """Data-loading benchmark: can the input pipeline keep a search step fed?
 
-``apsfast bench data`` (or ``python -m bench.data``) measures images per second of the loaders
+``apsfast bench data`` measures images per second of the loaders
 alone, producing augmented, normalised training batches as the search reads them:
 
 * CIFAR-style in-memory images (``TensorImageSet``, 32×32, crop and flip on whole batches in

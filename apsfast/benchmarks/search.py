@@ -1,9 +1,8 @@
 """End-to-end benchmark: one search step of apsfast against the plain-PyTorch way and the limit.
 
-``apsfast bench search`` (or ``python -m bench.search``) times, for ResNet-20 (CIFAR, 32×32)
-and MobileNet-v2 (224×224) at several batch sizes and width multipliers, one step of an APS-T
-search after warm-up, as the search loop runs it (``Search.weight_step`` and
-``Search.controller_step``):
+``apsfast bench search`` times, for ResNet-20 (CIFAR, 32×32) and MobileNet-v2 (224×224) at
+several batch sizes and width multipliers, one step of an APS-T search after warm-up, made of
+the steps the search schedule runs (:mod:`apsfast.search.steps`, the searcher's step):
 
 1. the weight step: forward, backward and SGD of the supernet for a sampled arch,
 2. one transition step of every layer (eq. 5 at the relative rate),
@@ -11,8 +10,8 @@ search after warm-up, as the search loop runs it (``Search.weight_step`` and
 
 Providers, interleaved round by round in one process, medians reported:
 
-* ``apsfast``: the search loop with the default dispatch (fused backends where they win);
-* ``plain``: the same loop with every candidate kernel built by plain PyTorch per layer
+* ``apsfast``: those steps with the default dispatch (fused backends where they win);
+* ``plain``: the same steps with every candidate kernel built by plain PyTorch per layer
   (einsum / two GEMMs: the reference backend forced) and the transition by per-layer autograd
   of Φ (:func:`apsfast.reference.transition_step_autograd`) — what one writes without apsfast;
 * ``limit``: the exported static network of the same arch (``nn.Conv2d``, ``nn.BatchNorm2d``)
@@ -40,7 +39,7 @@ from torch import Tensor, nn
 from apsfast import _backends, reference
 from apsfast.benchmarks.common import environment, forced_backend, median_times, peak_memory, write_results
 from apsfast.nn import aps_layers
-from apsfast.search import Search, load_config, strategies
+from apsfast.search import Search, load_config, steps, strategies
 
 PROVIDERS = ("apsfast", "plain", "limit")
 
@@ -96,7 +95,7 @@ def make_search(case: Case, device: str, amp: str, channels_last: bool, out: Pat
         "run.progress=false"])
     search = Search(config, out, log=lambda text: None)
     strategies.begin_search(search.net, search.strategy)
-    search.transition(search.net, config.sharing.tau)  # leave the exact ordinal start
+    strategies.transition(search.net, config.sharing.tau)  # leave the exact ordinal start
     return search
 
 
@@ -118,51 +117,53 @@ def using(backend: Optional[str]) -> contextlib.AbstractContextManager:
 def providers(search: Search, backend: Optional[str] = None
               ) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
     """The three step functions, and the parts of the apsfast step timed alone (apsfast's ops
-    on ``backend``, see :func:`using`)."""
-    train = search.config.train
-    x, y = next(search.w_train.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
-    val = next(search.val.batches(train.batch_size, seed=0, epoch=0, drop_last=True))
+    on ``backend``, see :func:`using`). Every provider trains the same arch on the same batch,
+    already on the device."""
+    train, session = search.config.train, search.session
+    x, y = session.local(*next(search.w_train.batches(train.batch_size, seed=0, epoch=0, drop_last=True)))
+    val_x, val_y = session.local(*next(search.val.batches(train.batch_size, seed=0, epoch=0, drop_last=True)))
     arch = search.net.sample_uniform(torch.Generator().manual_seed(0))
-    search._sample_train_arch = lambda phase: arch  # every provider trains the same arch
-    search._val_stream = itertools.repeat(val)
-    static = search.net.export(arch).to(search.device)
+    static = search.net.export(arch).to(session.device)
     if search.config.run.channels_last:
         static.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(static.parameters(), lr=train.lr, momentum=train.momentum,
                                 weight_decay=train.weight_decay)
-    precision = search.precision
-    x_dev, y_dev = search._local(x, y)
+    precision, tau = session.precision, search.config.sharing.tau
+
+    def weight_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        model.train()
+        steps.weight_step(model, opt, precision, x, y)
+
+    def controller() -> None:
+        search.searcher.step(lambda archs: (steps.count_correct(search.net, archs, val_x, val_y, precision)
+                                            / len(val_y)).tolist())
 
     def apsfast_step() -> None:
-        search.transition = strategies.transition
         with using(backend):
-            search.weight_step(x, y, "search")
-            search.controller_step()
+            search.net.set_arch(arch)
+            weight_step(search.net, search.optimizer)
+            strategies.transition(search.net, tau)
+            controller()
 
     def plain_step() -> None:
-        search.transition = plain_transition
         with forced_backend("reference"):
-            search.weight_step(x, y, "search")
-            search.controller_step()
-
-    def limit_step() -> None:
-        static.train()
-        with precision.autocast():
-            loss = F.cross_entropy(static(x_dev).float(), y_dev)
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
+            search.net.set_arch(arch)
+            weight_step(search.net, search.optimizer)
+            plain_transition(search.net, tau)
+            controller()
 
     def transition() -> None:
         with using(backend):
-            strategies.transition(search.net, search.config.sharing.tau)
+            strategies.transition(search.net, tau)
 
-    def controller() -> None:
+    def controller_alone() -> None:
         with using(backend):
-            search.controller_step()
+            controller()
 
-    parts = {"transition": transition, "controller": controller}
+    def limit_step() -> None:
+        weight_step(static, optimizer)
+
+    parts = {"transition": transition, "controller": controller_alone}
     return {"apsfast": apsfast_step, "plain": plain_step, "limit": limit_step}, parts
 
 

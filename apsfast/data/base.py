@@ -114,6 +114,10 @@ class ImageSet:
         """The samples at ``indices``, as a set of the same class with the same settings."""
         raise NotImplementedError
 
+    def targets(self) -> Tensor:
+        """The label of every sample, ``int64 [len(self)]``."""
+        raise NotImplementedError
+
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches of ``batch_size`` one pass yields."""
         batch_size = _checks.positive_int("batch_size", batch_size)
@@ -207,6 +211,9 @@ class TensorImageSet(ImageSet):
         return TensorImageSet(self.images[index], self.labels[index], self.num_classes, mean=self.mean,
                               std=self.std, pad=self.pad)
 
+    def targets(self) -> Tensor:
+        return self.labels
+
     def normalise(self, images: Tensor) -> Tensor:
         """``uint8`` images as ``(x / 255 - mean) / std`` in float32."""
         return (images.float().div_(255) - self._shift).div_(self._scale)
@@ -262,3 +269,25 @@ def split(data: ImageSet, fraction: float = 0.5, *, seed: int = 0) -> tuple[Imag
                          f"must be non-empty")
     perm = torch.randperm(size, generator=generator(check_int("seed", seed), size, 0x5B11))
     return data.subset(perm[:first].sort().values), data.subset(perm[first:].sort().values)
+
+
+def balanced_subset(data: ImageSet, count: int, *, seed: int = 0) -> ImageSet:
+    """``count`` samples of ``data`` (all of them if it has fewer) with the classes as evenly
+    represented as the set allows: a seeded shuffle, then the classes in turn.
+
+    A subset for measuring accuracy must not follow the set's own order: a folder set is
+    sorted by class, so its first images are of a handful of classes only.
+    """
+    count = min(check_int("count", count, minimum=1), len(data))
+    labels = data.targets()
+    order = torch.randperm(len(data), generator=generator(check_int("seed", seed), len(data), 0xE7A1))
+    shuffled = labels[order]
+    # Each sample's rank among the shuffled samples of its class: take rank 0 of every class,
+    # then rank 1, and so on.
+    rank = torch.empty_like(order)
+    for label in shuffled.unique():
+        where = (shuffled == label).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    keys = rank * (int(labels.max()) + 1) + shuffled
+    picked = order[keys.argsort(stable=True)[:count]]
+    return data.subset(picked.sort().values)

@@ -28,6 +28,12 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 PREFETCH_FACTOR = 4
+# Training transforms: "crop-flip" is CIFAR's (pad by a eighth, random crop, flip), for small
+# images; "resized-crop" ImageNet's (random area and aspect, resized), for large ones; "auto"
+# picks by the image size.
+AUGMENTS = ("auto", "crop-flip", "resized-crop", "none")
+SMALL_IMAGES = 64
+UNIFORMS = 4 * CROP_ATTEMPTS + 1
 
 Sample = tuple[str, int]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -149,6 +155,38 @@ def eval_transform(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def fit_transform(image: Image.Image, size: int) -> Image.Image:
+    """Short side to ``size``, then the centre ``size``×``size`` crop (small images: no margin)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new != image.size:
+        image = image.resize(new, Image.Resampling.BILINEAR)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def crop_flip_transform(image: Image.Image, size: int, uniforms: Sequence[float]) -> Image.Image:
+    """CIFAR's augmentation on a fitted image: a ``size`` crop of it zero-padded by ``size // 8``
+    on each side, then a horizontal flip (the first three uniforms)."""
+    image = fit_transform(image, size)
+    pad = size // 8
+    padded = Image.new("RGB", (size + 2 * pad, size + 2 * pad))
+    padded.paste(image, (pad, pad))
+    left, top = int(uniforms[0] * (2 * pad + 1)), int(uniforms[1] * (2 * pad + 1))
+    image = padded.crop((left, top, left + size, top + size))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if uniforms[2] < 0.5 else image
+
+
+def resolve_augment(augment: str, size: int) -> str:
+    """The training transform ``augment`` names for images of side ``size`` (``auto``: by size)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if augment == "auto":
+        return "crop-flip" if size <= SMALL_IMAGES else "resized-crop"
+    return augment
+
+
 def load_image(path: str) -> Image.Image:
     """The image at ``path`` as RGB (grayscale, palette and alpha images converted)."""
     with Image.open(path) as image:
@@ -157,10 +195,11 @@ def load_image(path: str) -> Image.Image:
 
 class _EpochSamples(Dataset):
     """Positions ``first..stop-1`` of one epoch's order, each loaded and transformed with its
-    own generator; yields ``(uint8 [3, S, S], label)``."""
+    own generator (``augment``: ``crop-flip``, ``resized-crop`` or ``eval``); yields
+    ``(uint8 [3, S, S], label)``."""
 
     def __init__(self, samples: Sequence[Sample], order: Tensor, *, first: int, stop: int, seed: int, epoch: int,
-                 augment: bool, size: int) -> None:
+                 augment: str, size: int) -> None:
         # Only this pass's samples: loader processes started by spawn receive a pickled copy.
         self.samples = [samples[i] for i in order[first:stop].tolist()]
         self.first, self.seed, self.epoch, self.augment, self.size = first, seed, epoch, augment, size
@@ -171,12 +210,13 @@ class _EpochSamples(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
         image = load_image(path)
-        if self.augment:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, SAMPLE_STREAM, self.first + i))
-            uniforms = torch.rand(4 * CROP_ATTEMPTS + 1, generator=g, dtype=torch.float64).tolist()
-            image = train_transform(image, self.size, uniforms)
+        if self.augment == "eval":
+            image = fit_transform(image, self.size) if self.size <= SMALL_IMAGES else eval_transform(image, self.size)
         else:
-            image = eval_transform(image, self.size)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, SAMPLE_STREAM, self.first + i))
+            uniforms = torch.rand(UNIFORMS, generator=g, dtype=torch.float64).tolist()
+            transform = crop_flip_transform if self.augment == "crop-flip" else train_transform
+            image = transform(image, self.size, uniforms)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
         return pixels.contiguous(), label
 
@@ -197,21 +237,26 @@ class _Collate:
 class FolderImageSet(ImageSet):
     """``(path, label)`` samples of an ImageFolder tree, loaded with PIL.
 
-    With ``augment``: random resized crop to ``image_size`` (area 8–100 %, aspect 3/4–4/3)
-    and a random horizontal flip; without: short side to ``round(image_size * 8 / 7)`` and
-    the centre crop. Batches come from a ``DataLoader`` with ``num_workers`` processes.
+    Training batches are augmented by ``augment``: ``resized-crop`` (a random resized crop to
+    ``image_size``, area 8–100 %, aspect 3/4–4/3, and a random flip: ImageNet's), ``crop-flip``
+    (the image fitted to ``image_size``, zero-padded by an eighth, randomly cropped and flipped:
+    CIFAR's), ``none``, or ``auto`` (``crop-flip`` up to 64 px, ``resized-crop`` above).
+    Evaluation fits small images and takes large ones' centre crop after resizing the short
+    side to ``round(image_size * 8 / 7)``. Batches come from a ``DataLoader`` with
+    ``num_workers`` processes.
 
     Args:
         samples: ``(path, label)`` pairs.
         classes: the class names; labels index them.
         image_size: the side of the produced square images.
         num_workers: loader processes (default ``min(8, cpu count)``; 0 loads in this process).
-        mean, std: normalisation (default ImageNet's).
+        mean, std: normalisation (default ImageNet's; see :func:`image_statistics`).
+        augment: the training transform (see above).
     """
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], *, image_size: int = 224,
                  num_workers: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+                 std: Sequence[float] = IMAGENET_STD, augment: str = "auto") -> None:
         self.classes = [str(c) for c in classes]
         self.num_classes = _checks.positive_int("len(classes)", len(self.classes))
         self.samples = [(str(path), int(label)) for path, label in samples]
@@ -228,6 +273,7 @@ class FolderImageSet(ImageSet):
             raise ValueError(f"num_workers must be an int ≥ 0, got {num_workers!r}")
         self.num_workers = num_workers
         self.mean, self.std = check_color("mean", mean, spread=False), check_color("std", std, spread=True)
+        self.augment = resolve_augment(augment, self.image_size)
 
     @classmethod
     def from_folder(cls, root: PathLike, **options) -> "FolderImageSet":
@@ -240,19 +286,23 @@ class FolderImageSet(ImageSet):
 
     def __repr__(self) -> str:
         return (f"FolderImageSet({len(self)} images, {self.num_classes} classes, image_size={self.image_size}, "
-                f"num_workers={self.num_workers})")
+                f"augment={self.augment!r}, num_workers={self.num_workers})")
 
     def subset(self, indices: Indices) -> "FolderImageSet":
         index = check_indices(indices, len(self)).tolist()
         return FolderImageSet([self.samples[i] for i in index], self.classes, image_size=self.image_size,
-                              num_workers=self.num_workers, mean=self.mean, std=self.std)
+                              num_workers=self.num_workers, mean=self.mean, std=self.std, augment=self.augment)
+
+    def targets(self) -> Tensor:
+        return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def _batches(self, order: Tensor, batch_size: int, *, seed: int, epoch: int, augment: bool, first: int,
                  stop: int) -> Iterator[Batch]:
         if first >= stop:
             return
+        mode = self.augment if augment and self.augment != "none" else "eval"
         dataset = _EpochSamples(self.samples, order, first=first, stop=stop, seed=seed, epoch=epoch,
-                                augment=augment, size=self.image_size)
+                                augment=mode, size=self.image_size)
         workers = min(self.num_workers, -(-len(dataset) // batch_size))
         extra = {"prefetch_factor": PREFETCH_FACTOR} if workers > 0 else {}
         # The loader draws its worker base seed from `generator`; without one it would consume
@@ -261,3 +311,21 @@ class FolderImageSet(ImageSet):
                             collate_fn=_Collate(self.mean, self.std), pin_memory=torch.cuda.is_available(),
                             generator=torch.Generator().manual_seed(derive_seed(seed, epoch)), **extra)
         yield from loader
+
+
+def image_statistics(samples: Sequence[Sample], size: int, count: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0..1 pixel units) of up to ``count`` images spread over
+    ``samples``, fitted to ``size`` as evaluation sees them: a folder set's own normalisation."""
+    picked = samples[::max(1, len(samples) // count)][:count]
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    for path, _ in picked:
+        image = fit_transform(load_image(path), size)
+        values = torch.from_numpy(np.array(image, dtype=np.float64) / 255.0).reshape(-1, 3)
+        total += values.sum(0)
+        squares += (values ** 2).sum(0)
+        pixels += values.shape[0]
+    mean = total / pixels
+    std = (squares / pixels - mean ** 2).clamp_min(1e-6).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

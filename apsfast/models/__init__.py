@@ -7,10 +7,11 @@
 """
 from apsfast.models import mobilenetv2, resnet  # noqa: F401  (registers the models)
 from apsfast.models.base import Arch, Decision, Supernet
+from apsfast.models.converter import convert
 from apsfast.models.cost import LayerShape, count_macs
 from apsfast.models.mobilenetv2 import InvertedResidual
 from apsfast.models.registry import available, build, options_of
 from apsfast.models.resnet import BasicBlock
 
 __all__ = ["Arch", "BasicBlock", "Decision", "InvertedResidual", "LayerShape", "Supernet",
-           "available", "build", "count_macs", "options_of"]
+           "available", "build", "convert", "count_macs", "options_of"]

@@ -59,8 +59,10 @@ def load_checkpoint(path: Union[str, Path], *, expect: Optional[Mapping[str, Any
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a damaged or foreign file
-        raise CheckpointError(f"{str(path)!r} is not a readable apsfast checkpoint "
-                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        # Our own words only: torch's message advises unpickling the file, which is unsafe for a
+        # file of unknown origin.
+        raise CheckpointError(f"{str(path)!r} is not a readable apsfast checkpoint: it is damaged, cut short, or "
+                              f"not written by apsfast ({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{str(path)!r} has checkpoint format {got!r}, expected {FORMAT} "

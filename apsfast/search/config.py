@@ -2,7 +2,7 @@
 and files, overridden from the command line, and validated before any work starts.
 
 A config is a :class:`Config` of sections (``model``, ``data``, ``train``, ``sharing``,
-``controller``, ``reward``, ``result``, ``retrain``, ``run``). :func:`load_config` starts from
+``controller``, ``reward``, ``result``, ``retrain``, ``analysis``, ``run``). :func:`load_config` starts from
 the defaults, applies a preset (``apsfast/search/presets/<name>.yaml``), then a YAML file,
 then ``section.key=value`` overrides, and checks every field's type and range; errors name
 the field, the value and what was expected.
@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -28,6 +29,7 @@ PRESET_DIR = Path(__file__).with_name("presets")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
+SEARCHER_KINDS = ("reinforce", "tas", "ista")  # apsfast.search.searchers.SEARCHERS
 
 
 class ConfigError(ValueError):
@@ -46,14 +48,22 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """The data: ``embedded`` (generated, nothing to pass), ``cifar10`` (``root``: the folder
-    holding ``cifar-10-batches-py``) or ``imagenet`` (``root`` with ``train/`` and ``val/``).
-    The train split is divided into weight-training and controller-validation parts."""
+    holding ``cifar-10-batches-py``) or ``folder`` (alias ``imagenet``: ``root`` with
+    ``train/`` and ``val/`` class folders; ``image_size`` read from the images when not set).
+    ``root`` expands ``~`` and environment variables. A folder set's training transform is
+    ``augment`` (``auto``: CIFAR's pad-crop-flip up to 64 px, ImageNet's random resized crop
+    above; or ``crop-flip``, ``resized-crop``, ``none``) and its normalisation ``normalize``
+    (``auto``: the set's own statistics up to 64 px, ImageNet's above; or ``data``,
+    ``imagenet``). The train split is divided into weight-training and controller-validation
+    parts."""
 
     name: str = "embedded"
     root: Optional[str] = None
     image_size: Optional[int] = None
     val_fraction: float = 0.5
     workers: Optional[int] = None
+    augment: str = "auto"
+    normalize: str = "auto"
     options: dict = field(default_factory=dict)
 
 
@@ -75,27 +85,69 @@ class TrainConfig:
 
 @dataclass
 class SharingConfig:
-    """The APS strategy. ``tau`` is the transition rate of APS-T (eq. 5, one step per weight
-    step after warm-up); ``transforms_lr`` the SGD rate of P, Q under ``learned`` (default:
-    ``train.lr``)."""
+    """The APS strategy. ``tau`` is APS-T's transition rate (eq. 5 at the width-free rate, one
+    step per weight step after warm-up): ``null`` (the default) steers it so that Φ's fall
+    spans the whole search phase, whatever its length; a number fixes it.
+    ``transforms_lr`` is the SGD rate of P, Q under ``learned`` (default: ``train.lr``)."""
 
     strategy: str = "transitional"
-    tau: float = 1e-3
+    tau: Optional[float] = None
     transforms_lr: Optional[float] = None
 
 
 @dataclass
 class ControllerConfig:
-    """The LSTM controller and its REINFORCE training: ``samples`` archs per controller step,
-    one controller step every ``every`` weight steps after warm-up."""
+    """The searcher (``kind``: ``reinforce``, the paper's LSTM trained by REINFORCE) and its
+    training: ``samples`` archs per search step, one search step every ``every`` weight steps
+    after warm-up. The LSTM has ``layers`` layers of ``hidden_size``; ``layer_input`` and
+    ``flops_input`` feed it the decision's index and the MACs budget left (the authors'
+    controller); ``weight_decay`` is Adam's."""
 
+    kind: str = "reinforce"
     hidden_size: int = 64
+    layers: int = 1
+    layer_input: bool = False
+    flops_input: bool = False
     lr: float = 1.6e-4
     betas: list = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 0.0
     baseline_decay: float = 0.99
     entropy_weight: float = 4e-3
     samples: int = 1
     every: int = 1
+
+
+@dataclass
+class TasConfig:
+    """The ``tas`` searcher (``controller.kind=tas``): width logits trained by Adam (``lr``,
+    ``betas``, ``weight_decay``) on validation batches; two widths per decision sampled by
+    Gumbel-softmax at a temperature falling linearly from ``tau_max`` to ``tau_min`` over the
+    search phase; ``flops_weight`` times the FLOPs loss (``±log`` of the expected MACs) while
+    the most likely arch is outside ``[reward.flops_target·(1 − flops_tolerance), target]``."""
+
+    lr: float = 1e-3
+    betas: list = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 1e-3
+    tau_max: float = 5.0
+    tau_min: float = 0.1
+    flops_weight: float = 2.0
+    flops_tolerance: float = 0.05
+
+
+@dataclass
+class IstaConfig:
+    """The ``ista`` searcher (``controller.kind=ista``): the compressed code ``b = A z`` with
+    ``ratio`` times as many rows as width candidates in all, recovered by ``iterations`` ISTA
+    steps with L1 weight ``sparsity``; ``b`` trained by Adam (``lr``, ``betas``) with
+    ``flops_weight`` and ``flops_tolerance`` as in ``tas``."""
+
+    ratio: float = 0.75
+    iterations: int = 100
+    sparsity: float = 0.01
+    lr: float = 0.01
+    betas: list = field(default_factory=lambda: [0.5, 0.999])
+    flops_weight: float = 2.0
+    flops_tolerance: float = 0.05
 
 
 @dataclass
@@ -117,7 +169,8 @@ class ResultConfig:
 
 @dataclass
 class RetrainConfig:
-    """Training the chosen arch from scratch (``apsfast train``) on the whole train split."""
+    """Training the chosen arch from scratch (``apsfast train``) on the whole train split:
+    SGD with a cosine schedule, optional gradient clipping and label smoothing."""
 
     epochs: int = 200
     batch_size: int = 128
@@ -125,7 +178,21 @@ class RetrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = True
+    grad_clip: Optional[float] = None
+    label_smoothing: float = 0.0
     steps_per_epoch: Optional[int] = None
+
+
+@dataclass
+class AnalysisConfig:
+    """The paper's analysis measured during a search (off while ``every`` is 0): every
+    ``every`` weight steps, the gradient alignment cos(g, g̃) of eq. 3 over ``pairs`` pairs of
+    sampled archs on one batch, the coupled-gradient norm of §3.3, Φ, the mean and max
+    validation accuracy of ``samples`` sampled archs, and each decision's probabilities."""
+
+    every: int = 0
+    pairs: int = 4
+    samples: int = 8
 
 
 @dataclass
@@ -155,9 +222,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    tas: TasConfig = field(default_factory=TasConfig)
+    ista: IstaConfig = field(default_factory=IstaConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     result: ResultConfig = field(default_factory=ResultConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,8 +393,18 @@ def validate(config: Config) -> None:
     if unknown:
         raise ConfigError(f"model.options has unknown option(s) {unknown} for {model.name!r}; its options are "
                           f"{sorted(set(options_of(model.name)) - {'sharing'})}")
+    if data.root is not None:  # a shell leaves `~` after `=` alone: -s data.root=~/data
+        data.root = os.path.expandvars(os.path.expanduser(data.root))
+    data.name = datasets.ALIASES.get(data.name, data.name)
     if data.name not in datasets.DATASETS:
-        raise ConfigError(f"data.name must be one of {', '.join(datasets.DATASETS)}, got {data.name!r}")
+        raise ConfigError(f"data.name must be one of {', '.join(datasets.DATASETS)} (or the alias imagenet), got "
+                          f"{data.name!r}")
+    for key, options in (("augment", datasets.AUGMENTS), ("normalize", datasets.NORMALIZE)):
+        value = getattr(data, key)
+        if value not in options:
+            raise ConfigError(f"data.{key} must be one of {', '.join(options)}, got {value!r}")
+        if value != "auto" and data.name != "folder":
+            raise ConfigError(f"data.{key} applies to folder sets only; {data.name!r} has its own (leave it auto)")
     if not 0 < data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {data.val_fraction!r}")
     for path, value in (("data.image_size", data.image_size), ("data.workers", data.workers)):
@@ -342,24 +422,36 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.warmup_epochs must be in [0, train.epochs={train.epochs}) so that the "
                           f"controller gets some epochs, got {train.warmup_epochs!r}")
     _positive("train.grad_clip", train.grad_clip, allow_none=True)
+    _positive("retrain.grad_clip", config.retrain.grad_clip, allow_none=True)
+    if not 0 <= config.retrain.label_smoothing < 1:
+        raise ConfigError(f"retrain.label_smoothing must be in [0, 1), got {config.retrain.label_smoothing!r}")
     if sharing.strategy not in STRATEGIES:
         raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
     try:  # the option values, by the builder's own checks, on the meta device (no memory)
         build(model.name, device="meta", sharing=supernet_sharing(sharing.strategy), **model.options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model.options: {error}") from None
-    _positive("sharing.tau", sharing.tau)
+    _positive("sharing.tau", sharing.tau, allow_none=True)
     _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
     ctl = config.controller
-    for key in ("hidden_size", "lr", "samples", "every"):
+    if ctl.kind not in SEARCHER_KINDS:
+        raise ConfigError(f"controller.kind must be one of {', '.join(SEARCHER_KINDS)}, got {ctl.kind!r}")
+    for key in ("hidden_size", "layers", "lr", "samples", "every"):
         _positive(f"controller.{key}", getattr(ctl, key))
+    if ctl.weight_decay < 0:
+        raise ConfigError(f"controller.weight_decay must be ≥ 0, got {ctl.weight_decay!r}")
     if len(ctl.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in ctl.betas):
         raise ConfigError(f"controller.betas must be two numbers in [0, 1), got {ctl.betas!r}")
     if not 0 <= ctl.baseline_decay < 1:
         raise ConfigError(f"controller.baseline_decay must be in [0, 1), got {ctl.baseline_decay!r}")
     if ctl.entropy_weight < 0:
         raise ConfigError(f"controller.entropy_weight must be ≥ 0, got {ctl.entropy_weight!r}")
+    _validate_searchers(config)
     _positive("reward.flops_target", config.reward.flops_target, allow_none=True)
+    if config.analysis.every < 0:
+        raise ConfigError(f"analysis.every must be ≥ 0 (0: off), got {config.analysis.every!r}")
+    for key in ("pairs", "samples"):
+        _positive(f"analysis.{key}", getattr(config.analysis, key))
     _positive("result.beam", config.result.beam)
     run = config.run
     if run.device not in DEVICES and not run.device.startswith("cuda:"):
@@ -371,6 +463,28 @@ def validate(config: Config) -> None:
         _positive(f"run.{key}", getattr(run, key))
     if run.seed < 0:
         raise ConfigError(f"run.seed must be ≥ 0, got {run.seed!r}")
+
+
+def _validate_searchers(config: Config) -> None:
+    """The ``tas`` and ``ista`` sections (checked whatever the kind: a config is valid or not)."""
+    tas, ista = config.tas, config.ista
+    for path, value in (("tas.lr", tas.lr), ("tas.tau_min", tas.tau_min), ("ista.lr", ista.lr),
+                        ("ista.iterations", ista.iterations)):
+        _positive(path, value)
+    for path, betas in (("tas.betas", tas.betas), ("ista.betas", ista.betas)):
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"{path} must be two numbers in [0, 1), got {betas!r}")
+    if tas.tau_max < tas.tau_min:
+        raise ConfigError(f"tas.tau_max must be ≥ tas.tau_min = {tas.tau_min}, got {tas.tau_max!r}")
+    for path, value in (("tas.weight_decay", tas.weight_decay), ("tas.flops_weight", tas.flops_weight),
+                        ("ista.sparsity", ista.sparsity), ("ista.flops_weight", ista.flops_weight)):
+        if value < 0:
+            raise ConfigError(f"{path} must be ≥ 0, got {value!r}")
+    for path, value in (("tas.flops_tolerance", tas.flops_tolerance), ("ista.flops_tolerance", ista.flops_tolerance)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{path} must be in [0, 1), got {value!r}")
+    if not 0 < ista.ratio < 1:
+        raise ConfigError(f"ista.ratio must be in (0, 1) (fewer measurements than candidates), got {ista.ratio!r}")
 
 
 def dump_config(config: Config) -> str:

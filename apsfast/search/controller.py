@@ -4,7 +4,7 @@ of its most likely architectures."""
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,22 @@ class Rollout(NamedTuple):
 
 
 def _choice_counts(decisions: Sequence[Any]) -> tuple[int, ...]:
-    """Candidate counts from ``supernet.decisions()`` or from plain counts."""
+    """Candidate counts from ``supernet.decisions()``, from ``(name, widths)`` pairs or from
+    plain counts."""
     if isinstance(decisions, (str, bytes)) or not isinstance(decisions, Sequence) or not decisions:
         raise TypeError(f"decisions must be a non-empty sequence of decisions (or candidate counts), "
                         f"got {decisions!r}")
-    return tuple(_checks.positive_int(f"decisions[{k}] candidates",
-                                      len(d.widths) if hasattr(d, "widths") else d)
-                 for k, d in enumerate(decisions))
+
+    def count(d: Any) -> Any:
+        if hasattr(d, "widths"):
+            return len(d.widths)
+        if isinstance(d, Sequence) and len(d) == 2 and isinstance(d[1], Sequence):  # (name, widths)
+            return len(d[1])
+        return d
+    return tuple(_checks.positive_int(f"decisions[{k}] candidates", count(d)) for k, d in enumerate(decisions))
+
+
+Budget = Callable[[Tensor], Tensor]
 
 
 class Controller(nn.Module):
@@ -38,11 +47,18 @@ class Controller(nn.Module):
     learned start vector at ``k = 0``) and emits a softmax over decision ``k``'s candidates.
 
     Args:
-        decisions: ``supernet.decisions()``, or the number of candidates of each decision.
+        decisions: ``supernet.decisions()`` (``(name, widths)`` pairs), or the number of
+            candidates of each decision.
         hidden_size: width of the embeddings and of the LSTM.
+        layers: stacked LSTM cells (the authors' controller has 2).
+        layer_input: also feed a learned embedding of the decision's index (the authors').
+        budget: also feed the share of the MACs budget a partial arch leaves (the authors'
+            remaining-FLOPs input): ``budget(prefix [B, k]) -> [B]``, e.g. ``1 − F(prefix,
+            narrowest after it) / target``.
     """
 
-    def __init__(self, decisions: Sequence[Any], hidden_size: int = 64) -> None:
+    def __init__(self, decisions: Sequence[Any], hidden_size: int = 64, *, layers: int = 1,
+                 layer_input: bool = False, budget: Optional[Budget] = None) -> None:
         super().__init__()
         self.num_choices = _choice_counts(decisions)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
@@ -50,6 +66,12 @@ class Controller(nn.Module):
         self.embeddings = nn.ModuleList(nn.Embedding(n, hidden_size) for n in self.num_choices)
         self.lstm = nn.LSTMCell(hidden_size, hidden_size)
         self.heads = nn.ModuleList(nn.Linear(hidden_size, n) for n in self.num_choices)
+        # Options after the default modules: the default controller's initialisation is unchanged.
+        self.upper = nn.ModuleList(nn.LSTMCell(hidden_size, hidden_size)
+                                   for _ in range(_checks.positive_int("layers", layers) - 1))
+        self.positions = nn.Embedding(len(self.num_choices), hidden_size) if layer_input else None
+        self.budget = budget
+        self.budget_in = nn.Linear(1, hidden_size) if budget is not None else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -57,12 +79,34 @@ class Controller(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -0.1, 0.1)
 
+    def _input(self, x: Tensor, k: int, chosen: list[Tensor]) -> Tensor:
+        """Decision ``k``'s input: the last choice's embedding, plus the optional features."""
+        if self.positions is not None:
+            x = x + self.positions.weight[k]
+        if self.budget_in is not None:
+            prefix = torch.stack(chosen, 1) if chosen else x.new_zeros(x.shape[0], 0, dtype=torch.long)
+            x = x + self.budget_in(self.budget(prefix).to(x)[:, None])
+        return x
+
+    def _cell(self, x: Tensor, state: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """One step of the stacked LSTM; returns the top layer's output and the new states."""
+        new = []
+        for cell, (h, c) in zip([self.lstm, *self.upper], state):
+            h, c = cell(x, (h, c))
+            new.append((h, c))
+            x = h
+        return x, new
+
+    def _zero_state(self, batch: int) -> list[tuple[Tensor, Tensor]]:
+        zero = self.start.new_zeros(batch, self.hidden_size)
+        return [(zero, zero)] * (1 + len(self.upper))
+
     def _unroll(self, batch: int, archs: Optional[Tensor], generator: Optional[torch.Generator]) -> Rollout:
-        h = c = self.start.new_zeros(batch, self.hidden_size)
+        state = self._zero_state(batch)
         x = self.start.expand(batch, -1)
         chosen, log_prob, entropy, probs = [], 0.0, 0.0, []
         for k, head in enumerate(self.heads):
-            h, c = self.lstm(x, (h, c))
+            h, state = self._cell(self._input(x, k, chosen), state)
             logp = F.log_softmax(head(h), dim=-1)
             if archs is None:
                 with torch.no_grad():
@@ -100,17 +144,18 @@ class Controller(nn.Module):
         """The ``beam_size`` most likely architectures by sequence log-likelihood, best first
         (exact when ``beam_size`` covers every prefix, a beam approximation otherwise)."""
         beam_size = _checks.positive_int("beam_size", beam_size)
-        h = c = self.start.new_zeros(1, self.hidden_size)
+        state = self._zero_state(1)
         x = self.start
         scores = self.start.new_zeros(1)
         archs = torch.zeros(1, 0, dtype=torch.long, device=self.start.device)
         for k, head in enumerate(self.heads):
-            h, c = self.lstm(x, (h, c))
+            h, state = self._cell(self._input(x, k, list(archs.unbind(1))), state)
             total = (scores[:, None] + F.log_softmax(head(h), dim=-1)).flatten()
             scores, index = total.topk(min(beam_size, total.numel()))
             parent, choice = index // self.num_choices[k], index % self.num_choices[k]
             archs = torch.cat([archs[parent], choice[:, None]], 1)
-            h, c, x = h[parent], c[parent], self.embeddings[k](choice)
+            state = [(h_[parent], c_[parent]) for h_, c_ in state]
+            x = self.embeddings[k](choice)
         return [(a.tolist(), float(s)) for a, s in zip(archs, scores)]
 
 
@@ -123,10 +168,11 @@ class Reinforce:
     """
 
     def __init__(self, controller: Controller, lr: float = 1.6e-4, betas: tuple[float, float] = (0.5, 0.999),
-                 baseline_decay: float = 0.99, entropy_weight: float = 4e-3) -> None:
+                 baseline_decay: float = 0.99, entropy_weight: float = 4e-3, weight_decay: float = 0.0) -> None:
         self.controller = controller
         self.optimizer = torch.optim.Adam(controller.parameters(), lr=_checks.finite_float("lr", lr, positive=True),
-                                          betas=betas)
+                                          betas=betas,
+                                          weight_decay=_checks.finite_float("weight_decay", weight_decay, positive=False))
         self.baseline_decay = _checks.finite_float("baseline_decay", baseline_decay, positive=False)
         if self.baseline_decay >= 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay!r}")

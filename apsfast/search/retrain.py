@@ -1,166 +1,316 @@
 """Training a searched architecture from scratch: the export of the chosen arch, freshly
 initialised, trained on the whole train split and scored on the test split (which the search
-never sees). Checkpointed every epoch, so a stopped run resumes."""
+never sees).
+
+It runs on the same :class:`~apsfast.search.session.Session` and weight step as the search,
+so ``run.amp``, ``run.channels_last``, the GPU prefetch, ``torchrun``, checkpoints every
+``run.checkpoint_every`` steps with an exact resume, the non-finite guard and the progress
+output all apply. Under ``torchrun`` the batch norm of the static network is per process.
+"""
 from __future__ import annotations
 
-import json
 import math
-import sys
+import os
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from apsfast import data as datasets
 from apsfast import models
-from apsfast.models.static import reinitialise
-from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
-from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict
-from apsfast.search.distributed import resolve_device
-from apsfast.search.loop import RESULT, _write_json, load_data
-from apsfast.search.metrics import MetricsLog
+from apsfast.search import assemble, runs, steps
+from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict, dump_config
+from apsfast.search.result import fresh_model, read_result, save_exported, write_json
+from apsfast.search.session import Session, restore_rng, rng_state
 
-CHECKPOINT, METRICS, SUMMARY, MODEL = "checkpoint.pt", "metrics.jsonl", "retrain.json", "retrained.pt"
-
-
-def read_result(path: Union[str, Path]) -> tuple[dict[str, Any], Path]:
-    """A search's ``result.json`` (``path`` is the file or the search's folder) and its path."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULT
-    if not path.is_file():
-        raise FileNotFoundError(f"no search result at {str(path)!r}: pass a search's output folder or its "
-                                f"result.json")
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
-    for key in ("model", "options", "chosen", "config"):
-        if key not in result:
-            raise ValueError(f"{str(path)!r} is not an apsfast search result: it lacks {key!r}")
-    return result, path
+SUMMARY, MODEL, TOP = "retrain.json", "retrained.pt", "top.json"
+DATA_STREAM = 7  # the retrain's batches are drawn from seed + 7: not the search's streams
 
 
-def fresh_model(result: dict[str, Any], device: Union[str, torch.device]) -> nn.Sequential:
-    """The chosen arch of ``result`` as a static network, freshly initialised on ``device``
-    (built through the meta device, so the supernet never takes memory)."""
+class Retrain:
+    """One retraining run of an arch of ``result`` (its chosen one by default) into ``out``
+    (arguments as :func:`retrain`). ``result`` may also be a result-like dict (``model``,
+    ``options``, ``strategy``, ``num_classes``, ``config``, ``chosen``, and ``source``: how
+    the messages name it), as :func:`retrain_uniform` builds; ``out_dir`` is then required."""
+
+    def __init__(self, result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[Union[str, Path]] = None,
+                 overrides: Sequence[str] = (), *, resume: bool = False,
+                 log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None) -> None:
+        if isinstance(result_path, Mapping):
+            if out_dir is None:
+                raise ValueError("a retrain of a result-like dict needs out_dir")
+            self.result, self.result_path = dict(result_path), None
+            self.source = str(self.result.get("source", out_dir))
+        else:
+            self.result, self.result_path = read_result(result_path)
+            self.source = str(self.result_path.parent)
+        out = Path(out_dir) if out_dir is not None else self.result_path.parent / "retrain"
+        if resume and (out / "config.yaml").is_file():
+            config = runs.saved_config(out, overrides)
+        else:
+            config = apply_overrides(config_from_dict(self.result["config"]), overrides)
+        self.config: Config = config
+        plan = assemble.check(config, search=False)
+        self.train_set, self.test_set = plan.train, plan.test
+        if self.train_set.num_classes != self.result["num_classes"]:
+            raise ConfigError(f"the data has {self.train_set.num_classes} classes, the searched model "
+                              f"{self.result['num_classes']}")
+        note = runs.resume_state(out, resume)
+        self.candidate = self.result["chosen"] if arch is None else describe_arch(self.result, arch)
+        self.arch = list(self.candidate["arch"])
+        self.session = session = Session(out, config.run, log=log, expect={
+            "kind": "retrain", "model": self.result["model"], "arch": self.arch})
+        self.log, cfg = session.log, config.retrain
+        if cfg.batch_size % session.processes.world:
+            raise ConfigError(f"retrain.batch_size = {cfg.batch_size} must be divisible by the number of processes "
+                              f"({session.processes.world})")
+        torch.manual_seed(config.run.seed)
+        self.model = fresh_model(self.result, self.arch, session.device)
+        if config.run.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+        batches = self.train_set.num_batches(cfg.batch_size, drop_last=True)
+        self.steps_per_epoch = min(batches, cfg.steps_per_epoch or batches)
+        self.epoch = self.batch = self.step = 0
+        self._reset_sums()
+        state = session.start(dump_config(config))
+        if note:
+            self.log(note)
+        if state is None:
+            self.save()
+        else:
+            self._restore(state)
+
+    def _reset_sums(self) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.session.device)
+        self.sums: dict[str, Any] = {"loss": zero, "correct": zero.clone(), "seen": 0, "started": time.perf_counter()}
+
+    def save(self) -> None:
+        self._check_finite()
+        self.session.save({"config_dict": self.config.to_dict(),
+                           "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+                           "sums": {k: float(v) for k, v in self.sums.items() if k != "started"},
+                           "model_state": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "scaler": self.session.precision.scaler.state_dict(),
+                           "rng": rng_state({}, self.session.device)})
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        runs.check_resume("retrain", state["config_dict"], self.config.to_dict(), state["position"]["epoch"])
+        self.model.load_state_dict(state["model_state"])
+        initial = [group["initial_lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, initial):  # the settings' rate, which may change
+            group["initial_lr"] = lr
+        self.session.precision.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"], {}, self.session.device)
+        self.epoch, self.batch, self.step = (state["position"][k] for k in ("epoch", "batch", "step"))
+        for key in ("loss", "correct"):
+            self.sums[key] = torch.tensor(state["sums"][key], dtype=torch.float64, device=self.session.device)
+        self.sums["seen"] = int(state["sums"]["seen"])
+        changed = runs.changes(state["config_dict"], self.config.to_dict())
+        extra = f" with {runs.described(changed)}" if changed else ""
+        self.log(f"resumed retraining from {self.session.checkpoint} at epoch {self.epoch + 1}, step {self.step}{extra}")
+
+    def _check_finite(self) -> None:
+        if not bool(torch.isfinite(self.sums["loss"])):
+            raise FloatingPointError(
+                f"the retraining loss is {float(self.sums['loss'])} in epoch {self.epoch + 1}; the last good checkpoint "
+                f"is {self.session.checkpoint}. Lower the learning rate and resume: apsfast train "
+                f"{self.source} --out {self.session.out} --resume -s retrain.lr={self.config.retrain.lr / 10:g}")
+
+    def accuracy(self) -> float:
+        """Test accuracy of the model (each process scores the whole test split)."""
+        self.model.eval()
+        correct = seen = 0.0
+        with torch.no_grad(), self.session.precision.autocast():
+            for x, y in self.test_set.batches(self.config.retrain.batch_size, seed=0, epoch=0, shuffle=False):
+                x = self.session.precision.inputs(x.to(self.session.device, non_blocking=True))
+                correct += float((self.model(x).argmax(1) == y.to(self.session.device)).sum())
+                seen += len(y)
+        return correct / seen
+
+    def run(self) -> dict[str, Any]:
+        """Train to the last epoch (or continue); returns the summary also written to ``retrain.json``."""
+        try:
+            return self._run()
+        finally:
+            self.session.close()
+
+    def _run(self) -> dict[str, Any]:
+        cfg, chosen = self.config.retrain, self.candidate
+        self.log(f"retraining {self.result['model']} ({chosen['flops'] / 1e6:.2f}M MACs, {chosen['params']:,} params) "
+                 f"from scratch for {cfg.epochs} epochs of {self.steps_per_epoch} steps on {self.config.data.name}, "
+                 f"on {self.session.where()}; output in {self.session.out}")
+        test_acc = None
+        while self.epoch < cfg.epochs:
+            self._run_epoch()
+            test_acc = self._end_epoch()
+        if test_acc is None:  # resumed after the last epoch: score the saved weights
+            test_acc = self.accuracy()
+        return self._finish(test_acc)
+
+    def _run_epoch(self) -> None:
+        cfg = self.config.retrain
+        total = cfg.epochs * self.steps_per_epoch
+        batches = self.train_set.batches(cfg.batch_size, seed=self.config.run.seed + DATA_STREAM, epoch=self.epoch,
+                                         augment=True, drop_last=True, start=self.batch)
+        bar = self.session.progress(self.steps_per_epoch, self.batch, f"retrain {self.epoch + 1}/{cfg.epochs}")
+        model = self.session.parallel(self.model)
+        for x, y in self.session.feed(islice(batches, self.steps_per_epoch - self.batch)):
+            self.model.train()
+            steps.set_lr(self.optimizer, steps.cosine(self.step, total))
+            stats = steps.weight_step(model, self.optimizer, self.session.precision, *self.session.local(x, y),
+                                      grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing)
+            self.sums["loss"] = self.sums["loss"] + stats.loss_sum
+            self.sums["correct"] = self.sums["correct"] + stats.correct
+            self.sums["seen"] += stats.count * self.session.processes.world
+            self.batch += 1
+            self.step += 1
+            bar.update(1)
+            if self.step % self.config.run.log_every == 0:
+                self._check_finite()
+                bar.set_postfix(loss=f"{float(self.sums['loss']) / max(self.sums['seen'], 1):.4f}")
+            if self.step % self.config.run.checkpoint_every == 0 and self.batch < self.steps_per_epoch:
+                self.save()
+        bar.close()
+
+    def _end_epoch(self) -> float:
+        self._check_finite()
+        loss, correct = self.session.processes.sum([float(self.sums["loss"]), float(self.sums["correct"])])
+        seen = max(self.sums["seen"], 1)
+        test_acc = self.accuracy()
+        record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "train_loss": loss / seen,
+                  "train_acc": correct / seen, "test_acc": test_acc,
+                  "seconds": time.perf_counter() - self.sums["started"]}
+        self.session.write(record)
+        self.log(f"retrain epoch {self.epoch + 1}/{self.config.retrain.epochs}  loss {record['train_loss']:.4f}  "
+                 f"train acc {record['train_acc']:.2%}  test acc {test_acc:.2%}  ({record['seconds']:.1f} s)")
+        self.epoch, self.batch = self.epoch + 1, 0
+        self._reset_sums()
+        self.save()
+        return test_acc
+
+    def _finish(self, test_acc: float) -> dict[str, Any]:
+        out, chosen = self.session.out, self.candidate
+        summary = {"model": self.result["model"], "strategy": self.result["strategy"], "widths": chosen["widths"],
+                   "arch": self.arch, "flops": chosen["flops"], "params": chosen["params"],
+                   "epochs": self.config.retrain.epochs, "test_acc": test_acc, "data": self.config.data.name,
+                   "result": str(self.result_path) if self.result_path is not None else self.source}
+        if self.session.main:
+            net = models.build(self.result["model"], device="meta", **self.result["options"])
+            save_exported(out / MODEL, net, self.arch, self.model)
+            write_json(out / SUMMARY, summary)
+        self.log(f"test accuracy {test_acc:.2%} after {self.config.retrain.epochs} epochs; model: {out / MODEL}; "
+                 f"summary: {out / SUMMARY}")
+        return summary
+
+
+def describe_arch(result: Mapping[str, Any], arch: Sequence[int]) -> dict[str, Any]:
+    """``{"arch", "widths", "flops", "params"}`` of ``arch`` in ``result``'s model (counted on
+    the meta device: nothing is allocated)."""
     net = models.build(result["model"], device="meta", **result["options"])
-    arch = net.arch_from_json(result["chosen"])
-    return reinitialise(net.export(arch, inherit_weights=False).to_empty(device=device))
+    arch = net.check_arch(arch)
+    return {"arch": arch, "widths": net.widths(arch), "flops": net.flops(arch), "params": net.params(arch)}
 
 
-def _accuracy(model: nn.Module, data: datasets.ImageSet, batch_size: int, device: torch.device) -> float:
-    model.eval()
-    correct = seen = 0
-    with torch.no_grad():
-        for x, y in data.batches(batch_size, seed=0, epoch=0, shuffle=False):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            correct += int((model(x).argmax(1) == y).sum())
-            seen += len(y)
-    return correct / seen
-
-
-def retrain(result_path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None,
+def retrain(result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[Union[str, Path]] = None,
             overrides: Sequence[str] = (), *, resume: bool = False,
-            log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+            log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """Train the arch of a search result from scratch and report its test accuracy.
 
     Args:
-        result_path: the search's output folder or its ``result.json``.
+        result_path: the search's output folder or its ``result.json`` (or a result-like dict,
+            see :class:`Retrain`).
         out_dir: where to write (default: ``retrain/`` beside the result).
         overrides: ``"retrain.epochs=5"``-style config overrides (any section may be given;
-            the data and the run sections apply too).
-        resume: continue from ``out_dir/checkpoint.pt``.
+            the data and the run sections apply too). On a resume they apply to the settings
+            the retrain was started with (see :mod:`apsfast.search.runs` for what may change).
+        resume: continue from ``out_dir``'s checkpoint.
+        arch: the arch to train (default: the result's chosen one), e.g. one of its beam.
 
     Returns:
         The summary also written to ``retrain.json``: test accuracy, epochs, MACs, params.
     """
-    log = log or (lambda text: print(text, flush=True))
-    result, path = read_result(result_path)
-    config: Config = apply_overrides(config_from_dict(result["config"]), overrides)
-    out = Path(out_dir) if out_dir is not None else path.parent / "retrain"
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / CHECKPOINT).exists() and not resume:
-        raise FileExistsError(f"{str(out)!r} already holds a retraining run: pass --resume or another --out")
-    cfg, run = config.retrain, config.run
-    device = resolve_device(run.device)
-    train_set, test_set = load_data(config)
-    if train_set.num_classes != result["num_classes"]:
-        raise ConfigError(f"the data has {train_set.num_classes} classes, the searched model {result['num_classes']}")
-    torch.manual_seed(run.seed)
-    model = fresh_model(result, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    batches = train_set.num_batches(cfg.batch_size, drop_last=True)
-    if batches == 0:
-        raise ConfigError(f"retrain.batch_size = {cfg.batch_size} exceeds the train split ({len(train_set)} images)")
-    steps = min(batches, cfg.steps_per_epoch or batches)
-    expect = {"kind": "retrain", "model": result["model"], "arch": list(result["chosen"]["arch"]),
-              "config": config.digest()}
-    metrics = MetricsLog(out / METRICS)
-    epoch = 0
-    if (out / CHECKPOINT).exists():
-        state = load_checkpoint(out / CHECKPOINT, expect=expect)
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        metrics.truncate(state["metrics_offset"])
-        epoch = state["epoch"]
-        log(f"resumed retraining from {out / CHECKPOINT} at epoch {epoch + 1}")
-    else:
-        metrics.truncate(0)
-    flops, params = result["chosen"]["flops"], result["chosen"]["params"]
-    log(f"retraining {result['model']} ({flops / 1e6:.2f}M MACs, {params:,} params) from scratch for "
-        f"{cfg.epochs} epochs of {steps} steps on {config.data.name}, on {device}; output in {out}")
-    from tqdm.auto import tqdm
-    test_acc = float("nan")
-    while epoch < cfg.epochs:
-        model.train()
-        started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        bar = tqdm(total=steps, desc=f"retrain {epoch + 1}/{cfg.epochs}", disable=None if run.progress else True,
-                   leave=False, file=sys.stderr)  # disable=None: a bar only where stderr is a terminal
-        for b, (x, y) in enumerate(islice(train_set.batches(cfg.batch_size, seed=run.seed + 7, epoch=epoch,
-                                                            augment=True, drop_last=True), steps)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for group in optimizer.param_groups:  # cosine over all steps
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + b) / (cfg.epochs * steps)))
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the retraining loss is {float(loss)} at epoch {epoch + 1}; the last "
-                                         f"good checkpoint is {out / CHECKPOINT}. Lower retrain.lr and --resume")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        bar.close()
-        test_acc = _accuracy(model, test_set, cfg.batch_size, device)
-        record = {"kind": "epoch", "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                  "test_acc": test_acc, "seconds": time.perf_counter() - started}
-        metrics.write(record)
-        log(f"retrain epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  train acc "
-            f"{record['train_acc']:.2%}  test acc {test_acc:.2%}  ({record['seconds']:.1f} s)")
-        epoch += 1
-        save_checkpoint(out / CHECKPOINT, {**expect, "epoch": epoch, "model_state": model.state_dict(),
-                                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                                           "metrics_offset": metrics.offset()})
-    metrics.close()
-    if math.isnan(test_acc):  # resumed after the last epoch: score the saved weights
-        test_acc = _accuracy(model, test_set, cfg.batch_size, device)
-    save_checkpoint(out / MODEL, {"kind": "exported", "model": result["model"], "options": result["options"],
-                                  "arch": list(result["chosen"]["arch"]), "state_dict": model.state_dict()})
-    summary = {"model": result["model"], "strategy": result["strategy"], "widths": result["chosen"]["widths"],
-               "flops": flops, "params": params, "epochs": cfg.epochs, "test_acc": test_acc,
-               "data": config.data.name, "result": str(path)}
-    _write_json(out / SUMMARY, summary)
-    log(f"test accuracy {test_acc:.2%} after {cfg.epochs} epochs; model: {out / MODEL}; summary: {out / SUMMARY}")
-    return summary
+    runner = Retrain(result_path, out_dir, overrides, resume=resume, log=log, arch=arch)
+    try:
+        return runner.run()
+    finally:
+        runner.session.teardown()
 
+
+def _say(log: Optional[Callable[[str], None]]) -> Callable[[str], None]:
+    return log or (lambda text: print(text, flush=True))
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def retrain_top(result_path: Union[str, Path], n: int, out_dir: Optional[Union[str, Path]] = None,
+                overrides: Sequence[str] = (), *, resume: bool = False,
+                log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Retrain the ``n`` most likely archs of a search's beam (the paper's Fig. 8), each into
+    ``OUT/top-k/`` (``OUT``: ``out_dir``, default ``retrain/`` beside the result), and write
+    ``OUT/top.json``: every arch's test accuracy, their mean and sample standard deviation.
+
+    ``n`` beyond the beam (``result.json``'s ``candidates``) is refused before any training.
+    With ``resume`` each ``top-k`` folder that holds a checkpoint continues from it.
+    """
+    result, path = read_result(result_path)
+    candidates = result.get("candidates") or []
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(candidates):
+        raise ConfigError(f"--top must be in 1..{len(candidates)} (the beam of {path} holds {len(candidates)} archs; "
+                          f"search with a larger result.beam for more), got {n!r}")
+    folder = Path(out_dir) if out_dir is not None else path.parent / "retrain"
+    rows = []
+    for k, candidate in enumerate(candidates[:n], 1):
+        sub = folder / f"top-{k}"
+        summary = retrain(path, sub, overrides, resume=resume and (sub / "checkpoint.pt").exists(), log=log,
+                          arch=candidate["arch"])
+        rows.append({"rank": k, "probability": candidate.get("probability"), "arch": candidate["arch"],
+                     "widths": candidate["widths"], "flops": candidate["flops"], "params": candidate["params"],
+                     "test_acc": summary["test_acc"], "folder": str(sub)})
+    accs = [row["test_acc"] for row in rows]
+    mean = sum(accs) / n
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
+    top = {"model": result["model"], "strategy": result["strategy"], "n": n, "mean": mean, "std": std,
+           "archs": rows, "result": str(path)}
+    if _main_process():
+        write_json(folder / TOP, top)
+    _say(log)(f"top-{n} archs of the beam: test accuracy {mean:.2%} ± {std:.2%} (mean ± sample std over {n}); "
+              f"summary: {folder / TOP}")
+    return top
+
+
+def uniform_arch(net: models.Supernet, ratio: float) -> list[int]:
+    """The uniformly scaled network: at every decision the candidate nearest to ``ratio`` × the
+    standard network's width there (the narrower on a tie)."""
+    standard = net.standard_widths()
+    return [min(range(len(d.widths)), key=lambda a: (abs(d.widths[a] - ratio * standard[d.name]), a))
+            for d in net.decisions()]
+
+
+def retrain_uniform(config: Config, ratio: float, out_dir: Union[str, Path], *, resume: bool = False,
+                    log: Optional[Callable[[str], None]] = None, source: str = "") -> dict[str, Any]:
+    """Train the uniformly scaled network of ``config``'s model (:func:`uniform_arch`) from
+    scratch with the same :class:`Retrain` as a searched arch, into ``out_dir``: the baseline
+    a search is compared with at equal MACs (the paper's Fig. 9). ``source`` is how the
+    messages name the command that started it. Returns the ``retrain.json`` summary."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+        raise ConfigError(f"--uniform must be a ratio > 0 of the standard widths, got {ratio!r}")
+    plan = assemble.check(config, search=False)
+    net = assemble.build_supernet(config, plan.options, "meta")
+    arch = uniform_arch(net, float(ratio))
+    result = {"model": net.name, "options": net.options, "strategy": "uniform", "num_classes": plan.num_classes,
+              "config": config.to_dict(), "source": source or f"--uniform {ratio:g}", "uniform": float(ratio)}
+    chosen = describe_arch(result, arch)
+    standard = net.flops(net.standard_arch())
+    widths = ", ".join(f"{name}={w}" for name, w in chosen["widths"].items())
+    _say(log)(f"uniform scaling ×{ratio:g} of the standard widths (nearest candidates): {chosen['flops'] / 1e6:.2f}M "
+              f"MACs ({chosen['flops'] / standard:.0%} of the standard arch's {standard / 1e6:.2f}M); widths {widths}")
+    result["chosen"] = {**chosen, "why": f"uniform scaling ×{ratio:g}"}
+    return retrain(result, out_dir, (), resume=resume, log=log)

@@ -1,6 +1,6 @@
 """Where one search step's time goes: each part timed alone, and the profiler's top ops.
 
-``python -m bench.profile_step --device cuda --amp bf16 --channels-last --backend cuda --out DIR``
+``apsfast bench profile --device cuda --amp bf16 --channels-last --backend cuda --out DIR``
 
 For a ResNet-20 CIFAR and a MobileNet-v2 ImageNet case of ``apsfast bench search``: the
 weight step alone, the controller's sampling alone and its whole step, the transition under
@@ -20,7 +20,7 @@ import torch
 import apsfast
 from apsfast.benchmarks.common import forced_backend, median_times
 from apsfast.benchmarks.search import Case, make_search, providers, synchronised, using
-from apsfast.search import strategies
+from apsfast.search import steps, strategies
 
 CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128))
 
@@ -28,19 +28,18 @@ CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128)
 def profile_case(case: Case, args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as out:
         search = make_search(case, args.device, args.amp, args.channels_last, Path(out))
-        steps, parts = providers(search, args.backend)
-        x, y = next(search.w_train.batches(case.batch, seed=0, epoch=0, drop_last=True))
+        step_fns, parts = providers(search, args.backend)
+        x, y = search.session.local(*next(search.w_train.batches(case.batch, seed=0, epoch=0, drop_last=True)))
 
         def weight_only():
-            search.transition = lambda net, tau: None
             with using(args.backend):
-                search.weight_step(x, y, "search")
+                search.net.train()
+                steps.weight_step(search.net, search.optimizer, search.session.precision, x, y)
 
         def sample_only():
-            with torch.no_grad():
-                search.controller.sample(search.config.controller.samples, search.controller_generator)
+            search.searcher.sample_train_arch()
 
-        fns = {"apsfast step": steps["apsfast"], "limit step": steps["limit"], "weight step": weight_only,
+        fns = {"apsfast step": step_fns["apsfast"], "limit step": step_fns["limit"], "weight step": weight_only,
                "controller sample": sample_only, "controller step": parts["controller"]}
         runs_here = {"reference"} | ({"cpu"} if args.device == "cpu" else {"triton", "cuda"})
         for name in (n for n in apsfast.backends() if n in runs_here):
@@ -49,17 +48,17 @@ def profile_case(case: Case, args: argparse.Namespace) -> str:
                 with forced_backend(name):
                     strategies.transition(search.net, search.config.sharing.tau)
             fns[f"transition [{name}]"] = transition
-        times = median_times({k: synchronised(f, search.device) for k, f in fns.items()}, 5, 0.2)
+        times = median_times({k: synchronised(f, search.session.device) for k, f in fns.items()}, 5, 0.2)
         lines = [f"## {case.name}", "", "| part | ms |", "|---|---|"]
         lines += [f"| {k} | {v * 1e3:.2f} |" for k, v in times.items()]
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if search.device.type == "cuda":
+        if search.session.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
-                synchronised(steps["apsfast"], search.device)()
+                synchronised(step_fns["apsfast"], search.session.device)()
         table = prof.key_averages()
-        device_key = "self_cuda_time_total" if search.device.type == "cuda" else "self_cpu_time_total"
+        device_key = "self_cuda_time_total" if search.session.device.type == "cuda" else "self_cpu_time_total"
         lines += ["", "Top ops by self device time (3 apsfast steps):", "```",
                   table.table(sort_by=device_key, row_limit=18, max_name_column_width=60), "```",
                   "", "Top ops by host time (3 apsfast steps):", "```",
@@ -67,8 +66,8 @@ def profile_case(case: Case, args: argparse.Namespace) -> str:
         return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench profile") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true")
@@ -83,7 +82,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"profiling {case.name}", flush=True)
         text.append(profile_case(case, args))
         (args.out / "profile.md").write_text("\n".join(text))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

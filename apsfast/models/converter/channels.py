@@ -1,0 +1,369 @@
+"""Reading a traced graph for which channels are coupled: the rules of every known op.
+
+One pass over the nodes in forward order gives every value a layout (see
+:mod:`apsfast.models.converter.groups`): convs start new groups, element-wise ops merge their
+operands' groups, a concatenation along the channels concatenates layouts, depthwise convs,
+batch norm, activations and pooling pass their input's layout on. Anything else that sees a
+channel dimension is refused before any layer is built, naming the node, the op and its
+submodule, since guessing its channel semantics would silently give a wrong supernet.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from apsfast.models.converter.groups import Groups, Layout, same_structure
+from apsfast.models.converter.trace import SCOPE, shape_of
+
+#: A tensor attribute of the model (``get_attr``), or what unary ops and reshapes make of it:
+#: its values are tied to the original channels, so whatever it meets element-wise across the
+#: channel dim keeps its width.
+CONSTANT = "constant"
+
+UNARY_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh,
+    F.silu, F.gelu, F.mish, F.hardswish, F.hardsigmoid, F.softplus, torch.sigmoid, F.sigmoid,
+    torch.tanh, F.tanh, torch.neg, operator.neg, operator.pos, torch.abs, torch.exp, torch.clamp,
+    torch.clip, F.dropout, F.dropout2d, F.alpha_dropout, F.max_pool2d, F.avg_pool2d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.softmax, F.log_softmax,
+    torch.softmax, torch.log_softmax,
+}
+UNARY_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "neg",
+    "abs", "exp", "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as",
+    "softmax", "log_softmax",
+}
+ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    torch.maximum, torch.minimum,
+}
+ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum",
+                       "minimum", "expand_as"}
+CAT_FUNCTIONS = {torch.cat, torch.concat}
+# Reshapes given explicit sizes may carry the channel count as a constant: rewritten.
+SIZED_RESHAPES = {"view", "reshape", torch.reshape}
+RESHAPES = SIZED_RESHAPES | {"flatten", "squeeze", "unsqueeze", torch.flatten, torch.squeeze,
+                             torch.unsqueeze}
+REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+SIZE_QUERIES = {"size", "dim", getattr}
+WIDTH_PRESERVING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
+    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.Softmax,
+    nn.LogSoftmax,
+)
+
+
+@dataclass
+class LayerPlan:
+    """A conv, batch-norm or linear module of the graph and the layouts it reads and writes.
+
+    ``kind``: ``"conv"`` (dense), ``"depthwise"`` (output follows input), ``"grouped"``
+    (``groups`` > 1, not depthwise), ``"bn"`` or ``"linear"``.
+    """
+
+    path: str
+    kind: str
+    inputs: Layout
+    outputs: Layout
+    out_hw: tuple[int, int]
+    groups: int = 1
+
+
+@dataclass
+class Analysis:
+    """What the graph says about the channels: the groups, the layers, the reshapes that
+    must read the live channel count, and the opaque leaves (fixed, costed as traced)."""
+
+    groups: Groups
+    layers: list[LayerPlan] = field(default_factory=list)
+    reshapes: dict[str, tuple] = field(default_factory=dict)
+    opaque: list[str] = field(default_factory=list)
+
+
+def refuse(node: fx.Node, op: str, why: str) -> None:
+    """Raise the one ``ValueError`` of an op convert cannot follow: the node, the op, the
+    submodule, and how to proceed."""
+    scope = node.meta.get(SCOPE, "")
+    hint = (f"pass exclude=[{scope!r}] to keep that submodule fixed and opaque (its widths are not "
+            f"searched)" if scope else "move it into a submodule and pass that submodule's name "
+            "in exclude=, or rewrite it")
+    raise ValueError(f"convert: cannot follow the channels through node {node.name!r} ({op}) in "
+                     f"module {scope or '(top level)'!r}: {why}; {hint}")
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+    return f"{node.op} {name}"
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+class ChannelAnalyser:
+    """One forward-order pass over ``module``'s graph; :meth:`run` returns the
+    :class:`Analysis`. ``exclude``: qualified names of the opaque leaves."""
+
+    def __init__(self, module: fx.GraphModule, exclude: Sequence[str]) -> None:
+        self.module = module
+        self.exclude = set(exclude)
+        self.result = Analysis(Groups())
+        self.groups = self.result.groups
+        self.layouts: dict[fx.Node, Any] = {}
+        self._called: set[str] = set()
+
+    def run(self) -> Analysis:
+        for node in self.module.graph.nodes:
+            self.layouts[node] = getattr(self, f"_{node.op}")(node)
+        return self.result
+
+    # --- node kinds ----------------------------------------------------------------------
+
+    def _placeholder(self, node: fx.Node) -> Layout:
+        return (self.groups.new(shape_of(node)[1], "input", fixed=True),)
+
+    def _get_attr(self, node: fx.Node) -> Any:
+        return CONSTANT if shape_of(node) is not None else None
+
+    def _output(self, node: fx.Node) -> None:
+        for arg in _tensor_args(node):  # the network's outputs keep their widths
+            if isinstance(self.layouts.get(arg), tuple):
+                self.groups.fix(self.layouts[arg])
+
+    def _call_module(self, node: fx.Node) -> Any:
+        module = self.module.get_submodule(node.target)
+        if node.target in self.exclude or (type(module) is nn.Conv2d and module.padding_mode != "zeros"):
+            return self._opaque(node)  # APS convs pad with zeros only
+        if type(module) in (nn.Conv2d, nn.BatchNorm2d, nn.Linear):
+            if node.target in self._called:
+                refuse(node, f"{type(module).__name__} {node.target}", "the module is called more than "
+                       "once; convert needs one call per conv, batch-norm and linear module")
+            self._called.add(node.target)
+        if type(module) is nn.Conv2d:
+            return self._conv(node, module)
+        if type(module) is nn.BatchNorm2d:
+            layout = self._unary(node)
+            self._plan(node, "bn", layout, layout)
+            return layout
+        if type(module) is nn.Linear:
+            return self._linear(node, module)
+        if isinstance(module, nn.Flatten):
+            return self._reshape(node, rewrite=False)
+        if isinstance(module, WIDTH_PRESERVING_MODULES):
+            return self._unary(node)
+        refuse(node, f"call_module {node.target}: {type(module).__name__}",
+               "the module type has no known channel rule")
+
+    def _call_function(self, node: fx.Node) -> Any:
+        return self._call(node, node.target)
+
+    def _call_method(self, node: fx.Node) -> Any:
+        return self._call(node, node.target)
+
+    def _call(self, node: fx.Node, op: Any) -> Any:
+        if op in SIZE_QUERIES or (shape_of(node) is None and not any(
+                isinstance(self.layouts.get(a), tuple) or self.layouts.get(a) is CONSTANT
+                for a in _tensor_args(node))):
+            return None  # arithmetic on sizes and other values without channels
+        if op in UNARY_FUNCTIONS or op in UNARY_METHODS:
+            return self._unary(node)
+        if op in ELEMENTWISE_FUNCTIONS or op in ELEMENTWISE_METHODS:
+            return self._elementwise(node, [a for a in node.args[:2]])
+        if op in CAT_FUNCTIONS:
+            return self._cat(node)
+        if op in RESHAPES:
+            return self._reshape(node, rewrite=op in SIZED_RESHAPES)
+        if op in REDUCTIONS:
+            return self._reduce(node)
+        if op is operator.getitem:
+            return self._getitem(node)
+        refuse(node, _op_name(node), "the op is not in convert's table of known channel rules")
+
+    # --- rules ---------------------------------------------------------------------------
+
+    def _input_layout(self, node: fx.Node) -> Layout:
+        source = node.args[0]
+        layout = self.layouts.get(source)
+        if not isinstance(layout, tuple):
+            refuse(node, _op_name(node), "its input carries no channel layout convert knows")
+        return layout
+
+    def _unary(self, node: fx.Node) -> Layout:
+        if self.layouts.get(node.args[0]) is CONSTANT:
+            return CONSTANT  # e.g. sigmoid of a learned per-channel scale
+        layout = self._input_layout(node)
+        before, after = shape_of(node.args[0]), shape_of(node)
+        if after is None or len(after) < 2 or after[1] != before[1]:
+            refuse(node, _op_name(node), f"it maps shape {tuple(before)} to "
+                   f"{None if after is None else tuple(after)}, not keeping the channel dim")
+        return layout
+
+    def _plan(self, node: fx.Node, kind: str, inputs: Layout, outputs: Layout, groups: int = 1) -> None:
+        out = shape_of(node)
+        hw = tuple(out[2:]) if kind not in ("bn", "linear") else (1, 1)
+        self.result.layers.append(LayerPlan(node.target, kind, inputs, outputs, hw, groups))
+
+    def _conv(self, node: fx.Node, conv: nn.Conv2d) -> Layout:
+        layout = self._input_layout(node)
+        g = conv.groups
+        if g == 1:
+            out = (self.groups.new(conv.out_channels, node.target),)
+            self._plan(node, "conv", layout, out)
+        elif g == conv.in_channels == conv.out_channels:
+            out = layout  # one filter per channel: the output follows the input
+            self._plan(node, "depthwise", layout, out, g)
+        else:
+            self._align_groups(layout, g)
+            out = (self.groups.new(conv.out_channels, node.target, divisor=g),)
+            self._plan(node, "grouped", layout, out, g)
+        return out
+
+    def _align_groups(self, layout: Layout, g: int) -> None:
+        """Keep a grouped conv's input splittable into ``g`` equal groups at every width."""
+        if len(layout) == 1:
+            self.groups.require_divisor(layout[0], g)
+            return
+        k, rest = divmod(len(layout), g)
+        chunks = [layout[j * k:(j + 1) * k] for j in range(g)] if k else []
+        if rest or not all(same_structure(chunks[0], c, self.groups) for c in chunks):
+            self.groups.fix(layout)  # the group boundaries cut through segments
+            return
+        for chunk in chunks[1:]:  # segment s of every group must keep one width
+            for a, b in zip(chunks[0], chunk):
+                self.groups.union(a, b)
+
+    def _linear(self, node: fx.Node, linear: nn.Linear) -> Layout:
+        layout = self._input_layout(node)
+        if len(shape_of(node.args[0])) != 2:
+            refuse(node, f"call_module {node.target}: Linear", "a linear layer over a tensor of more "
+                   "than 2 dims has no channel dim convert can search")
+        out = (self.groups.new(linear.out_features, node.target, fixed=True),)
+        self._plan(node, "linear", layout, out)
+        return out
+
+    def _opaque(self, node: fx.Node) -> Optional[Layout]:
+        """An excluded leaf: what it reads and writes keeps its width."""
+        for arg in _tensor_args(node):
+            if isinstance(self.layouts.get(arg), tuple):
+                self.groups.fix(self.layouts[arg])
+        self.result.opaque.append(node.target)
+        out = shape_of(node)
+        return (self.groups.new(out[1], node.target, fixed=True),) if out is not None and len(out) >= 2 else None
+
+    def _elementwise(self, node: fx.Node, operands: list[Any]) -> Layout:
+        """Broadcasting operands that span the channel dim must share its layout."""
+        out = shape_of(node)
+        if out is None or len(out) < 2:
+            refuse(node, _op_name(node), "an element-wise op whose result has no channel dim")
+        coupled: list[Layout] = []
+        pinned = False  # an operand with per-channel values convert cannot resize
+        for arg in operands:
+            shape = shape_of(arg)
+            if shape is None:
+                continue  # a Python number
+            k = 1 - (len(out) - len(shape))  # the operand's dim aligned with the channels
+            if k < 0 or (shape[k] == 1 and out[1] != 1):
+                continue  # broadcast over the channels
+            layout = self.layouts.get(arg)
+            if k == 1 and isinstance(layout, tuple):
+                coupled.append(layout)
+            else:
+                pinned = True
+        if not coupled:
+            return (self.groups.new(out[1], node.name, fixed=True),)
+        return self._couple(coupled, fix=pinned)
+
+    def _couple(self, layouts: list[Layout], fix: bool = False) -> Layout:
+        first = layouts[0]
+        if fix or not all(same_structure(first, other, self.groups) for other in layouts):
+            for layout in layouts:  # segments that do not line up: keep every width
+                self.groups.fix(layout)
+            return first
+        for other in layouts[1:]:
+            for a, b in zip(first, other):
+                self.groups.union(a, b)
+        return first
+
+    def _cat(self, node: fx.Node) -> Layout:
+        tensors = node.args[0] if node.args else node.kwargs["tensors"]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = shape_of(node)
+        if out is None or len(out) < 2:
+            refuse(node, _op_name(node), "a concatenation whose result has no channel dim")
+        if dim % len(out) != 1:
+            return self._elementwise(node, list(tensors))  # along another dim: channels meet
+        layout: Layout = ()
+        for t in tensors:
+            part = self.layouts.get(t)
+            if not isinstance(part, tuple):  # a constant block of channels
+                part = (self.groups.new(shape_of(t)[1], node.name, fixed=True),)
+            layout += part
+        return layout
+
+    def _reshape(self, node: fx.Node, rewrite: bool) -> Optional[Layout]:
+        if self.layouts.get(node.args[0]) is CONSTANT:
+            return CONSTANT  # e.g. a per-channel parameter viewed as [1, C, 1, 1]
+        layout = self._input_layout(node)
+        before, after = shape_of(node.args[0]), shape_of(node)
+        if len(after) >= 2 and after[:2] == before[:2]:
+            if rewrite:  # read the channel count from the live tensor, not the traced sizes
+                self.result.reshapes[node.name] = self._rewrite(node, before, after)
+            return layout
+        if len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
+            # Channels flattened with the spatial dims (before a linear layer): channel c fills
+            # features c·HW … (c+1)·HW-1, so the first c of them are the first c·HW features.
+            # Its layout repeats the channel layout HW times: only its total width matters to
+            # the layers that read it (linear, element-wise), and that width is HW·C.
+            if rewrite:
+                self.result.reshapes[node.name] = ("merge",)
+            return layout * math.prod(before[2:])
+        refuse(node, _op_name(node), f"it reshapes {tuple(before)} to {tuple(after)}, splitting or "
+               f"merging the channel dim (e.g. a channel shuffle)")
+
+    @staticmethod
+    def _rewrite(node: fx.Node, before: torch.Size, after: torch.Size) -> tuple:
+        if after[2:] == before[2:]:
+            return ("same",)
+        if math.prod(after[2:]) == 1 and math.prod(before[2:]) == 1:
+            return ("ones", len(after) - 2)
+        if len(after) == 3:
+            return ("flat",)
+        refuse(node, _op_name(node), f"it reshapes the spatial dims of {tuple(before)} to "
+               f"{tuple(after)} in a way convert does not follow")
+
+    def _reduce(self, node: fx.Node) -> Optional[Layout]:
+        layout = self._input_layout(node)
+        before, after = shape_of(node.args[0]), shape_of(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = {d % len(before) for d in ((dim,) if isinstance(dim, int) else (dim or range(len(before))))}
+        keep = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
+        if 1 in dims:  # a reduction over the channels works at any width
+            return (self.groups.new(after[1], node.name, fixed=True),) if len(after) >= 2 else None
+        if 0 in dims and not keep:
+            refuse(node, _op_name(node), "it reduces the batch dim, moving the channel dim")
+        return layout
+
+    def _getitem(self, node: fx.Node) -> Optional[Layout]:
+        source = node.args[0]
+        if shape_of(source) is None:  # an item of a tuple (sizes, an opaque leaf's outputs)
+            if shape_of(node) is not None and len(shape_of(node)) >= 2:
+                if not (source.op == "call_module" and source.target in self.result.opaque):
+                    refuse(node, _op_name(node), "an item of a tuple of tensors convert cannot follow")
+                return (self.groups.new(shape_of(node)[1], node.name, fixed=True),)
+            return None
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        whole = slice(None, None, None)
+        if len(index) >= 2 and index[0] == whole and index[1] == whole:
+            return self._input_layout(node)  # indexes spatial dims only
+        refuse(node, _op_name(node), "it indexes the batch or channel dim")

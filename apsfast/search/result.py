@@ -1,0 +1,138 @@
+"""The end of a search: the beam of the most likely archs, the choice among them, how sure the
+searcher is, ``result.json``, the exported network and the plots; and reading them back."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from apsfast import models
+from apsfast.models.static import reinitialise
+from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
+from apsfast.search.metrics import read_metrics
+from apsfast.search.searchers import Searcher
+
+RESULT, MODEL, CURVES, DECISIONS = "result.json", "model.pt", "curves.png", "decisions.png"
+# A policy whose entropy is above this fraction of the uniform maximum has learned next to
+# nothing: its most likely arch is close to a random pick.
+UNSURE = 0.9
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def select_arch(candidates: list[dict[str, Any]], target: Optional[float]) -> tuple[int, str]:
+    """The candidate (index into the beam, best first) closest to ``target`` MACs without
+    exceeding it, ties to the more likely; without a target the most likely. Returns the
+    index and why it was chosen."""
+    if target is None:
+        return 0, "the most likely arch (no FLOPs target)"
+    under = [i for i, c in enumerate(candidates) if c["flops"] <= target]
+    if under:
+        best = max(under, key=lambda i: (candidates[i]["flops"], candidates[i]["loglik"]))
+        return best, f"the arch of the beam closest to the target {target:.4g} MACs without exceeding it"
+    best = min(range(len(candidates)), key=lambda i: (candidates[i]["flops"], -candidates[i]["loglik"]))
+    return best, (f"no arch of the beam is within the target {target:.4g} MACs: the cheapest "
+                  f"(raise result.beam or the reward's beta)")
+
+
+def policy_report(searcher: Searcher) -> dict[str, Any]:
+    """The searcher's entropy against its uniform maximum, and a warning when it is near it."""
+    entropy, maximum = searcher.policy_entropy()
+    fraction = entropy / maximum if maximum > 0 else 0.0
+    report = {"entropy": entropy, "max_entropy": maximum, "entropy_fraction": fraction}
+    if fraction > UNSURE:
+        report["warning"] = (f"the searcher's policy is near uniform (entropy {fraction:.1%} of its maximum): the "
+                             f"chosen arch is close to a random pick; search longer, raise controller.lr, or check "
+                             f"that the rewards differ between archs")
+    return report
+
+
+def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict[str, Any], phi: float) -> dict:
+    """``result.json``'s content: the beam, the chosen arch and why, its decisions'
+    probabilities, the policy's certainty, Φ and the settings."""
+    target = config.reward.flops_target
+    candidates = [{"arch": arch, "widths": net.widths(arch), "loglik": loglik, "probability": math.exp(loglik),
+                   "flops": net.flops(arch), "params": net.params(arch)}
+                  for arch, loglik in searcher.beam(config.result.beam)]
+    index, why = select_arch(candidates, target)
+    chosen = candidates[index]
+    decisions = [{"name": d.name, "widths": list(d.widths), "chosen": d.widths[a], "probs": p}
+                 for d, a, p in zip(net.decisions(), chosen["arch"], searcher.probabilities(chosen["arch"]))]
+    return {"model": net.name, "options": net.options, "strategy": config.sharing.strategy, **data,
+            "flops_target": target, "chosen": {**chosen, "rank": index, "why": why}, "candidates": candidates,
+            "decisions": decisions, "policy": policy_report(searcher), "phi": phi,
+            "max_flops": net.flops(net.max_arch()), "config": config.to_dict()}
+
+
+def save_exported(path: Path, net: models.Supernet, arch: list[int], static: nn.Module) -> None:
+    """A static network's weights with what rebuilds it (model, options, arch)."""
+    save_checkpoint(path, {"kind": "exported", "model": net.name, "options": net.options, "arch": list(arch),
+                           "state_dict": static.state_dict()})
+
+
+def write_outputs(out: Path, net: models.Supernet, result: dict[str, Any]) -> None:
+    """``result.json``, ``model.pt`` (the chosen arch with the supernet's weights) and the plots."""
+    arch = result["chosen"]["arch"]
+    save_exported(out / MODEL, net, arch, net.export(arch, inherit_weights=True))
+    write_json(out / RESULT, result)
+    from apsfast.search.plots import plot_curves, plot_decisions
+    epochs = read_metrics(out / "metrics.jsonl", kind="epoch")
+    title = f"{net.name}, {result['strategy']} sharing"
+    plot_curves(epochs, out / CURVES, title=title)
+    plot_decisions(epochs, result["decisions"], out / DECISIONS, title=title)
+
+
+def summary_lines(out: Path, result: dict[str, Any]) -> list[str]:
+    """What a finished search says: the choice, and where everything is."""
+    chosen = result["chosen"]
+    widths = ", ".join(f"{d['name']}={d['chosen']}" for d in result["decisions"])
+    lines = [f"chosen ({chosen['why']}): {chosen['flops'] / 1e6:.2f}M MACs, {chosen['params']:,} params, "
+             f"probability {chosen['probability']:.3g}; widths {widths}"]
+    if "warning" in result["policy"]:
+        lines.append(f"warning: {result['policy']['warning']}")
+    lines.append(f"result: {out / RESULT}; model: {out / MODEL}; plots: {out / CURVES}, {out / DECISIONS}")
+    return lines
+
+
+def read_result(path: Union[str, Path]) -> tuple[dict[str, Any], Path]:
+    """A search's ``result.json`` (``path`` is the file or the search's folder) and its path."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULT
+    if not path.is_file():
+        raise FileNotFoundError(f"no search result at {str(path)!r}: pass a search's output folder or its "
+                                f"result.json")
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
+    for key in ("model", "options", "chosen", "config"):
+        if key not in result:
+            raise ValueError(f"{str(path)!r} is not an apsfast search result: it lacks {key!r}")
+    return result, path
+
+
+def fresh_model(result: dict[str, Any], arch: list[int], device: Union[str, torch.device]) -> nn.Module:
+    """``arch`` of ``result``'s model as a static network, freshly initialised on ``device``
+    (built through the meta device, so the supernet never takes memory)."""
+    net = models.build(result["model"], device="meta", **result["options"])
+    return reinitialise(net.export(net.check_arch(arch), inherit_weights=False).to_empty(device=device))
+
+
+def load_exported(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The static model a search or a retrain exported (``model.pt``), with its weights."""
+    state = load_checkpoint(path, expect={"kind": "exported"})
+    net = models.build(state["model"], device="meta", **state["options"])
+    static = net.export(state["arch"]).to_empty(device=device)
+    static.load_state_dict(state["state_dict"])
+    return static

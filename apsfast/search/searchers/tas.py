@@ -1,0 +1,205 @@
+"""TAS (Dong & Yang, "Network pruning via transformable architecture search", NeurIPS 2019)
+over an APS supernet's width decisions.
+
+* **Policy**: one logit per candidate of every decision (``θ``, ``[decisions, candidates]``);
+  ``p_d = softmax(θ_d)``; the result's beam is the most probable archs of that product
+  distribution (its first: the argmax widths).
+* **Sampling** (every weight step and every search step): Gumbel-softmax
+  ``softmax((log p_d + g)/τ)`` per decision, two distinct candidates drawn from it, and their
+  mixture weights the softmax of their two perturbed logits (a decision with one candidate
+  uses it alone). ``τ`` falls linearly from ``tas.tau_max`` to ``tas.tau_min`` over the
+  search phase's weight steps (``search_steps``, told by the schedule).
+* **Forward** (:class:`WidthMixture`): the supernet runs the wider candidate of every pair; a
+  forward hook on each conv a decision drives also runs the narrower one (the same layer,
+  its ``P`` for that width) and returns ``w_wide·y_wide + w_narrow·CWI(y_narrow)``, CWI the
+  channel-wise interpolation to the wider width. The mixture is taken on the conv output,
+  before the wider width's batch norm (TAS mixes after each width's own batch norm; here the
+  per-width norms of the narrow candidates are not trained during the search).
+* **Steps**: the weights by the schedule's SGD on the train split under that forward with
+  the mixture weights detached; ``θ`` by Adam (``tas.lr``, ``tas.betas``,
+  ``tas.weight_decay``) on each validation batch: cross-entropy of the mixture plus
+  ``tas.flops_weight`` times the FLOPs loss on the exact expected MACs with the tolerance
+  band ``[target·(1 − tas.flops_tolerance), target]`` (:mod:`.widths`), the target being
+  ``reward.flops_target``.
+* **Distillation** for the retrain: :func:`distillation_loss` (α = 0.9, T = 4 as TAS).
+
+Left out: TAS's depth search, and its per-width batch norms inside the mixture.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apsfast.models import Decision
+from apsfast.search.config import Config
+from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_batch
+from apsfast.search.searchers.widths import (ExpectedMacs, Groups, average_gradient, channel_interpolate,
+                                             driven_layers, flops_loss, product_beam, validation_mode)
+
+Pair = tuple[int, int, Tensor, Tensor]  # (narrow index, wide index, narrow weight, wide weight)
+
+
+class WidthMixture:
+    """Forward hooks on every driven conv that mix two candidate widths of its decision (see
+    the module's documentation); active only inside :meth:`active`."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.pairs: Optional[list[Pair]] = None
+        self.handles = [layer.register_forward_hook(self._hook(d))
+                        for d, layers in enumerate(driven_layers(net)) for layer in layers]
+
+    def _hook(self, decision: int) -> Callable[..., Optional[Tensor]]:
+        def mix(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Optional[Tensor]:
+            if self.pairs is None:
+                return None
+            narrow, wide, w_narrow, w_wide = self.pairs[decision]
+            if narrow == wide:
+                return None
+            layer.select_out(narrow)
+            try:
+                small = layer.forward(inputs[0])  # not the module call: no hook recursion
+            finally:
+                layer.select_out(wide)
+            return w_wide * output + w_narrow * channel_interpolate(small, output.shape[1])
+        return mix
+
+    @contextlib.contextmanager
+    def active(self, pairs: list[Pair]) -> Iterator[None]:
+        self.pairs = pairs
+        try:
+            yield
+        finally:
+            self.pairs = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def gumbel_pairs(log_probs: Tensor, sizes: Sequence[int], tau: float, generator: torch.Generator) -> list[Pair]:
+    """Two candidates per decision by Gumbel-softmax at temperature ``tau`` and their mixture
+    weights (differentiable in ``log_probs`` ``[D, K]``, ``-inf`` on padding)."""
+    noise = torch.empty(log_probs.shape, dtype=torch.float64).exponential_(generator=generator)
+    gumbel = -noise.clamp_min(1e-30).log().to(log_probs)
+    perturbed = (log_probs + gumbel) / tau
+    probs = perturbed.detach().softmax(dim=1).cpu().double()
+    pairs = []
+    one = torch.ones((), dtype=log_probs.dtype, device=log_probs.device)
+    for d, size in enumerate(sizes):
+        if size == 1:
+            pairs.append((0, 0, one * 0, one))
+            continue
+        row = probs[d, :size] + 1e-12
+        first, second = torch.multinomial(row, 2, replacement=False, generator=generator).tolist()
+        narrow, wide = min(first, second), max(first, second)
+        weights = torch.stack([perturbed[d, narrow], perturbed[d, wide]]).softmax(dim=0)
+        pairs.append((narrow, wide, weights[0], weights[1]))
+    return pairs
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, alpha: float = 0.9,
+                      temperature: float = 4.0, label_smoothing: float = 0.0) -> Tensor:
+    """Knowledge distillation as TAS retrains (Hinton et al.):
+    ``α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE(student, labels)``, in
+    float32, the teacher's logits detached."""
+    student, teacher = student.float(), teacher.detach().float()
+    soft = F.kl_div(F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    return alpha * temperature ** 2 * soft + (1 - alpha) * hard
+
+
+class TasSearcher(Searcher):
+    """TAS over width decisions (see the module's documentation).
+
+    Args:
+        decisions, config, flops: as every searcher.
+        net: the supernet (its driven convs get the mixing hooks).
+        search_steps: the number of weight steps after warm-up, over which ``τ`` anneals.
+    """
+
+    def __init__(self, decisions: Sequence[Decision], config: Config, flops: Callable[[Arch], float], *,
+                 net: Optional[nn.Module] = None, search_steps: Optional[int] = None, **context: Any) -> None:
+        if net is None or search_steps is None:
+            raise ValueError("the tas searcher needs net= (the supernet) and search_steps= (weight steps after "
+                             "warm-up) from the schedule")
+        settings = config.tas
+        self.net, self.flops, self.settings = net, flops, settings
+        self.target = config.reward.flops_target
+        self.groups = Groups(decisions)
+        device = next(net.parameters()).device
+        self.theta = torch.zeros(self.groups.mask.shape, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.theta], lr=settings.lr, betas=tuple(settings.betas),
+                                          weight_decay=settings.weight_decay)
+        self.generator = torch.Generator().manual_seed(config.run.seed + 2)
+        self.search_steps, self.steps = max(int(search_steps), 1), 0
+        self.expected_macs = ExpectedMacs(net)
+        self.mixture = WidthMixture(net)
+        self._train_pairs: Optional[list[Pair]] = None
+
+    def tau(self) -> float:
+        """The Gumbel-softmax temperature after the weight steps taken so far."""
+        s = self.settings
+        done = min(self.steps / max(self.search_steps - 1, 1), 1.0)
+        return s.tau_max - (s.tau_max - s.tau_min) * done
+
+    def _pairs(self) -> list[Pair]:
+        return gumbel_pairs(self.groups.log_probs(self.theta), self.groups.sizes, self.tau(), self.generator)
+
+    def sample_train_arch(self) -> Arch:
+        with torch.no_grad():
+            pairs = self._pairs()
+        self._train_pairs = pairs
+        self.steps += 1
+        return [wide for _, wide, _, _ in pairs]
+
+    def train_forward(self) -> ContextManager[None]:
+        # The pairs of the last sample_train_arch, used once: a weight step without one (warm-up)
+        # runs the plain forward.
+        pairs, self._train_pairs = self._train_pairs, None
+        return self.mixture.active(pairs) if pairs is not None else contextlib.nullcontext()
+
+    def step(self, score: Score, batch: Optional[Batch] = None) -> dict[str, float]:
+        x, y = require_batch("tas", batch)
+        pairs = self._pairs()
+        self.net.set_arch([wide for _, wide, _, _ in pairs])
+        with validation_mode(self.net), self.mixture.active(pairs):
+            logits = self.net(x)
+        task = F.cross_entropy(logits.float(), y)
+        log_probs = self.groups.log_probs(self.theta)
+        expected = self.expected_macs(self.groups.rows(log_probs.exp()))
+        argmax = self.groups.log_probs(self.theta.detach()).argmax(dim=1).tolist()
+        cost = flops_loss(expected, self.flops(argmax), self.target, self.settings.flops_tolerance)
+        loss = task + self.settings.flops_weight * cost.to(task)
+        (grad,) = torch.autograd.grad(loss, [self.theta])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.theta.grad = average_gradient(grad)
+        self.optimizer.step()
+        self.theta.grad = None
+        accuracy = float((logits.detach().argmax(1) == y).float().mean())
+        return {"reward": accuracy, "entropy": self.groups.entropy(log_probs), "loss": float(task.detach()),
+                "flops_loss": float(cost.detach()), "expected_flops": float(expected.detach()), "tau": self.tau()}
+
+    def beam(self, size: int) -> list[tuple[Arch, float]]:
+        return product_beam(self.groups.rows(self.groups.log_probs(self.theta.detach()).cpu()), size)
+
+    def probabilities(self, arch: Arch) -> list[list[float]]:
+        return [row.tolist() for row in self.groups.rows(self.groups.log_probs(self.theta.detach()).exp().cpu())]
+
+    def policy_entropy(self, samples: int = 256) -> tuple[float, float]:
+        return self.groups.entropy(self.groups.log_probs(self.theta.detach())), self.groups.max_entropy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta": self.theta.detach().cpu().clone(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.theta.copy_(state["theta"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.steps = int(state["steps"])

@@ -1,0 +1,186 @@
+"""What the differentiable width searchers (TAS, ISTA) share: per-decision probabilities in one
+padded table, the exact expected MACs of independent width choices, the FLOPs loss with a
+tolerance band, channel-wise interpolation, the beam of a factorised policy, and a forward
+on a validation batch with its own normalisation statistics and gradients on.
+
+**Expected MACs.** With every decision ``d`` drawn independently from ``p_d``, the expected
+MACs are ``Σ_layers E[macs(layer)]``, and a layer's MACs depend only on the few decisions that
+set its input and output widths (a conv: its input's and its output's; a shortcut projection,
+present only where two widths differ: both; a depthwise conv: one). :class:`ExpectedMacs`
+finds each layer's decisions by changing one decision at a time from a few anchor archs
+(narrowest, widest, standard, two seeded random ones) and comparing the per-layer MACs of
+``layer_shapes``; it then tabulates the layers that share a set of decisions over the grid of
+those decisions' candidates. ``E[MACs] = Σ_sets Σ_grid table · Π_d p_d`` is then exact for
+any coupling the anchors reveal (a layer whose cost changed with a decision at none of the
+anchors would be missed: none does in the built-in spaces, which the tests check by
+enumeration). It is a polynomial in the probabilities, so its gradient is exact too.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apsfast.models import Decision
+
+Arch = list[int]
+GRID_LIMIT = 4096  # candidate combinations one group of coupled decisions may tabulate
+
+
+class Groups:
+    """Ragged per-decision candidate sets as one padded ``[decisions, max candidates]`` table;
+    padding gets ``-inf`` logits (probability 0)."""
+
+    def __init__(self, decisions: Sequence[Decision]) -> None:
+        self.sizes = [len(d.widths) for d in decisions]
+        self.mask = torch.zeros(len(self.sizes), max(self.sizes), dtype=torch.bool)
+        for d, size in enumerate(self.sizes):
+            self.mask[d, :size] = True
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """Per-decision log-softmax of ``logits`` ``[D, K]``, ``-inf`` on the padding."""
+        return logits.masked_fill(~self.mask.to(logits.device), -math.inf).log_softmax(dim=1)
+
+    def rows(self, table: Tensor) -> list[Tensor]:
+        """The valid entries of each row of ``table`` ``[D, K]``."""
+        return [table[d, :size] for d, size in enumerate(self.sizes)]
+
+    def entropy(self, log_probs: Tensor) -> float:
+        """Σ_d H(p_d) in nats, and (second value via :meth:`max_entropy`) its maximum."""
+        return float(sum(-(row.exp() * row).sum() for row in self.rows(log_probs.detach().cpu())))
+
+    def max_entropy(self) -> float:
+        return sum(math.log(k) for k in self.sizes)
+
+
+def layer_macs(net: nn.Module, arch: Sequence[int]) -> dict[str, int]:
+    """``{layer name: MACs}`` of ``net.export(arch)``, from the layer shapes (no forward)."""
+    out: dict[str, int] = {}
+    for shape in net.layer_shapes(list(arch)):
+        if shape.macs:
+            out[shape.name] = out.get(shape.name, 0) + shape.macs
+    return out
+
+
+class ExpectedMacs:
+    """The exact expected MACs of a supernet under independent per-decision probabilities
+    (see the module's documentation). ``terms``: ``(decisions, table)`` pairs."""
+
+    def __init__(self, net: nn.Module) -> None:
+        decisions = net.decisions()
+        sizes = [len(d.widths) for d in decisions]
+        generator = torch.Generator().manual_seed(0)
+        anchors = [net.min_arch(), net.max_arch(), net.standard_arch()]
+        anchors += [[int(torch.randint(k, (), generator=generator)) for k in sizes] for _ in range(2)]
+        depends: dict[str, set[int]] = {}
+        for anchor in anchors:
+            base = layer_macs(net, anchor)
+            for name in base:
+                depends.setdefault(name, set())
+            for d, k in enumerate(sizes):
+                for a in range(k):
+                    if a == anchor[d]:
+                        continue
+                    changed = layer_macs(net, anchor[:d] + [a] + anchor[d + 1:])
+                    for name in set(base) | set(changed):
+                        depends.setdefault(name, set())
+                        if base.get(name, 0) != changed.get(name, 0):
+                            depends[name].add(d)
+        by_set: dict[tuple[int, ...], list[str]] = {}
+        for name, ds in depends.items():
+            by_set.setdefault(tuple(sorted(ds)), []).append(name)
+        self.terms: list[tuple[tuple[int, ...], Tensor]] = []
+        reference = net.min_arch()
+        for ds, names in sorted(by_set.items()):
+            grid = [sizes[d] for d in ds]
+            if math.prod(grid) > GRID_LIMIT:
+                raise ValueError(f"layers {names[:3]} depend on {len(ds)} decisions jointly ({math.prod(grid)} "
+                                 f"candidate combinations, more than {GRID_LIMIT}): no exact expected MACs")
+            table = torch.zeros(grid, dtype=torch.float64)
+            for combo in itertools.product(*(range(k) for k in grid)):
+                arch = list(reference)
+                for d, a in zip(ds, combo):
+                    arch[d] = a
+                macs = layer_macs(net, arch)
+                table[combo] = sum(macs.get(name, 0) for name in names)
+            self.terms.append((ds, table))
+
+    def __call__(self, probs: Sequence[Tensor]) -> Tensor:
+        """E[MACs] (a float64 0-d tensor, differentiable) for per-decision probability vectors."""
+        total = torch.zeros((), dtype=torch.float64)
+        for ds, table in self.terms:
+            value = table
+            for d in reversed(ds):  # contract the last mode with its decision's probabilities
+                value = value @ probs[d].to(torch.float64).cpu()
+            total = total + value
+        return total
+
+
+def flops_loss(expected: Tensor, current: float, target: Optional[float], tolerance: float) -> Tensor:
+    """TAS's FLOPs loss: ``log E[MACs]`` while the current arch is above ``target``,
+    ``−log E[MACs]`` while it is below ``target·(1 − tolerance)``, zero inside the band (and
+    without a target)."""
+    if target is None or target * (1 - tolerance) <= current <= target:
+        return expected.new_zeros(())
+    return expected.log() if current > target else -expected.log()
+
+
+def channel_interpolate(x: Tensor, channels: int) -> Tensor:
+    """TAS's channel-wise interpolation (CWI): ``x`` ``[N, C, H, W]`` to ``channels`` channels by
+    adaptive average pooling over the channel axis (output channel ``j`` averages input
+    channels ``⌊jC/c⌋ … ⌈(j+1)C/c⌉ − 1``)."""
+    if x.shape[1] == channels:
+        return x
+    n, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
+    return F.adaptive_avg_pool1d(flat, channels).reshape(n, h, w, channels).permute(0, 3, 1, 2)
+
+
+def product_beam(log_probs: Sequence[Tensor], size: int) -> list[tuple[Arch, float]]:
+    """The ``size`` most likely archs of independent per-decision distributions, best first
+    (exact: a best sequence's prefixes are among the best prefixes); ties by arch."""
+    beams: list[tuple[float, Arch]] = [(0.0, [])]
+    for row in log_probs:
+        values = row.tolist()
+        beams = sorted(((score + v, arch + [a]) for score, arch in beams for a, v in enumerate(values)),
+                       key=lambda item: (-item[0], item[1]))[:size]
+    return [(arch, score) for score, arch in beams]
+
+
+@contextlib.contextmanager
+def validation_mode(net: nn.Module) -> Iterator[None]:
+    """Train-mode forward with each batch's own normalisation statistics and gradients on, the
+    running statistics untouched (as :func:`apsfast.search.steps.batch_statistics`, without
+    ``no_grad``): a searcher's loss on validation data leaks nothing into the supernet."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = net.training
+    net.eval()
+    for norm in norms:
+        norm.train()
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+        net.train(was_training)
+
+
+def average_gradient(grad: Tensor) -> Tensor:
+    """``grad`` averaged over the processes of a ``torchrun`` group (itself in one process), so
+    every process takes the same architecture step."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        grad /= torch.distributed.get_world_size()
+    return grad
+
+
+def driven_layers(net: nn.Module) -> list[list[nn.Module]]:
+    """The APS convs each decision sets, in decision order (the supernet's own wiring)."""
+    return net._driven

@@ -1,0 +1,108 @@
+"""The steps of a search and of a retrain, as plain functions of their inputs.
+
+A schedule orders them, a benchmark or a test calls one alone. None of them reads a value back
+from the device: losses and counts come back as device tensors, which the schedule reads at its
+log points (so a GPU never waits for the host inside a step).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apsfast.search.session import Precision
+
+
+class StepStats(NamedTuple):
+    """What one training step saw on this process's slice: the summed loss and the number of
+    correctly classified samples (0-d device tensors, float32 or wider) and the slice's size."""
+
+    loss_sum: Tensor
+    correct: Tensor
+    count: int
+
+
+def cosine(step: int, total: int) -> float:
+    """The cosine schedule's factor of the learning rate after ``step`` of ``total`` steps."""
+    return 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every parameter group's learning rate at ``factor`` times its initial one."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+
+
+def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, x: Tensor, y: Tensor,
+                *, grad_clip: Optional[float] = None, label_smoothing: float = 0.0) -> StepStats:
+    """One SGD step of ``model`` on ``(x, y)``: forward (in the run's autocast), cross-entropy
+    in float32, backward through the loss scaler, optional gradient clipping, the optimizer.
+
+    The learning rate is whatever the optimizer holds (see :func:`set_lr`). A non-finite loss
+    is not checked here (that would wait for the device): the schedule checks the sums it
+    accumulates at its log points and before every checkpoint.
+    """
+    with precision.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    precision.scaler.scale(loss).backward()
+    if grad_clip is not None:
+        precision.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    with torch.no_grad():
+        correct = (logits.argmax(1) == y).sum().to(torch.float64)
+        return StepStats(loss.detach().to(torch.float64) * len(y), correct, len(y))
+
+
+@contextlib.contextmanager
+def batch_statistics(net: nn.Module) -> Iterator[None]:
+    """Evaluate with each batch's own batch-norm statistics, leaving the running ones alone.
+
+    A supernet's running statistics mix every arch it was trained on, so the reward of one
+    arch is measured with that batch's statistics (as weight-sharing NAS does); nothing about
+    the validation data leaks into the running statistics. Dropout is off.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = net.training
+    net.eval()
+    for norm in norms:
+        norm.train()
+        norm.track_running_stats = False  # then batch statistics are used and nothing is updated
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+        net.train(was_training)
+
+
+def count_correct(net: nn.Module, archs: Sequence[Sequence[int]], x: Tensor, y: Tensor,
+                  precision: Precision) -> Tensor:
+    """How many samples of ``(x, y)`` each arch of ``archs`` classifies right (a device tensor
+    ``[len(archs)]``), each with the batch's own normalisation statistics."""
+    counts = []
+    with batch_statistics(net), precision.autocast():
+        for arch in archs:
+            net.set_arch(arch)
+            counts.append((net(x).argmax(1) == y).sum())
+    return torch.stack(counts).to(torch.float64)
+
+
+def evaluate(net: nn.Module, arch: Sequence[int], batches, precision: Precision) -> tuple[Tensor, int]:
+    """Correct count (a device tensor) and the number of samples of ``arch`` over ``batches``
+    (already on the device), with each batch's own normalisation statistics."""
+    correct, seen = None, 0
+    for x, y in batches:
+        batch = count_correct(net, [arch], x, y, precision)[0]
+        correct = batch if correct is None else correct + batch
+        seen += len(y)
+    return correct, seen

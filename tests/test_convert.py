@@ -1,0 +1,398 @@
+"""apsfast.convert: plain PyTorch models to supernets, grouped by reading the traced graph."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import apsfast
+from apsfast.models import count_macs
+from apsfast.models.converter import supernet as convert_supernet
+from apsfast.nn import APSConv2d, APSLayer, aps_layers, network_sharing_level, network_transition_step
+
+F64 = torch.float64
+SIZE = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: with intra-op threads, their convs spend more time waking and
+    waiting for threads (worse on a shared machine) than computing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- the models (plain PyTorch, written for these tests) -------------------------------------
+
+class Basic(nn.Module):
+    """A ResNet basic block; the shortcut projects when the width or resolution changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(Basic(16, 16, 1), Basic(16, 16, 1))
+        self.layer2 = nn.Sequential(Basic(16, 32, 2), Basic(32, 32, 1))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+        return x * gate
+
+
+class Inverted(nn.Module):
+    """MobileNet-v2 block: expand 1×1, depthwise 3×3, squeeze-excitation, project 1×1."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, se: bool) -> None:
+        super().__init__()
+        hidden = 4 * c_in
+        self.expand = nn.Sequential(nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.se = SqueezeExcite(hidden, 8) if se else nn.Identity()
+        self.project = nn.Sequential(nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        out = self.project(self.se(self.dw(self.expand(x))))
+        return x + out if self.residual else out
+
+
+class TinyMobileNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.blocks = nn.Sequential(Inverted(16, 16, 1, True), Inverted(16, 24, 2, True),
+                                    Inverted(24, 24, 1, False))
+        self.head = nn.Sequential(nn.Conv2d(24, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6())
+        self.head_width = 64
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        # The width as a constant: convert must read the live channel count instead.
+        return self.classifier(x.mean((2, 3)).view(-1, self.head_width))
+
+
+class TwoBranch(nn.Module):
+    """Concatenated branches, then grouped convs (groups=2): one on a single-producer input,
+    one on the concatenation of two equal branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(40, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=2), nn.BatchNorm2d(32), nn.ReLU())
+        self.p = nn.Conv2d(32, 16, 1)
+        self.q = nn.Conv2d(32, 16, 3, 1, 1)
+        self.mix = nn.Conv2d(32, 24, 3, 2, 1, groups=2)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.grouped(self.fuse(torch.cat([self.a(x), self.b(x)], dim=1)))
+        x = self.mix(torch.cat((self.p(x), self.q(x)), 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class FlattenHead(nn.Module):
+    """VGG-like: the classifier reads the flattened 4×4 feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 24, 3, 1, 1), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2))
+        self.hidden = nn.Linear(24 * 4 * 4, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        return self.out(F.relu(self.hidden(x)))
+
+
+MODELS = {"resnet": TinyResNet, "mobilenet": TinyMobileNet, "branches": TwoBranch, "flatten": FlattenHead}
+# Per model: options, and the decisions (names and candidate widths) the graph must give.
+EXPECTED = {
+    "resnet": ({}, {"stem.0": (8, 16), "layer1.0.conv1": (8, 16), "layer1.1.conv1": (8, 16),
+                    "layer2.0.conv1": (16, 24, 32), "layer2.0.conv2": (16, 24, 32),
+                    "layer2.1.conv1": (16, 24, 32)}),
+    "mobilenet": ({}, {"stem.0": (8, 16), "blocks.0.expand.0": (32, 48, 64), "blocks.1.expand.0": (32, 48, 64),
+                       "blocks.1.project.0": (16, 24), "blocks.2.expand.0": (48, 72, 96),
+                       "head.0": (32, 48, 64)}),
+    "branches": ({"round_to": 3}, {"stem.0": (9, 12, 16), "a.0": (9, 12, 16), "b.0": (12, 18, 24),
+                                   "fuse.0": (18, 24, 32), "grouped.0": (18, 24, 32), "p": (9, 12, 16),
+                                   "mix": (12, 18, 24)}),
+    "flatten": ({}, {"features.0": (8, 16), "features.4": (16, 24)}),
+}
+
+
+def randomised(model: nn.Module) -> nn.Module:
+    """Non-trivial batch-norm statistics and affine parameters, so that a mis-selected channel
+    shows up in the outputs."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model
+
+
+def make(name: str, dtype=F64, **options):
+    torch.manual_seed(0)
+    model = randomised(MODELS[name]().to(dtype)).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=dtype)
+    net = apsfast.convert(model, x, **{**EXPECTED[name][0], **options})
+    return model, net, x
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def converted(request):
+    return (request.param, *make(request.param))
+
+
+# --- every model ---------------------------------------------------------------------------
+
+def test_decisions_group_coupled_channels(converted):
+    name, _, net, _ = converted
+    assert {d.name: d.widths for d in net.decisions()} == EXPECTED[name][1]
+    assert net.name == f"converted:{type(MODELS[name]()).__name__}"
+    assert net.input_size == SIZE and net.in_channels == 3
+    assert net.max_arch() == net.standard_arch()
+
+
+def test_standard_arch_is_the_original(converted):
+    _, model, net, x = converted
+    net.eval()
+    net.set_arch(net.standard_arch())
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))  # float64: exactly
+    static = net.export(net.standard_arch())
+    assert sum(p.numel() for p in static.parameters()) == sum(p.numel() for p in model.parameters())
+    assert count_macs(static, SIZE) == count_macs(model, SIZE)
+    assert net.flops(net.standard_arch()) == sum(count_macs(model, SIZE).values())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_standard_arch_float32(name):
+    model, net, x = make(name, dtype=torch.float32)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x))
+    # The export keeps the original names: the original model loads its state.
+    model.load_state_dict(net.export(net.standard_arch()).state_dict())
+
+
+def test_random_archs_export_equal_and_costed(converted):
+    _, _, net, x = converted
+    net.eval()
+    gen = torch.Generator().manual_seed(3)
+    for arch in [net.min_arch()] + [net.sample_uniform(gen) for _ in range(3)]:
+        net.set_arch(arch)
+        static = net.export(arch)
+        assert not any(isinstance(m, APSLayer) for m in static.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(static(x), net(x), rtol=1e-12, atol=1e-12)
+        assert net.flops(arch) == sum(count_macs(static, SIZE).values())
+        assert net.params(arch) == sum(p.numel() for p in static.parameters())
+        assert sum(s.macs for s in net.layer_shapes(arch)) == net.flops(arch)
+
+
+def test_arch_json_round_trip(converted):
+    _, _, net, _ = converted
+    arch = net.sample_uniform(torch.Generator().manual_seed(4))
+    text = net.arch_to_json(arch)
+    assert net.arch_from_json(text) == arch
+    assert json.loads(text)["options"]["sharing"] == "transitional"
+
+
+def test_training_step_reaches_meta_weights(converted):
+    name, _, _, x = converted
+    _, net, x = make(name)  # a fresh one: this test trains it
+    net.train()
+    net.set_arch(net.sample_uniform(torch.Generator().manual_seed(5)))
+    net(x).square().mean().backward()
+    for layer in aps_layers(net):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_transition_lowers_phi(converted):
+    name = converted[0]
+    _, net, x = make(name)
+    # Φ before each step: the first step starts the transition (perturbing the exact ordinal
+    # start, which can raise Φ a little on wide layers); from there every step lowers it.
+    phis = [float(network_transition_step(net, 1e-3, relative=True)) for _ in range(4)]
+    assert all(b < a for a, b in zip(phis, phis[1:]))
+    assert network_sharing_level(net) < phis[-1]
+    net.eval()
+    arch = net.sample_uniform(torch.Generator().manual_seed(6))
+    net.set_arch(arch)
+    with torch.no_grad():  # dense transforms now: the export still matches
+        torch.testing.assert_close(net.export(arch)(x), net(x), rtol=1e-10, atol=1e-10)
+
+
+# --- layout specifics ----------------------------------------------------------------------
+
+def test_residual_stream_is_one_decision():
+    _, net, _ = make("resnet")
+    names = [d.name for d in net.decisions()]
+    arch = net.max_arch()
+    arch[names.index("stem.0")] = 0  # the first stage's stream: stem, both blocks' conv2
+    arch[names.index("layer2.0.conv2")] = 1  # the second's: its conv2s and the projection
+    static = net.export(arch)
+    assert {static.get_submodule(p).out_channels for p in ("stem.0", "layer1.0.conv2", "layer1.1.conv2")} == {8}
+    assert static.get_submodule("layer2.0.downsample.0").in_channels == 8
+    assert {static.get_submodule(p).out_channels
+            for p in ("layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2")} == {24}
+    assert static.get_submodule("fc").in_features == 24
+
+
+def test_grouped_conv_widths_stay_divisible():
+    _, net, _ = make("branches")
+    widths = {d.name: d.widths for d in net.decisions()}
+    for name in ("fuse.0", "grouped.0", "mix"):  # one segment read or written by a groups=2 conv
+        assert all(w % 6 == 0 or w == max(widths[name]) for w in widths[name]), name  # lcm(3, 2)
+    # p and q each fill one group of 'mix': coupled (equal widths), each any multiple of 3.
+    assert "q" not in widths and widths["p"] == (9, 12, 16)
+
+
+def test_original_model_is_untouched_and_weights_embedded():
+    model, net, _ = make("resnet")
+    assert not any(isinstance(m, APSLayer) for m in model.modules())
+    layer = net.get_submodule("net.layer1.0.conv1")
+    assert isinstance(layer, APSConv2d) and layer.weight.shape[0] == 8 + 16  # Σ candidates
+    assert torch.equal(layer.weight[:16, :16], model.layer1[0].conv1.weight)
+
+
+@pytest.mark.parametrize("sharing", ["ordinal", "independent"])
+def test_other_sharing_modes_keep_the_original(sharing):
+    model, net, x = make("mobilenet", sharing=sharing)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, 1, 1)
+
+    def forward(self, x):
+        if x.mean() > 0:  # data-dependent control flow
+            return self.conv(x)
+        return x
+
+
+class Shuffle(nn.Module):
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class Chunked(nn.Module):
+    def forward(self, x):
+        a, b = torch.chunk(x, 2, dim=1)
+        return torch.cat([b, a], 1)
+
+
+class Host(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.inner = inner
+        self.conv = nn.Conv2d(16, 32, 3, 1, 1)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = self.conv(self.inner(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("inner, match", [(Gated(), r"torch.fx cannot trace .* module 'inner'.*control flow"),
+                                          (Shuffle(), r"node 'view' \(call_method view\) in module 'inner'"),
+                                          (Chunked(), r"node 'chunk' \(call_function chunk\) in module 'inner'")],
+                         ids=["control-flow", "shuffle", "chunk"])
+def test_refused_then_accepted_with_exclude(monkeypatch, inner, match):
+    model = randomised(Host(inner).double()).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a refused model must not reach the build")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_supernet, "build_supernet", never)
+        with pytest.raises(ValueError, match=match) as error:
+            apsfast.convert(model, x)
+    assert "exclude=['inner']" in str(error.value)
+    net = apsfast.convert(model, x, exclude=["inner"])
+    assert [d.name for d in net.decisions()] == ["conv"]  # the stem's output meets 'inner': fixed
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+    arch = net.min_arch()
+    static = net.export(arch)
+    assert net.flops(arch) == sum(count_macs(static, SIZE).values())
+    assert net.params(arch) == sum(p.numel() for p in static.parameters())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"widths": (0.5, 1.5)}, ValueError, "widths must be a non-empty sequence of ratios in \\(0, 1\\]"),
+    ({"widths": ()}, ValueError, "widths must"),
+    ({"widths": "0.5"}, TypeError, "widths must"),
+    ({"round_to": 0}, ValueError, "round_to must be a positive int"),
+    ({"sharing": "shared"}, ValueError, "sharing must be one of"),
+    ({"exclude": ["layer9"]}, ValueError, "exclude names 'layer9', which is not a submodule"),
+    ({"exclude": [3]}, TypeError, "exclude must be a sequence of submodule names"),
+    ({"example_input": torch.zeros(2, 3, SIZE)}, ValueError, "example_input must be a non-empty 4-D"),
+    ({"example_input": torch.zeros(2, 3, SIZE, SIZE, dtype=torch.int64)}, TypeError,
+     "example_input must be a floating"),
+    ({"example_input": [1.0]}, TypeError, "example_input must be a floating"),
+    ({"model": "resnet"}, TypeError, "model must be a torch.nn.Module"),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_bad_arguments(kwargs, error, match):
+    args = {"model": TinyResNet(), "example_input": torch.zeros(1, 3, SIZE, SIZE), **kwargs}
+    with pytest.raises(error, match=match):
+        apsfast.convert(args.pop("model"), args.pop("example_input"), **args)

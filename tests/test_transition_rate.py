@@ -1,0 +1,64 @@
+"""APS-T's default transition rate spans the search phase: Φ falls by at least 30% over it and
+the middle of the phase has done between 25% and 85% of the fall, for every preset's space.
+
+The transition depends on P, Q only, so it runs here without data. The demo preset runs its
+whole search phase (368 steps); the paper's presets run their space (ImageNet ones with their
+candidate counts and structure at narrower widths) over a 240-step phase: the steered rate
+works in fractions of the phase, so the length changes the step size, not the shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apsfast import models
+from apsfast.nn import network_sharing_level
+from apsfast.search import load_config
+from apsfast.search.strategies import TransitionRate, transition
+
+
+def phase_fall(name: str, options: dict, steps: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    net = models.build(name, **options)
+    rate = TransitionRate(None, steps)
+    phis = []
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            phi = transition(net, rate.tau)
+            phis.append(float(phi))
+            rate.observe(step, phi)
+    phis.append(float(network_sharing_level(net)))
+    start, middle, end = phis[0], phis[steps // 2], phis[-1]
+    return (start - end) / start, (start - middle) / (start - end)
+
+
+def preset_case(preset: str, widths=None, steps=None):
+    config = load_config(preset)
+    train = config.train
+    options = dict(config.model.options)
+    if widths is not None:
+        options.update(widths=widths, input_size=32)
+    if steps is None:  # the whole search phase of the preset
+        per_epoch = (round(6000 * (1 - config.data.val_fraction)) // train.batch_size)
+        steps = per_epoch * (train.epochs - train.warmup_epochs)
+    assert config.sharing.tau is None  # the preset uses the steered rate
+    return config.model.name, options, steps
+
+
+@pytest.mark.parametrize("preset, widths, steps", [
+    pytest.param("demo", None, None, id="demo-whole-phase"),
+    pytest.param("resnet20_cifar", None, 240, id="resnet20_cifar"),
+    pytest.param("resnet18_imagenet", [8, 12, 16, 20], 240, id="resnet18_imagenet-narrow"),
+    pytest.param("mobilenetv2_imagenet", [2, 3, 4, 5], 240, id="mobilenetv2_imagenet-narrow"),
+])
+def test_phi_falls_over_the_whole_search_phase(preset, widths, steps):
+    name, options, steps = preset_case(preset, widths, steps)
+    fall, done_at_middle = phase_fall(name, options, steps)
+    assert fall >= 0.30, f"Φ fell by {fall:.0%} only"
+    assert 0.25 <= done_at_middle <= 0.85, f"{done_at_middle:.0%} of the fall was done at the middle"
+
+
+def test_a_fixed_tau_is_kept():
+    rate = TransitionRate(1e-3, 100)
+    for step in range(1, 101):
+        rate.observe(step, torch.tensor(float(step)))
+    assert rate.tau == 1e-3 and rate.state_dict()["phi0"] is None
