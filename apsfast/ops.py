@@ -106,6 +106,49 @@ def _construct_grouped_backward(ctx, grads: list[Tensor]):
 construct_grouped.register_autograd(_construct_grouped_backward, setup_context=_construct_grouped_setup_context)
 
 
+@torch.library.custom_op("apsfast::sharing_level", mutates_args=())
+def sharing_level(Ps: list[Tensor], Qs: list[Tensor]) -> Tensor:
+    """Φ of one layer (paper eq. 4), ``S(P) · S(Q)``, a 0-d tensor; an empty side (the
+    identity) contributes 1. All transforms share one device and dtype. See
+    :func:`apsfast.reference.sharing_level`."""
+    first = (Ps or Qs)[0]
+    return _backends.select("sharing_level", first.device, first.dtype).sharing_level(Ps, Qs)
+
+
+@sharing_level.register_fake
+def _sharing_level_fake(Ps, Qs) -> Tensor:
+    return (Ps or Qs)[0].new_empty(())
+
+
+@torch.library.custom_op("apsfast::sharing_level_backward", mutates_args=())
+def sharing_level_backward(grad: Tensor, Ps: list[Tensor], Qs: list[Tensor]) -> list[Tensor]:
+    """``grad · ∂Φ/∂M`` for every transform, those of ``Ps`` then those of ``Qs``."""
+    first = (Ps or Qs)[0]
+    backend = _backends.select("sharing_level_backward", first.device, first.dtype)
+    return backend.sharing_level_backward(grad, Ps, Qs)
+
+
+@sharing_level_backward.register_fake
+def _sharing_level_backward_fake(grad, Ps, Qs) -> list[Tensor]:
+    return [M.new_empty(M.shape) for M in (*Ps, *Qs)]
+
+
+def _sharing_level_setup_context(ctx, inputs, output) -> None:
+    # Transforms are parameters (or views of them): saving them keeps no extra memory alive.
+    Ps, Qs = inputs
+    ctx.num_P = len(Ps)
+    ctx.save_for_backward(*Ps, *Qs)
+
+
+def _sharing_level_backward(ctx, grad: Tensor):
+    saved = list(ctx.saved_tensors)
+    grads = sharing_level_backward(grad, saved[:ctx.num_P], saved[ctx.num_P:])
+    return grads[:ctx.num_P], grads[ctx.num_P:]
+
+
+sharing_level.register_autograd(_sharing_level_backward, setup_context=_sharing_level_setup_context)
+
+
 @torch.library.custom_op("apsfast::transition_step_all", mutates_args=("Ms",))
 def transition_step_all(Ms: list[Tensor], widths: list[int], counts: list[int], partner: list[int],
                         tau: float, relative: bool = False) -> Tensor:

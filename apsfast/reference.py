@@ -14,11 +14,14 @@ Shapes follow PyTorch's conv layout:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from apsfast._order import p_first
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -41,7 +44,8 @@ def standard_strides(t: Tensor) -> Tensor:
 
 def _mode_product(weight: Tensor, M: Tensor, mode: int) -> Tensor:
     """``weight ×_mode Mᵀ``: contract dim ``mode`` (0 or 1) of ``weight`` with the rows of ``M``."""
-    flat = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    # S computed, not inferred, so that an empty candidate (a zero-size mode) reshapes too.
+    flat = weight.reshape(weight.shape[0], weight.shape[1], math.prod(weight.shape[2:]))
     if mode == 0:
         out = torch.einsum("ao,abs->obs", M, flat)
     else:
@@ -57,10 +61,8 @@ def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tenso
         return _mode_product(weight, Q, 1)
     if Q is None:
         return _mode_product(weight, P, 0)
-    # Both orders give the same kernel; cost per kernel element: P first = c_o·C_out·C_in +
-    # c_o·C_in·c_i, Q first = C_out·C_in·c_i + c_o·C_out·c_i. Take the cheaper one.
-    (C_out, c_o), (C_in, c_i) = P.shape, Q.shape
-    if c_o * C_out * C_in + c_o * C_in * c_i <= C_out * C_in * c_i + c_o * C_out * c_i:
+    # Both orders give the same kernel; take the cheaper one (apsfast._order).
+    if p_first(*P.shape, *Q.shape):
         return _mode_product(_mode_product(weight, P, 0), Q, 1)
     return _mode_product(_mode_product(weight, Q, 1), P, 0)
 
@@ -94,14 +96,6 @@ def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
     return [construct(w, P, Q) for w, P, Q in zip(weights, Ps, Qs)]
 
 
-def aps_conv2d(input: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
-    """conv2d with the candidate kernel; the meta-bias ``[C_out]`` is projected as ``Pᵀ b``."""
-    if bias is not None and P is not None:
-        bias = bias @ P
-    return F.conv2d(input, construct(weight, P, Q), bias, stride, padding, dilation, groups)
-
-
 def sharing_score(Ms: Sequence[Tensor]) -> Tensor:
     """One side's factor of eq. 4: ``S(M) = Σ_{a ≤ ã} ‖M^{aᵀ} M^{ã}‖²_F``.
 
@@ -122,9 +116,23 @@ def sharing_score_grad(Ms: Sequence[Tensor]) -> list[Tensor]:
 
 
 def sharing_level(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]]) -> Tensor:
-    """Φ of one layer, eq. 4: ``Φ = S(Q) · S(P)``; a side given as ``None`` contributes 1."""
-    factors = [sharing_score(Ms) for Ms in (Ps, Qs) if Ms is not None]
+    """Φ of one layer, eq. 4: ``Φ = S(Q) · S(P)``; a side given as ``None`` (or empty)
+    contributes 1."""
+    factors = [sharing_score(Ms) for Ms in (Ps, Qs) if Ms]
     return factors[0] * factors[1] if len(factors) == 2 else factors[0]
+
+
+def sharing_level_backward(grad: Tensor, Ps: Optional[Sequence[Tensor]],
+                           Qs: Optional[Sequence[Tensor]]) -> list[Tensor]:
+    """``grad · ∂Φ/∂M`` for every transform, those of ``Ps`` then those of ``Qs``:
+    ``∂Φ/∂P^a = S(Q) · ∂S(P)/∂P^a`` and ``∂Φ/∂Q^a = S(P) · ∂S(Q)/∂Q^a`` (eq. 4)."""
+    sides = [Ms for Ms in (Ps, Qs) if Ms]
+    scores = [sharing_score(Ms) for Ms in sides]
+    grads = []
+    for k, Ms in enumerate(sides):
+        scale = grad * scores[1 - k] if len(sides) == 2 else grad
+        grads.extend(scale * g for g in sharing_score_grad(Ms))
+    return grads
 
 
 def _step_sides(sides: Sequence[Sequence[Tensor]], partner: Sequence[int], tau: float,

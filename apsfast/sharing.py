@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apsfast import _checks, ops, reference
+from apsfast import _checks, ops
 
 MODES = ("ordinal", "independent", "orthogonal")
 
@@ -100,7 +100,7 @@ def sharing_level(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]]
         A 0-d tensor, differentiable in every transform.
     """
     Ps, Qs = _check_layer(Ps, Qs)
-    return reference.sharing_level(Ps, Qs)
+    return ops.sharing_level(Ps or [], Qs or [])
 
 
 def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor]], tau: float, *,
@@ -117,7 +117,7 @@ def transition_step(Ps: Optional[Sequence[Tensor]], Qs: Optional[Sequence[Tensor
     """
     Ps, Qs = _check_layer(Ps, Qs)
     tau = _checks.finite_float("tau", tau, positive=True)
-    return reference.transition_step(Ps, Qs, tau, _checks.flag("relative", relative))
+    return _step_layers([(Ps, Qs)], tau, _checks.flag("relative", relative))
 
 
 def _side_matrix(Ms: list[Tensor]) -> tuple[Tensor, bool]:
@@ -161,8 +161,8 @@ def transition_step_all(layers: Sequence[tuple[Optional[Sequence[Tensor]], Optio
     if isinstance(layers, Tensor) or not isinstance(layers, Sequence) or len(layers) == 0:
         raise TypeError(f"layers must be a non-empty sequence of (Ps, Qs) pairs, got {type(layers).__name__}")
     tau = _checks.finite_float("tau", tau, positive=True)
-    sides, widths, counts, partner, copies = [], [], [], [], []
-    ref = None
+    relative = _checks.flag("relative", relative)
+    checked, ref = [], None
     for l, pair in enumerate(layers):
         if not (isinstance(pair, Sequence) and len(pair) == 2):
             raise TypeError(f"layers[{l}] must be a (Ps, Qs) pair, got {type(pair).__name__}")
@@ -174,6 +174,17 @@ def transition_step_all(layers: Sequence[tuple[Optional[Sequence[Tensor]], Optio
                     _checks.same_kind("transform", Ms[0], "layers[0]'s transforms", ref)
         except (TypeError, ValueError) as err:
             raise type(err)(f"layers[{l}]: {err}") from None
+        checked.append((Ps, Qs))
+    return _step_layers(checked, tau, relative)
+
+
+def _step_layers(layers: Sequence[tuple[Optional[list[Tensor]], Optional[list[Tensor]]]], tau: float,
+                 relative: bool) -> Tensor:
+    """Checked layers through ``apsfast::transition_step_all``: each side packed as one matrix
+    (the layer's own storage where its transforms are adjacent column blocks of it, else a
+    copy, written back after the step)."""
+    sides, widths, counts, partner, copies = [], [], [], [], []
+    for Ps, Qs in layers:
         present = [Ms for Ms in (Ps, Qs) if Ms is not None]
         for k, Ms in enumerate(present):
             matrix, copied = _side_matrix(Ms)
@@ -183,7 +194,7 @@ def transition_step_all(layers: Sequence[tuple[Optional[Sequence[Tensor]], Optio
             counts.append(len(Ms))
             copies.append(Ms if copied else None)
     with torch.no_grad():
-        phi = ops.transition_step_all(sides, widths, counts, partner, tau, _checks.flag("relative", relative))
+        phi = ops.transition_step_all(sides, widths, counts, partner, tau, relative)
         for matrix, Ms in zip(sides, copies):
             if Ms is not None:
                 for M, new in zip(Ms, torch.split(matrix, [M.shape[1] for M in Ms], dim=1)):

@@ -48,7 +48,7 @@ for name in $STAGES; do
             stage errors 60 $PY -m apsfast info --check
             cat "$LOGS/errors.log" ;;
         tests)  # xdist: a crashing test is reported by name and its worker replaced
-            stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/test_cuda_sources.py \
+            stage tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests \
                 ${TESTS_K:+-k "$TESTS_K"}
             grep -E "crashed|FAILED|ERROR|passed|failed" "$LOGS/tests.log" | tail -25 ;;
         profile)

@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Kernels are decorated when this module is imported: they run in the interpreter (on CPU
-# tensors) only if TRITON_INTERPRET=1 was set by then.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+from apsfast._order import p_first
+
+from .common import INTERPRETED, TL_DTYPES, acc_dtype, cast_out, fp32_precision, half_dot_dtype, mma
 
 # Block sizes (tl.dot needs every block dim ≥ 16): 64×64 output tiles with 32-deep K steps keep
 # the operands of a 4-warp program in registers for float32 and half inputs alike; a single
@@ -50,10 +50,6 @@ BLOCK_C, BLOCK_X, BLOCK_K = 64, 64, 32
 SMALL_BLOCK_C = 32
 NUM_WARPS = 4
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-              torch.float32: tl.float32, torch.float64: tl.float64}
-_FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
-
 # One GEMM's row of the grouped table (int64), in this order:
 #   0 M_ptr, 1 X_ptr, 2 Y_ptr, 3 C, 4 NX, 5 K, 6 DIV, 7 M_stride_k, 8 M_stride_c,
 #   9 X_stride_k, 10 X_stride_h, 11 X_stride_l, 12 Y_stride_c, 13 Y_stride_h, 14 Y_stride_l,
@@ -64,25 +60,6 @@ _NPARAM = 17
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _mma(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` with both operands in ``DOT_DTYPE`` (a no-op cast when they already are),
-    accumulated in ``acc``'s dtype (a GPU compile needs it named for float64)."""
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
-
-
-@triton.jit
-def cast_out(x, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """``x.to(DTYPE)`` rounded to nearest even. GPUs round so in hardware; the interpreter
-    truncates float32 → bfloat16, so with ``ROUND_BF16`` the rounding is done on the bits first."""
-    if ROUND_BF16:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + (0x7FFF + ((bits >> 16) & 1))
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
-
-
 @triton.jit
 def _mode_product_tile(M_ptr, X_ptr, c_offs, x_offs, C, NX, K, DIV,
                        M_stride_k, M_stride_c, X_stride_k, X_stride_h, X_stride_l,
@@ -106,7 +83,7 @@ def _mode_product_tile(M_ptr, X_ptr, c_offs, x_offs, C, NX, K, DIV,
                     mask=c_mask[:, None] & k_mask[None, :], other=0.0)
         x = tl.load(X_ptr + k64[:, None] * X_stride_k + x_base[None, :],
                     mask=k_mask[:, None] & x_mask[None, :], other=0.0)
-        acc = _mma(m, x, acc, DOT_DTYPE, PRECISION)
+        acc = mma(m, x, acc, DOT_DTYPE, PRECISION)
     return acc
 
 
@@ -187,25 +164,12 @@ def _construct_grouped_kernel(TABLE_ptr, TILE_JOB_ptr, M_REF_ptr, X_REF_ptr, Y_R
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulator (and workspace) dtype for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def fp32_precision() -> str:
-    """tl.dot's ``input_precision`` for float32 operands, following torch's matmul setting."""
-    return _FP32_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
-
-
 def dot_config(x_dtype: torch.dtype, m_dtype: torch.dtype) -> tuple:
     """``(DOT_DTYPE, PRECISION)`` for a product of an ``x_dtype`` by an ``m_dtype`` operand."""
     if x_dtype == torch.float64 or m_dtype == torch.float64:
         return tl.float64, "ieee"
     if x_dtype == m_dtype and x_dtype in (torch.float16, torch.bfloat16):
-        # The interpreter multiplies bfloat16 blocks as raw uint16 words: upcast there.
-        if INTERPRETED and x_dtype == torch.bfloat16:
-            return tl.float32, "ieee"
-        return _TL_DTYPES[x_dtype], "ieee"
+        return half_dot_dtype(x_dtype), "ieee"
     if x_dtype != m_dtype:
         # A float32 intermediate against a half transform: TF32 rounds the intermediate no
         # coarser than torch's own half intermediate would be.
@@ -258,14 +222,9 @@ def _launch_mode(X3: Tensor, M: Tensor, Y3: Tensor, mode: int) -> None:
     _construct_mode_kernel[grid](M, X3, Y3, g["C"], g["NX"], g["K"], g["DIV"],
                                  g["M_stride_k"], g["M_stride_c"], g["X_stride_k"], g["X_stride_h"],
                                  g["X_stride_l"], g["Y_stride_c"], g["Y_stride_h"], g["Y_stride_l"],
-                                 ACC_DTYPE=_TL_DTYPES[acc_dtype(X3.dtype)], DOT_DTYPE=dot_dtype,
+                                 ACC_DTYPE=TL_DTYPES[acc_dtype(X3.dtype)], DOT_DTYPE=dot_dtype,
                                  PRECISION=precision, BLOCK_C=block_c, BLOCK_X=BLOCK_X, BLOCK_K=BLOCK_K,
                                  ROUND_BF16=INTERPRETED, num_warps=NUM_WARPS)
-
-
-def p_first(C_out: int, C_in: int, c_o: int, c_i: int) -> bool:
-    """Whether the output-side product goes first (the cheaper order; ties: P first)."""
-    return c_o * C_out * C_in + c_o * C_in * c_i <= C_out * C_in * c_i + c_o * C_out * c_i
 
 
 def _plan(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]):
@@ -275,7 +234,7 @@ def _plan(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]):
         return [] if Q is None else [(1, Q)]
     if Q is None:
         return [(0, P)]
-    if p_first(C_out, C_in, P.shape[1], Q.shape[1]):
+    if p_first(C_out, P.shape[1], C_in, Q.shape[1]):
         return [(0, P), (1, Q)]
     return [(1, Q), (0, P)]
 
@@ -345,7 +304,7 @@ def _launch_grouped(jobs: list, device: torch.device, M_ref: Tensor, X_ref: Tens
     mixed = WS_ref.dtype != Y_ref.dtype and any(job[4] for job in jobs)
     _construct_grouped_kernel[(start,)](
         table, tile_map, M_ref, X_ref, Y_ref, WS_ref, HAS_WS_OUTPUT=mixed, NPARAM=_NPARAM,
-        ACC_DTYPE=_TL_DTYPES[acc_dtype(X_ref.dtype)], DOT_DTYPE=dot_dtype, PRECISION=precision,
+        ACC_DTYPE=TL_DTYPES[acc_dtype(X_ref.dtype)], DOT_DTYPE=dot_dtype, PRECISION=precision,
         BLOCK_C=BLOCK_C, BLOCK_X=BLOCK_X, BLOCK_K=BLOCK_K, ROUND_BF16=INTERPRETED, num_warps=NUM_WARPS)
 
 

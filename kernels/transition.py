@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .construct import INTERPRETED, acc_dtype, cast_out, fp32_precision
+from .common import INTERPRETED, TL_DTYPES, acc_dtype, cast_out, fp32_precision, half_dot_dtype, mma
 
 BLOCK_T, BLOCK_TK = 64, 32                    # Gram tiles (square) and their K step
 BLOCK_R, BLOCK_N, BLOCK_UK = 64, 32, 32       # update: rows per step, columns per program, K step
@@ -43,18 +43,10 @@ BLOCK_RED = 256                               # partial sums reduced per step
 EPS = 1e-12                                   # F.normalize's
 NUM_WARPS = 4
 
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-       torch.float64: tl.float64}
-
 # Rows of the int64 tables.
 _GRAM_NP = 11   # X_ptr, X_sr, X_sk, R, K, out_off, snap_off, snap_sr, snap_sk, blk_off, unused
 _SIDE_NP = 12   # M_ptr, M_s0, M_s1, C, n, snap_off, u_off, h_off, outer, p_start, p_end, partner
 _UPD_NP = 5     # side, col0, blk_off, blk_w, d_off
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -114,7 +106,7 @@ def _transition_gram_kernel(TABLE_ptr, TILES_ptr, X_REF_ptr, WS_ptr, BLK_ptr, PA
                     mask=mk[:, None] & mj[None, :], other=0.0)
         tl.store(WS_ptr + snap_base + ri64[:, None] * snap_stride_r + k64[None, :] * snap_stride_k,
                  a.to(ACC_DTYPE), mask=(ri < snap_rows)[:, None] & mk[None, :])
-        acc = _mma(a, b, acc, DOT_DTYPE, PRECISION)
+        acc = mma(a, b, acc, DOT_DTYPE, PRECISION)
 
     mask = mi[:, None] & mj[None, :]
     tl.store(WS_ptr + out_off + ri64[:, None] * R + rj64[None, :], acc, mask=mask)
@@ -191,7 +183,7 @@ def _transition_update_kernel(SIDES_ptr, TILES_ptr, M_REF_ptr, WS_ptr, PART_ptr,
                             mask=mr[:, None] & mk[None, :], other=0.0)
                 b = tl.load(WS_ptr + snap_off + k64[:, None] * n + cols64[None, :],
                             mask=mk[:, None] & mc[None, :], other=0.0)
-                grad = _mma(a, b, grad, ACC_DTYPE, PRECISION)
+                grad = mma(a, b, grad, ACC_DTYPE, PRECISION)
             # M_a G_aa, G_aa [blk_w, blk_w] at WS[d_off:].
             for k0 in range(0, blk_w, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
@@ -201,7 +193,7 @@ def _transition_update_kernel(SIDES_ptr, TILES_ptr, M_REF_ptr, WS_ptr, PART_ptr,
                             mask=mr[:, None] & mk[None, :], other=0.0)
                 b = tl.load(WS_ptr + d_off + k64[:, None] * blk_w + (cols64 - blk_off)[None, :],
                             mask=mk[:, None] & mc[None, :], other=0.0)
-                grad = _mma(a, b, grad, ACC_DTYPE, PRECISION)
+                grad = mma(a, b, grad, ACC_DTYPE, PRECISION)
         else:
             # M (G[:, a] + E_a): H = MᵀM [n, n], rows of block a counted twice.
             for k0 in range(0, n, BLOCK_K):
@@ -214,7 +206,7 @@ def _transition_update_kernel(SIDES_ptr, TILES_ptr, M_REF_ptr, WS_ptr, PART_ptr,
                             mask=mk[:, None] & mc[None, :], other=0.0)
                 in_block = (k >= blk_off) & (k < blk_off + blk_w)
                 b = tl.where(in_block[:, None], 2.0 * b, b)
-                grad = _mma(a, b, grad, ACC_DTYPE, PRECISION)
+                grad = mma(a, b, grad, ACC_DTYPE, PRECISION)
         mask = mr[:, None] & mc[None, :]
         p = tl.load(WS_ptr + snap_off + rows64[:, None] * n + cols64[None, :], mask=mask, other=0.0)
         u = tl.where(mask, p - step * grad, 0.0)
@@ -335,7 +327,7 @@ def transition_step_all_forward(Ms: Sequence[Tensor], widths: Sequence[int], cou
     """
     plan = _plan(Ms, widths, counts, partner)
     dtype = Ms[0].dtype
-    acc = _TL[plan.acc]
+    acc = TL_DTYPES[plan.acc]
     phi = torch.empty((), dtype=plan.acc, device=Ms[0].device)
     if dtype == torch.float64:
         gram_dot, gram_precision, upd_precision = tl.float64, "ieee", "ieee"
@@ -343,10 +335,9 @@ def transition_step_all_forward(Ms: Sequence[Tensor], widths: Sequence[int], cou
         gram_dot, gram_precision = tl.float32, fp32_precision()
         upd_precision = gram_precision
     else:
-        # Half inputs: products on the tensor cores (the interpreter multiplies bfloat16 as
-        # raw words, so it gets float32); the float32 update may use TF32 since it is rounded
-        # to the input's precision at the end.
-        gram_dot = tl.float32 if INTERPRETED and dtype == torch.bfloat16 else _TL[dtype]
+        # Half inputs: products on the tensor cores; the float32 update may use TF32 since it
+        # is rounded to the input's precision at the end.
+        gram_dot = half_dot_dtype(dtype)
         gram_precision, upd_precision = "ieee", "tf32"
     if plan.n_gram:
         _transition_gram_kernel[(plan.n_gram,)](

@@ -1,91 +1,193 @@
-"""construct_grouped: the kernels of many layers in one call, against per-layer einsum."""
+"""apsfast::construct_grouped: the kernels of many layers in one call, on every backend,
+against per-layer einsum (paper eq. 2) in float64."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 import apsfast
+from apsfast import reference
+from cases import (ALL, COMPILE, CPU, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
+                   meta_weight, randn, standard_strides, to, transform)
 from conftest import assert_close
-from test_construct import einsum_kernel
 
-# Heterogeneous layers: (C_out, C_in, kernel, c_o or None, c_i or None).
-LAYERS = [(8, 6, (3, 3), 5, 4), (7, 1, (3, 3), 3, None), (12, 9, (1, 1), None, 2),
-          (5, 5, (), 2, 3), (9, 4, (1, 3), 9, 4)]
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+
+# Heterogeneous layers: (C_out, C_in, kernel, c_o or None, c_i or None, layout): both
+# transforms, P only, Q only, none, transposed transforms, a channels_last weight and layers
+# over several 64-wide tiles.
+LAYERS = [(37, 21, (3, 3), 19, 13, "transposed"), (7, 1, (3, 3), 3, None, "contiguous"),
+          (12, 70, (1, 1), None, 66, "channels_last"), (5, 5, (), 2, 3, "contiguous"),
+          (9, 4, (1, 3), None, None, "contiguous"), (80, 6, (), 70, 5, "contiguous"),
+          (8, 6, (3, 3), 5, 4, "contiguous")]
 
 
-def make_layers(dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    weights = [rand(C_out, C_in, *k) for C_out, C_in, k, _, _ in LAYERS]
-    Ps = [None if c_o is None else rand(C_out, c_o) for C_out, _, _, c_o, _ in LAYERS]
-    Qs = [None if c_i is None else rand(C_in, c_i) for _, C_in, _, _, c_i in LAYERS]
+def make_layers(dtype=F64, layers=LAYERS, seed=0):
+    weights, Ps, Qs = [], [], []
+    for l, (C_out, C_in, kernel, c_o, c_i, layout) in enumerate(layers):
+        w = meta_weight(C_out, C_in, kernel, seed + 10 * l, dtype)
+        P = None if c_o is None else transform(C_out, c_o, seed + 10 * l + 1, dtype)
+        Q = None if c_i is None else transform(C_in, c_i, seed + 10 * l + 2, dtype)
+        if layout == "transposed":
+            P, Q = (None if M is None else M.t().contiguous().t() for M in (P, Q))
+        elif layout == "channels_last":
+            w = w.to(memory_format=torch.channels_last)
+        weights.append(w)
+        Ps.append(P)
+        Qs.append(Q)
     return weights, Ps, Qs
 
 
-def test_grouped_values_and_grads(backend):
+@pytest.mark.parametrize("target", ALL, indirect=True)
+@pytest.mark.parametrize("dtype", [F64, F32, BF16, F16], ids=str)
+def test_grouped_values(target, dtype):
+    target.require(dtype)
+    weights, Ps, Qs = make_layers(dtype)
+    kernels = apsfast.construct_grouped(*(to(target.device, *ts) for ts in (weights, Ps, Qs)))
+    assert len(kernels) == len(weights)
+    for k, w, P, Q in zip(kernels, weights, Ps, Qs):
+        assert k.dtype == dtype and k.stride() == standard_strides(k.shape)
+        assert_matches(k, einsum_kernel(*exact(w, P, Q)), reference.construct(w, P, Q))
+
+
+@pytest.mark.parametrize("target", ALL, indirect=True)
+def test_grouped_weight_grads(target):
+    # The backward is itself one grouped construction with the transposed transforms.
     weights, Ps, Qs = make_layers()
-    leaves = [w.clone().requires_grad_() for w in weights]
+    Ps, Qs = to(target.device, *Ps), to(target.device, *Qs)
+    leaves = [w.clone().to(target.device).requires_grad_() for w in weights]
     kernels = apsfast.construct_grouped(leaves, Ps, Qs)
-    expected = [einsum_kernel(w, P, Q) for w, P, Q in zip(weights, Ps, Qs)]
-    for k, e in zip(kernels, expected):
-        assert_close(k, e)
-    grads = [torch.randn_like(e) for e in expected]
-    torch.autograd.backward(kernels, grads)
+    grads = [randn(*k.shape, seed=l) for l, k in enumerate(kernels)]
+    torch.autograd.backward(kernels, to(target.device, *grads))
     ref_leaves = [w.clone().requires_grad_() for w in weights]
-    torch.autograd.backward([einsum_kernel(w, P, Q) for w, P, Q in zip(ref_leaves, Ps, Qs)], grads)
+    torch.autograd.backward([einsum_kernel(w, *exact(P, Q)) for w, P, Q in zip(ref_leaves, Ps, Qs)], grads)
     for ours, theirs in zip(leaves, ref_leaves):
         assert_close(ours.grad, theirs.grad)
 
 
-def test_grouped_gradcheck(backend):
-    weights, Ps, Qs = make_layers()
-    leaves = tuple(w.requires_grad_() for w in weights[:3])
-    assert torch.autograd.gradcheck(lambda *w: apsfast.construct_grouped(list(w), Ps[:3], Qs[:3]), leaves)
-
-
-def test_grouped_trained_transforms_get_gradients(backend):
+@pytest.mark.parametrize("target", ALL, indirect=True)
+def test_grouped_trained_transforms_get_gradients(target):
     # A layer whose P requires grad is built per layer, so its P still gets a gradient.
-    weights, Ps, Qs = make_layers()
-    Ps[0].requires_grad_()
+    weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(layers=LAYERS[-3:]))
+    Ps[2].requires_grad_()
     kernels = apsfast.construct_grouped(weights, Ps, Qs)
-    kernels[0].sum().backward()
-    P_ref = Ps[0].detach().clone().requires_grad_()
-    einsum_kernel(weights[0], P_ref, Qs[0]).sum().backward()
-    assert_close(Ps[0].grad, P_ref.grad)
+    kernels[2].sum().backward()
+    P_ref = exact(Ps[2])[0].requires_grad_()
+    einsum_kernel(*exact(weights[2]), P_ref, *exact(Qs[2])).sum().backward()
+    assert_close(Ps[2].grad, P_ref.grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_grouped_low_precision(backend, dtype):
-    weights, Ps, Qs = make_layers(dtype)
-    for k, w, P, Q in zip(apsfast.construct_grouped(weights, Ps, Qs), weights, Ps, Qs):
-        assert k.dtype == dtype
-        expected = einsum_kernel(w.double(), None if P is None else P.double(), None if Q is None else Q.double())
-        err_torch = (einsum_kernel(w, P, Q).double() - expected).abs().max()
-        assert (k.double() - expected).abs().max() <= 2 * err_torch + 1e-5
+@pytest.mark.parametrize("target", ALL, indirect=True)
+def test_grouped_edge_cases(target):
+    # Only copies: no product at all, fresh tensors.
+    weights, _, _ = make_layers(F32)
+    inputs = to(target.device, *weights[:2])
+    for out, w, x in zip(torch.ops.apsfast.construct_grouped(inputs, [None, None], [None, None]), weights, inputs):
+        assert out.data_ptr() != x.data_ptr()
+        assert_close(out, w)
+    # An empty candidate (c_o = 0) beside a real layer: an empty kernel, the other one intact.
+    (w,), (P,), (Q,) = make_layers(layers=LAYERS[-1:])
+    outs = torch.ops.apsfast.construct_grouped(to(target.device, w, w), to(target.device, P[:, :0], P),
+                                               to(target.device, Q, Q))
+    assert outs[0].shape == (0, Q.shape[1], 3, 3)
+    assert_close(outs[1], einsum_kernel(w, P, Q))
 
 
-def test_grouped_opcheck(backend):
-    weights, Ps, Qs = make_layers()
+@pytest.mark.parametrize("target", NO_INTERPRETER, indirect=True)
+def test_grouped_gradcheck(target):
+    weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(layers=[
+        (4, 3, (2, 2), 3, 2, "contiguous"), (3, 1, (3, 1), 2, None, "contiguous"), (5, 4, (), None, 3, "transposed")]))
+    leaves = tuple(w.requires_grad_() for w in weights)
+    assert torch.autograd.gradcheck(lambda *w: apsfast.construct_grouped(list(w), Ps, Qs), leaves)
+
+
+@pytest.mark.parametrize("target", NO_INTERPRETER, indirect=True)
+def test_grouped_opcheck(target):
+    weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(layers=LAYERS[-3:]))
     torch.library.opcheck(torch.ops.apsfast.construct_grouped.default,
                           ([w.requires_grad_() for w in weights], Ps, Qs))
 
 
-def test_grouped_under_compile(backend):
-    weights, Ps, Qs = make_layers(torch.float32)
+@pytest.mark.parametrize("target", COMPILE, indirect=True)
+def test_grouped_under_compile(target):
+    weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(F32))
     fn = torch.compile(lambda ws: [k.sum() for k in apsfast.construct_grouped(ws, Ps, Qs)],
                        backend="aot_eager", fullgraph=True)
     for a, b in zip(fn(weights), [k.sum() for k in apsfast.construct_grouped(weights, Ps, Qs)]):
         assert_close(a, b)
 
 
+# --- Triton: launches and stores ----------------------------------------------------------------
+
+class CountLaunches:
+    """Stands in for a kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("target", TRITON_ONLY, indirect=True)
+@pytest.mark.parametrize("with_Q,launches", [(True, 2), (False, 1)], ids=["two-stages", "single-products-only"])
+def test_grouped_one_triton_launch_per_stage(target, monkeypatch, with_Q, launches):
+    # Stage 1 runs every first product, stage 2 the second ones; without any layer having two
+    # products the second stage does not launch.
+    from apsfast.kernels import construct as kconstruct
+    weights, Ps, Qs = make_layers(F32)
+    Qs = Qs if with_Q else [None] * len(Qs)
+    counter = CountLaunches(kconstruct._construct_grouped_kernel)
+    monkeypatch.setattr(kconstruct, "_construct_grouped_kernel", counter)
+    outs = apsfast.construct_grouped(*(to(target.device, *ts) for ts in (weights, Ps, Qs)))
+    assert counter.launches == launches
+    for out, w, P, Q in zip(outs, weights, Ps, Qs):
+        assert_close(out, einsum_kernel(*exact(w, P, Q)), F32)
+
+
+@pytest.mark.parametrize("target", TRITON_ONLY, indirect=True)
+def test_every_grouped_output_element_is_stored(target, monkeypatch):
+    """Outputs and the workspace start as NaN: a missed store shows up as NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    weights, Ps, Qs = make_layers(F16)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    for out in apsfast.construct_grouped(*(to(target.device, *ts) for ts in (weights, Ps, Qs))):
+        assert not out.isnan().any()
+
+
+# --- errors -------------------------------------------------------------------------------------
+
 def test_grouped_errors():
-    weights, Ps, Qs = make_layers(torch.float32)
+    weights, Ps, Qs = make_layers(F32, layers=[
+        (8, 6, (3, 3), 5, 4, "contiguous"), (7, 1, (3, 3), 3, None, "contiguous"), (12, 9, (1, 1), None, 2, "contiguous"),
+        (5, 5, (), 2, 3, "contiguous"), (9, 4, (1, 3), 9, 4, "contiguous")])
     with pytest.raises(TypeError, match="weights must be a non-empty sequence"):
         apsfast.construct_grouped([], [], [])
     with pytest.raises(ValueError, match="Ps must be a sequence of 5 transforms"):
         apsfast.construct_grouped(weights, Ps[:4], Qs)
     with pytest.raises(ValueError, match=r"layer 2: Q.shape\[0\] must be 9"):
-        apsfast.construct_grouped(weights, Ps, Qs[:2] + [Qs[2][:4]] + Qs[3:])
+        apsfast.construct_grouped(weights, Ps, Qs[:2] + [torch.zeros(4, 2)] + Qs[3:])
     with pytest.raises(TypeError, match=r"layer 1: weight has dtype torch.float64, expected torch.float32"):
-        apsfast.construct_grouped([weights[0], weights[1].double()], Ps[:2],
-                                  [Qs[0], None])
+        apsfast.construct_grouped([weights[0], weights[1].double()], Ps[:2], [Qs[0], None])
+
+
+@pytest.mark.parametrize("target", [CPU, CUDA], indirect=True)
+def test_compiled_op_errors_name_the_argument(target):
+    # The C++ libraries share one set of argument checks (csrc/common/checks.h).
+    (w,), (P,), (Q,) = (to(target.device, *ts) for ts in make_layers(F32, layers=LAYERS[-1:]))
+    with pytest.raises(RuntimeError, match=r"Qs\[1\]\.shape\[0\] must be weight\.shape\[1\] = 6, got 8"):
+        torch.ops.apsfast.construct_grouped([w, w], [P, P], [Q, P])
+    with pytest.raises(RuntimeError, match=r"weights\[1\] has dtype Double, expected Float \(that of weights\[0\]\)"):
+        torch.ops.apsfast.construct_grouped([w, w.double()], [P, None], [Q, None])
+    with pytest.raises(RuntimeError, match=r"Ps and Qs must have one entry per weight \(2\), got 1 and 2"):
+        torch.ops.apsfast.construct_grouped([w, w], [P], [Q, Q])

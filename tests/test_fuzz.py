@@ -4,8 +4,9 @@ Arguments start well formed (consistent shapes, float dtypes, CPU) and then take
 mutations: another rank, dtype (integer, bool, complex, half), size (zero included), the meta
 device, a NaN, a non-contiguous layout, a missing transform. Each call either raises a clear
 TypeError / ValueError, or returns what the plain definition returns (NaN where it has NaN):
-never a crash, a hang, or a silently different answer. Runs on every CPU backend (a crash in
-a compiled one would kill the run); ``hypothesis`` events count accepted and refused calls.
+never a crash, a hang, or a silently different answer. Runs on the reference and the C++
+backend (a crash in a compiled one would kill the run); ``hypothesis`` events count accepted
+and refused calls. Sections follow the ops.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 import apsfast
 from apsfast import reference
 from apsfast._backends import BackendUnavailable
+from cases import CPU_FAST
 
 FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
 MUTATIONS = ("rank", "dtype", "size", "zero", "meta", "nan", "layout", "none")
@@ -67,6 +69,8 @@ def randn(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
+# --- construct and aps_conv2d -------------------------------------------------------------------
+
 @st.composite
 def construct_args(draw) -> dict[str, torch.Tensor | None]:
     C_out, C_in, c_o, c_i = (draw(st.integers(1, 6)) for _ in range(4))
@@ -109,9 +113,10 @@ def call(fn, *args, **kwargs):
     return out
 
 
+@pytest.mark.parametrize("target", CPU_FAST, indirect=True)
 @FUZZ
 @given(args=construct_args())
-def test_construct(backend, args):
+def test_construct(target, args):
     weight, P, Q = args["weight"], args["P"], args["Q"]
     out = call(apsfast.construct, weight, P, Q)
     if out is None:
@@ -139,9 +144,10 @@ def conv_args(draw):
     return {**args, "x": draw(st.sampled_from([x, x[:, :, ::2], x.double(), x.unsqueeze(0)]))}, geometry
 
 
+@pytest.mark.parametrize("target", CPU_FAST, indirect=True)
 @FUZZ
 @given(case=conv_args())
-def test_aps_conv2d(backend, case):
+def test_aps_conv2d(target, case):
     args, geometry = case
     x, weight, P, Q = args["x"], args["weight"], args["P"], args["Q"]
     out = call(apsfast.aps_conv2d, x, weight, P, Q, **geometry)
@@ -149,6 +155,8 @@ def test_aps_conv2d(backend, case):
         expected = torch.nn.functional.conv2d(x.double(), definition(weight, P, Q), **geometry)
         assert_like(out, expected)
 
+
+# --- sharing_level and the transition -----------------------------------------------------------
 
 @st.composite
 def sides(draw) -> list[list[torch.Tensor] | None]:
@@ -178,9 +186,10 @@ def phi_definition(Ps, Qs) -> torch.Tensor:
     return factors[0] * factors[1] if len(factors) == 2 else factors[0]
 
 
+@pytest.mark.parametrize("target", CPU_FAST, indirect=True)
 @FUZZ
 @given(layer=sides(), tau=st.sampled_from([1e-3, 1e-2, 0.0, -1.0, float("nan")]))
-def test_sharing_level_and_transition_step(backend, layer, tau):
+def test_sharing_level_and_transition_step(target, layer, tau):
     Ps, Qs = layer
     phi = call(apsfast.sharing_level, Ps, Qs)
     ok = phi is not None and comparable(*(Ps or []), *(Qs or []))
@@ -200,9 +209,10 @@ def test_sharing_level_and_transition_step(backend, layer, tau):
                 assert_like(g, w)
 
 
+@pytest.mark.parametrize("target", CPU_FAST, indirect=True)
 @FUZZ
 @given(layers=st.lists(sides(), min_size=0, max_size=3), relative=st.sampled_from([False, True, 1, None]))
-def test_transition_step_all(backend, layers, relative):
+def test_transition_step_all(target, layers, relative):
     twins = [[None if Ms is None else [M.clone() for M in Ms] for Ms in layer] for layer in layers]
     phi = call(apsfast.transition_step_all, twins, 1e-2, relative=relative)
     if phi is None:
@@ -217,6 +227,8 @@ def test_transition_step_all(backend, layers, relative):
                 for g, w in zip(got or [], want or []):
                     assert_like(g, w)
 
+
+# --- init_transforms ----------------------------------------------------------------------------
 
 @FUZZ
 @given(meta=st.integers(-2, 12),

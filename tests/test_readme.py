@@ -10,7 +10,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 2, "README should hold the layer example and the search-space example"
+    assert len(blocks) == 3, "README should hold the layer, the search-space and the convert examples"
     return blocks
 
 
@@ -30,6 +30,13 @@ def test_readme_search_space_example_runs():
     namespace = run(python_blocks()[1])
     assert namespace["logits"].shape == (2, 10)
     assert namespace["net"].arch == namespace["arch"]
+
+
+def test_readme_convert_example_runs():
+    namespace = run(python_blocks()[2])
+    net, arch = namespace["net"], namespace["arch"]
+    assert net.widths(arch) == {"stem.0": 16, "body.0": 32}
+    assert sum(p.numel() for p in namespace["static"].parameters()) == net.params(arch)
 
 
 def test_readme_search_space_table_is_current():

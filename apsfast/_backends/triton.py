@@ -7,7 +7,7 @@ first imported (the interpreter, for tests). Dtypes: float32, float16, bfloat16 
 network two launches; ``dP``/``dQ`` of the (rarely needed) trained-transform ablation use
 torch matmuls on a Triton-built partial product.
 
-Results are contiguous and in the input dtype; the 1×1 conv returns ``x``'s memory format.
+Results are contiguous and in the input dtype.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ except ImportError as err:
 import torch
 from torch import Tensor
 
+from apsfast._backends import sharing_torch
 from apsfast.kernels import construct as _construct
-from apsfast.kernels import conv1x1 as _conv1x1
 from apsfast.kernels import transition as _transition
+from apsfast.kernels.common import INTERPRETED
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -33,14 +34,19 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype not in _DTYPES:
         return False
     if device.type == "cuda":
-        return not _construct.INTERPRETED
+        return not INTERPRETED
     # CPU tensors only through the interpreter, and only if the kernels were built for it.
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _construct.INTERPRETED
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and INTERPRETED
 
 
 def _like(M: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
     """A transform in the weight's dtype (the kernels take one dtype per operand pair)."""
     return M if M is None or M.dtype == ref.dtype else M.to(ref.dtype)
+
+
+# Φ of one layer: no kernel of its own (the batched transition computes it fused), torch ops.
+sharing_level = sharing_torch.sharing_level
+sharing_level_backward = sharing_torch.sharing_level_backward
 
 
 def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
@@ -79,6 +85,3 @@ def transition_step_all(Ms: Sequence[Tensor], widths: Sequence[int], counts: Seq
     return _transition.transition_step_all_forward(list(Ms), list(widths), list(counts), list(partner), tau,
                                                    relative)
 
-
-def aps_conv1x1(x: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
-    return _conv1x1.aps_conv1x1_forward(x, weight, _like(P, weight), _like(Q, weight))

@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: what each fused path buys, side by side in one run.
 
-``apsfast bench kernels`` (or ``python -m bench.kernels``) prints three markdown tables:
+``apsfast bench kernels`` prints three markdown tables:
 
 1. **conv**: one APS conv forward + backward (weight and input grads) against ``nn.Conv2d``
    of the same candidate shape (the limit) and against the plain-PyTorch way (two GEMMs by
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import apsfast
 from apsfast import _backends, models, reference
+from apsfast._order import construct_macs
 from apsfast.benchmarks.common import environment, forced_backend, fused_backend, median_times, write_results
 from apsfast.nn import APSConv2d, APSLayer, aps_layers
 
@@ -106,7 +107,7 @@ def _build_flops(layer: APSConv2d, c_o: int, c_i: int) -> float:
     k2 = layer.kernel_size[0] * layer.kernel_size[1]
     if layer.Q is None:
         return float(c_o * C_out * C_in * k2)
-    return float(min(c_o * C_out * C_in + c_o * C_in * c_i, C_out * C_in * c_i + c_o * C_out * c_i) * k2)
+    return float(construct_macs(C_out, c_o, C_in, c_i) * k2)
 
 
 def bench_conv(shape: ConvShape, device, dtype, rounds: int, min_time: float) -> dict:

@@ -262,11 +262,12 @@ class APSLayer(nn.Module):
             side.perturb(self.transition_noise, generator)
         return True
 
-    def transition_step(self, tau: float, *, relative: bool = False) -> Tensor:
+    def transition_step(self, tau: float, *, relative: bool = True) -> Tensor:
         """One step of paper eq. 5 on this layer's transforms, in place; returns Φ before it.
 
         An APS-T layer's first step starts the transition (see :meth:`begin_transition`);
-        ``relative`` as in :func:`apsfast.transition_step_all`.
+        ``relative`` (the default, the search's rate) as in :func:`apsfast.transition_step_all`;
+        ``relative=False`` takes eq. 5's own scale, whose stable τ depends on the widths.
         """
         if self.P is None and self.Q is None:
             return self.sharing_level()

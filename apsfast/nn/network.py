@@ -25,11 +25,12 @@ def network_sharing_level(module: nn.Module) -> Tensor:
     return torch.stack([layer.sharing_level() for layer in layers]).sum()
 
 
-def network_transition_step(module: nn.Module, tau: float, *, relative: bool = False) -> Tensor:
+def network_transition_step(module: nn.Module, tau: float, *, relative: bool = True) -> Tensor:
     """One transition step (eq. 5) of every APS layer of ``module`` in one batched call.
 
     APS-T layers still at their exact ordinal start are perturbed first (see
-    :meth:`APSLayer.begin_transition`); ``relative`` as in :func:`apsfast.transition_step_all`.
+    :meth:`APSLayer.begin_transition`); ``relative`` (the default, the search's rate) as in
+    :func:`apsfast.transition_step_all`.
     Returns the network's Φ before the step.
     """
     layers = [layer for layer in aps_layers(module) if layer.P is not None or layer.Q is not None]

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import types
 import typing
@@ -23,7 +22,6 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from apsfast.search.strategies import STRATEGIES, supernet_sharing
 
 PRESET_DIR = Path(__file__).with_name("presets")
 DEVICES = ("auto", "cpu", "cuda")
@@ -332,6 +330,12 @@ def _read_yaml(path: Path, what: str) -> Mapping[str, Any]:
     return {} if data is None else data
 
 
+def validate(config: "Config") -> None:
+    """Range and consistency checks that types alone do not catch (see :mod:`apsfast.search.validation`)."""
+    from apsfast.search.validation import check_config
+    check_config(config)
+
+
 def load_config(preset: Optional[str] = None, file: Optional[Union[str, Path]] = None,
                 overrides: Sequence[Union[str, tuple[str, Any]]] = ()) -> Config:
     """The defaults, then ``preset``, then the YAML ``file``, then ``overrides``
@@ -367,124 +371,6 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     _merge(config, data, "")
     validate(config)
     return config
-
-
-def _positive(path: str, value: Optional[float], *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ConfigError(f"{path} must be > 0, got {value!r}")
-
-
-def validate(config: Config) -> None:
-    """Range and consistency checks that types alone do not catch, and the model's options
-    (by building nothing: the option names are checked against the model's builder)."""
-    from apsfast import data as datasets
-    from apsfast.models import available, build, options_of
-
-    model, data, train, sharing = config.model, config.data, config.train, config.sharing
-    if model.name not in available():
-        raise ConfigError(f"model.name must be one of {', '.join(available())}, got {model.name!r}")
-    reserved = {"sharing", "device", "dtype"} & set(model.options)
-    if reserved:
-        raise ConfigError(f"model.options may not set {sorted(reserved)}: sharing comes from "
-                          f"sharing.strategy, device from run.device")
-    unknown = sorted(set(model.options) - set(options_of(model.name)))
-    if unknown:
-        raise ConfigError(f"model.options has unknown option(s) {unknown} for {model.name!r}; its options are "
-                          f"{sorted(set(options_of(model.name)) - {'sharing'})}")
-    if data.root is not None:  # a shell leaves `~` after `=` alone: -s data.root=~/data
-        data.root = os.path.expandvars(os.path.expanduser(data.root))
-    data.name = datasets.ALIASES.get(data.name, data.name)
-    if data.name not in datasets.DATASETS:
-        raise ConfigError(f"data.name must be one of {', '.join(datasets.DATASETS)} (or the alias imagenet), got "
-                          f"{data.name!r}")
-    for key, options in (("augment", datasets.AUGMENTS), ("normalize", datasets.NORMALIZE)):
-        value = getattr(data, key)
-        if value not in options:
-            raise ConfigError(f"data.{key} must be one of {', '.join(options)}, got {value!r}")
-        if value != "auto" and data.name != "folder":
-            raise ConfigError(f"data.{key} applies to folder sets only; {data.name!r} has its own (leave it auto)")
-    if not 0 < data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {data.val_fraction!r}")
-    for path, value in (("data.image_size", data.image_size), ("data.workers", data.workers)):
-        if value is not None and value < (0 if path == "data.workers" else 1):
-            raise ConfigError(f"{path} must be {'≥ 0' if path == 'data.workers' else '> 0'}, got {value!r}")
-    for section, name in ((train, "train"), (config.retrain, "retrain")):
-        for key in ("epochs", "batch_size", "lr"):
-            _positive(f"{name}.{key}", getattr(section, key))
-        _positive(f"{name}.steps_per_epoch", section.steps_per_epoch, allow_none=True)
-        if not 0 <= section.momentum < 1:
-            raise ConfigError(f"{name}.momentum must be in [0, 1), got {section.momentum!r}")
-        if section.weight_decay < 0:
-            raise ConfigError(f"{name}.weight_decay must be ≥ 0, got {section.weight_decay!r}")
-    if not 0 <= train.warmup_epochs < train.epochs:
-        raise ConfigError(f"train.warmup_epochs must be in [0, train.epochs={train.epochs}) so that the "
-                          f"controller gets some epochs, got {train.warmup_epochs!r}")
-    _positive("train.grad_clip", train.grad_clip, allow_none=True)
-    _positive("retrain.grad_clip", config.retrain.grad_clip, allow_none=True)
-    if not 0 <= config.retrain.label_smoothing < 1:
-        raise ConfigError(f"retrain.label_smoothing must be in [0, 1), got {config.retrain.label_smoothing!r}")
-    if sharing.strategy not in STRATEGIES:
-        raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
-    try:  # the option values, by the builder's own checks, on the meta device (no memory)
-        build(model.name, device="meta", sharing=supernet_sharing(sharing.strategy), **model.options)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.options: {error}") from None
-    _positive("sharing.tau", sharing.tau, allow_none=True)
-    _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
-    ctl = config.controller
-    if ctl.kind not in SEARCHER_KINDS:
-        raise ConfigError(f"controller.kind must be one of {', '.join(SEARCHER_KINDS)}, got {ctl.kind!r}")
-    for key in ("hidden_size", "layers", "lr", "samples", "every"):
-        _positive(f"controller.{key}", getattr(ctl, key))
-    if ctl.weight_decay < 0:
-        raise ConfigError(f"controller.weight_decay must be ≥ 0, got {ctl.weight_decay!r}")
-    if len(ctl.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in ctl.betas):
-        raise ConfigError(f"controller.betas must be two numbers in [0, 1), got {ctl.betas!r}")
-    if not 0 <= ctl.baseline_decay < 1:
-        raise ConfigError(f"controller.baseline_decay must be in [0, 1), got {ctl.baseline_decay!r}")
-    if ctl.entropy_weight < 0:
-        raise ConfigError(f"controller.entropy_weight must be ≥ 0, got {ctl.entropy_weight!r}")
-    _validate_searchers(config)
-    _positive("reward.flops_target", config.reward.flops_target, allow_none=True)
-    if config.analysis.every < 0:
-        raise ConfigError(f"analysis.every must be ≥ 0 (0: off), got {config.analysis.every!r}")
-    for key in ("pairs", "samples"):
-        _positive(f"analysis.{key}", getattr(config.analysis, key))
-    _positive("result.beam", config.result.beam)
-    run = config.run
-    if run.device not in DEVICES and not run.device.startswith("cuda:"):
-        raise ConfigError(f"run.device must be one of {', '.join(DEVICES)} or cuda:N, got {run.device!r}")
-    for key, options in (("amp", AMP), ("dist_backend", DIST_BACKENDS)):
-        if getattr(run, key) not in options:
-            raise ConfigError(f"run.{key} must be one of {', '.join(options)}, got {getattr(run, key)!r}")
-    for key in ("checkpoint_every", "log_every", "eval_batches"):
-        _positive(f"run.{key}", getattr(run, key))
-    if run.seed < 0:
-        raise ConfigError(f"run.seed must be ≥ 0, got {run.seed!r}")
-
-
-def _validate_searchers(config: Config) -> None:
-    """The ``tas`` and ``ista`` sections (checked whatever the kind: a config is valid or not)."""
-    tas, ista = config.tas, config.ista
-    for path, value in (("tas.lr", tas.lr), ("tas.tau_min", tas.tau_min), ("ista.lr", ista.lr),
-                        ("ista.iterations", ista.iterations)):
-        _positive(path, value)
-    for path, betas in (("tas.betas", tas.betas), ("ista.betas", ista.betas)):
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ConfigError(f"{path} must be two numbers in [0, 1), got {betas!r}")
-    if tas.tau_max < tas.tau_min:
-        raise ConfigError(f"tas.tau_max must be ≥ tas.tau_min = {tas.tau_min}, got {tas.tau_max!r}")
-    for path, value in (("tas.weight_decay", tas.weight_decay), ("tas.flops_weight", tas.flops_weight),
-                        ("ista.sparsity", ista.sparsity), ("ista.flops_weight", ista.flops_weight)):
-        if value < 0:
-            raise ConfigError(f"{path} must be ≥ 0, got {value!r}")
-    for path, value in (("tas.flops_tolerance", tas.flops_tolerance), ("ista.flops_tolerance", ista.flops_tolerance)):
-        if not 0 <= value < 1:
-            raise ConfigError(f"{path} must be in [0, 1), got {value!r}")
-    if not 0 < ista.ratio < 1:
-        raise ConfigError(f"ista.ratio must be in (0, 1) (fewer measurements than candidates), got {ista.ratio!r}")
 
 
 def dump_config(config: Config) -> str:

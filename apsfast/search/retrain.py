@@ -200,6 +200,8 @@ class Retrain:
                    "arch": self.arch, "flops": chosen["flops"], "params": chosen["params"],
                    "epochs": self.config.retrain.epochs, "test_acc": test_acc, "data": self.config.data.name,
                    "result": str(self.result_path) if self.result_path is not None else self.source}
+        if "uniform" in self.result:  # the width ratio of a uniformly scaled network
+            summary["uniform"] = self.result["uniform"]
         if self.session.main:
             net = models.build(self.result["model"], device="meta", **self.result["options"])
             save_exported(out / MODEL, net, self.arch, self.model)

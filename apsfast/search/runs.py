@@ -11,7 +11,8 @@ cannot make the resumed run differ from what it was doing:
   the cosine schedule then spans the new length from where the run stands;
 * the way out of a divergence — ``train.lr`` and ``train.grad_clip`` (``retrain.lr``,
   ``retrain.grad_clip``), which a non-finite loss asks for;
-* for a search, the whole ``retrain`` section (read by ``apsfast train`` only).
+* for a search, the whole ``retrain`` section (read by ``apsfast train`` only) and the
+  ``analysis`` section (measurements that change nothing the run computes).
 
 Anything else is refused, naming each field with its old and new value.
 """
@@ -28,7 +29,7 @@ from apsfast.search.session import CHECKPOINT, CONFIG
 _BOOKKEEPING = ("run.log_every", "run.checkpoint_every", "run.progress", "run.device", "run.dist_backend",
                 "data.root", "data.workers", "result.beam")
 RESUMABLE = {
-    "search": (*_BOOKKEEPING, "train.epochs", "train.lr", "train.grad_clip", "retrain."),
+    "search": (*_BOOKKEEPING, "train.epochs", "train.lr", "train.grad_clip", "retrain.", "analysis."),
     "retrain": (*_BOOKKEEPING, "retrain.epochs", "retrain.lr", "retrain.grad_clip"),
 }
 

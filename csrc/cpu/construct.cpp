@@ -3,13 +3,17 @@
 // weight [C_out, C_in, *kernel] is viewed as W [C_out, C_in, S] (S = prod(kernel), 1 for a
 // linear layer); P [C_out, c_o] and Q [C_in, c_i] are optional (absent = identity).
 // Both mode products are single GEMMs on contiguous views, so the work goes to the BLAS that
-// torch was built with; the order of the two products is chosen by cost.
+// torch was built with; the order of the two products is chosen by cost (../common/order.h).
+// Argument checks: ../common/checks.h (shared with the CUDA binding).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
+
+#include "../common/checks.h"
+#include "../common/order.h"
 
 namespace apsfast_cpu {
 namespace {
@@ -30,17 +34,6 @@ Tensor in_mode(const Tensor& w3, const Tensor& M) {
   return w3.transpose(1, 2).reshape({A * S, B}).mm(M).reshape({A, S, M.size(1)}).transpose(1, 2);
 }
 
-void check_transform(const Tensor& weight, const std::optional<Tensor>& M, const char* name,
-                     int64_t dim) {
-  if (!M.has_value()) return;
-  TORCH_CHECK(M->dim() == 2, name, " must be 2-D, got ", M->dim(), " dims");
-  TORCH_CHECK(M->size(0) == weight.size(dim), name, ".shape[0] must be weight.shape[", dim,
-              "] = ", weight.size(dim), ", got ", M->size(0));
-  TORCH_CHECK(M->scalar_type() == weight.scalar_type(), name, " has dtype ", M->scalar_type(),
-              ", expected ", weight.scalar_type());
-  TORCH_CHECK(M->device() == weight.device(), name, " must be on ", weight.device());
-}
-
 // `t` contiguous with the strides of a fresh tensor, also on its unit dims (a view where it
 // already is contiguous). conv2d infers a weight's memory format from its strides, and a
 // [c_o, c_i, 1, 1] kernel whose unit dims carry the stride c_i reads as channels_last; the CPU
@@ -50,21 +43,8 @@ Tensor standard_strides(const Tensor& t) {
   return dense.view({-1}).view(dense.sizes());
 }
 
-std::vector<int64_t> out_shape(const Tensor& weight, int64_t c_o, int64_t c_i) {
-  std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
-  shape[0] = c_o;
-  shape[1] = c_i;
-  return shape;
-}
-
-}  // namespace
-
-Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
-                 const std::optional<Tensor>& Q) {
-  TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dims (C_out, C_in, *kernel), got ",
-              weight.dim());
-  check_transform(weight, P, "P", 0);
-  check_transform(weight, Q, "Q", 1);
+// The candidate kernel of checked arguments.
+Tensor build(const Tensor& weight, const std::optional<Tensor>& P, const std::optional<Tensor>& Q) {
   const int64_t C_out = weight.size(0), C_in = weight.size(1);
   const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
   auto w3 = weight.reshape({C_out, C_in, -1});
@@ -75,13 +55,20 @@ Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
     out = out_mode(w3, *P);
   } else if (!P) {
     out = in_mode(w3, *Q);
-  } else if (c_o * C_out * C_in + c_o * C_in * c_i <= C_out * C_in * c_i + c_o * C_out * c_i) {
-    // Cost per kernel element of P first vs Q first; take the cheaper order.
+  } else if (apsfast::p_first(C_out, c_o, C_in, c_i)) {
     out = in_mode(out_mode(w3, *P), *Q);
   } else {
     out = out_mode(in_mode(w3, *Q), *P);
   }
-  return standard_strides(out.reshape(out_shape(weight, c_o, c_i)));
+  return standard_strides(out.reshape(apsfast::candidate_shape(weight, c_o, c_i)));
+}
+
+}  // namespace
+
+Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
+                 const std::optional<Tensor>& Q) {
+  apsfast::check_construct(weight, P, Q);
+  return build(weight, P, Q);
 }
 
 // Gradients for the inputs flagged need_*, in the order W, P, Q.
@@ -92,13 +79,9 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
                                        const std::optional<Tensor>& P,
                                        const std::optional<Tensor>& Q, bool need_weight,
                                        bool need_P, bool need_Q) {
+  apsfast::check_construct_backward(grad, weight, P, Q, need_P, need_Q);
   const int64_t C_out = weight.size(0), C_in = weight.size(1);
   const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape(weight, c_o, c_i)),
-              "grad must have the candidate kernel's shape ", at::IntArrayRef(out_shape(weight, c_o, c_i)),
-              ", got ", grad.sizes());
-  TORCH_CHECK(!need_P || P, "need_P is set but P is None");
-  TORCH_CHECK(!need_Q || Q, "need_Q is set but Q is None");
   auto g3 = grad.reshape({c_o, c_i, -1});
   auto w3 = weight.reshape({C_out, C_in, -1});
   std::vector<Tensor> grads;
@@ -106,7 +89,7 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
     std::optional<Tensor> Pt, Qt;
     if (P) Pt = P->t();
     if (Q) Qt = Q->t();
-    grads.push_back(construct(grad, Pt, Qt).reshape(weight.sizes()));
+    grads.push_back(build(grad, Pt, Qt).reshape(weight.sizes()));
   }
   if (need_P) {
     auto wq = Q ? in_mode(w3, *Q) : w3;
@@ -125,14 +108,12 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
 std::vector<Tensor> construct_grouped(at::TensorList weights,
                                       const c10::List<std::optional<Tensor>>& Ps,
                                       const c10::List<std::optional<Tensor>>& Qs) {
+  apsfast::check_construct_grouped(weights, Ps, Qs);
   const int64_t layers = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(static_cast<int64_t>(Ps.size()) == layers && static_cast<int64_t>(Qs.size()) == layers,
-              "Ps and Qs must have one entry per weight (", layers, "), got ", Ps.size(), " and ",
-              Qs.size());
   std::vector<Tensor> out(layers);
   at::parallel_for(0, layers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l) {
-      out[l] = construct(weights[l], Ps.get(l), Qs.get(l));
+      out[l] = build(weights[l], Ps.get(l), Qs.get(l));
     }
   });
   return out;

@@ -9,11 +9,14 @@
 // and every column steps  p <- normalize(p - tau * S_partner * dS/dp), or with S_partner = 1
 // when `relative` (a rate independent of the widths: see apsfast.sharing.transition_step_all).
 // Sides are independent given the partners' scores, so both passes spread sides over threads.
+// Argument checks: ../common/checks.h (shared with the CUDA binding).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
+
+#include "../common/checks.h"
 
 namespace apsfast_cpu {
 namespace {
@@ -31,24 +34,8 @@ at::ScalarType work_type(at::ScalarType t) {
 
 Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArrayRef counts,
                            at::IntArrayRef partner, double tau, bool relative) {
+  const std::vector<int64_t> first = apsfast::check_transition_step_all(Ms, widths, counts, partner);
   const int64_t sides = static_cast<int64_t>(Ms.size());
-  TORCH_CHECK(sides > 0, "Ms must hold at least one side");
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == sides && static_cast<int64_t>(partner.size()) == sides,
-              "counts and partner must have one entry per side (", sides, "), got ", counts.size(),
-              " and ", partner.size());
-  std::vector<int64_t> first(sides + 1, 0);
-  for (int64_t s = 0; s < sides; ++s) {
-    TORCH_CHECK(Ms[s].dim() == 2, "Ms[", s, "] must be 2-D, got ", Ms[s].dim(), " dims");
-    TORCH_CHECK(partner[s] >= -1 && partner[s] < sides && partner[s] != s,
-                "partner[", s, "] must be -1 or another side's index, got ", partner[s]);
-    first[s + 1] = first[s] + counts[s];
-    int64_t n = 0;
-    for (int64_t b = first[s]; b < first[s + 1]; ++b) n += widths[b];
-    TORCH_CHECK(n == Ms[s].size(1), "the widths of side ", s, " must sum to Ms[", s, "].shape[1] = ",
-                Ms[s].size(1), ", got ", n);
-  }
-  TORCH_CHECK(first[sides] == static_cast<int64_t>(widths.size()), "widths must hold ", first[sides],
-              " block widths (the sum of counts), got ", widths.size());
 
   const auto dtype = work_type(Ms[0].scalar_type());
   std::vector<Tensor> work(sides), gram(sides);

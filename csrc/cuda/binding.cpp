@@ -3,7 +3,8 @@
 // transition (eq. 4, 5), plus the Python module apsfast._cuda whose import registers them.
 //
 // This is the only file of csrc/cuda that sees torch: it turns tensors into the plain
-// parameter structs of aps_kernels.h and launches on torch's current stream.
+// parameter structs of aps_kernels.h and launches on torch's current stream. The argument
+// checks and the order of the two mode products are the CPU library's (../common/).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -15,9 +16,10 @@
 
 #include <cstring>
 #include <optional>
-#include <string>
 #include <vector>
 
+#include "../common/checks.h"
+#include "../common/order.h"
 #include "aps_kernels.h"
 
 namespace apsfast_cuda {
@@ -43,23 +45,10 @@ void check_launch(cudaError_t err, const char* what) {
               cudaGetErrorString(err));
 }
 
-void check_weight(const Tensor& weight, const char* name) {
-  TORCH_CHECK(weight.is_cuda(), name, " must be a CUDA tensor, got device ", weight.device());
-  TORCH_CHECK(weight.dim() >= 2, name, " must have at least 2 dims (C_out, C_in, *kernel), got ",
-              weight.dim());
-  dtype_of(weight, name);
-}
-
-void check_transform(const Tensor& weight, const std::optional<Tensor>& M, const std::string& name,
-                     int64_t dim) {
-  if (!M.has_value()) return;
-  TORCH_CHECK(M->dim() == 2, name, " must be 2-D, got ", M->dim(), " dims");
-  TORCH_CHECK(M->size(0) == weight.size(dim), name, ".shape[0] must be weight.shape[", dim,
-              "] = ", weight.size(dim), ", got ", M->size(0));
-  TORCH_CHECK(M->scalar_type() == weight.scalar_type(), name, " has dtype ", M->scalar_type(),
-              ", expected ", weight.scalar_type());
-  TORCH_CHECK(M->device() == weight.device(), name, " must be on ", weight.device(), ", got ",
-              M->device());
+// What the kernels serve, beyond the shared checks: a CUDA tensor of a supported dtype.
+void check_cuda(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  dtype_of(t, name);
 }
 
 // [D0, D1, S] view of a [D0, D1, *kernel] tensor (a copy only when the kernel dims cannot be
@@ -68,13 +57,6 @@ Tensor as_3d(const Tensor& w) {
   int64_t S = 1;
   for (int64_t d = 2; d < w.dim(); ++d) S *= w.size(d);
   return w.reshape({w.size(0), w.size(1), S});
-}
-
-std::vector<int64_t> out_shape(const Tensor& weight, int64_t c_o, int64_t c_i) {
-  std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
-  shape[0] = c_o;
-  shape[1] = c_i;
-  return shape;
 }
 
 // Fills a mode product of w3 [D0, D1, S] with M over `mode` into out (already allocated).
@@ -104,11 +86,6 @@ Tensor mode_product(const Tensor& w3, const Tensor& M, int mode) {
   return out;
 }
 
-// Cost per kernel element of P first vs Q first (the reference's choice of order).
-bool p_first(int64_t C_out, int64_t C_in, int64_t c_o, int64_t c_i) {
-  return c_o * C_out * C_in + c_o * C_in * c_i <= C_out * C_in * c_i + c_o * C_out * c_i;
-}
-
 // Copies `bytes` of host data to a fresh device buffer on `device`, asynchronously on the
 // current stream (through pinned memory that the caching host allocator keeps alive until
 // the copy is done).
@@ -132,9 +109,8 @@ size_t append(std::vector<char>& bytes, const Item* items, size_t count) {
 
 Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
                  const std::optional<Tensor>& Q) {
-  check_weight(weight, "weight");
-  check_transform(weight, P, "P", 0);
-  check_transform(weight, Q, "Q", 1);
+  apsfast::check_construct(weight, P, Q);
+  check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
   const int64_t C_out = weight.size(0), C_in = weight.size(1);
   const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
@@ -146,12 +122,12 @@ Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
     out = mode_product(w3, *P, 0);
   } else if (!P) {
     out = mode_product(w3, *Q, 1);
-  } else if (p_first(C_out, C_in, c_o, c_i)) {
+  } else if (apsfast::p_first(C_out, c_o, C_in, c_i)) {
     out = mode_product(mode_product(w3, *P, 0), *Q, 1);
   } else {
     out = mode_product(mode_product(w3, *Q, 1), *P, 0);
   }
-  return out.view(out_shape(weight, c_o, c_i));
+  return out.view(apsfast::candidate_shape(weight, c_o, c_i));
 }
 
 // Gradients for the inputs flagged need_*, in the order W, P, Q (contiguous).
@@ -163,21 +139,10 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
                                        const std::optional<Tensor>& P,
                                        const std::optional<Tensor>& Q, bool need_weight,
                                        bool need_P, bool need_Q) {
-  check_weight(weight, "weight");
-  check_transform(weight, P, "P", 0);
-  check_transform(weight, Q, "Q", 1);
+  apsfast::check_construct_backward(grad, weight, P, Q, need_P, need_Q);
+  check_cuda(weight, "weight");
   const int64_t C_out = weight.size(0), C_in = weight.size(1);
   const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
-  const auto expected = out_shape(weight, c_o, c_i);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(expected),
-              "grad must have the candidate kernel's shape ", at::IntArrayRef(expected), ", got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "grad has dtype ", grad.scalar_type(),
-              ", expected ", weight.scalar_type());
-  TORCH_CHECK(grad.device() == weight.device(), "grad must be on ", weight.device(), ", got ",
-              grad.device());
-  TORCH_CHECK(!need_P || P, "need_P is set but P is None");
-  TORCH_CHECK(!need_Q || Q, "need_Q is set but Q is None");
   const c10::cuda::CUDAGuard guard(weight.device());
   const Tensor g3 = as_3d(grad);
   const Tensor w3 = as_3d(weight);
@@ -206,12 +171,10 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
 std::vector<Tensor> construct_grouped(at::TensorList weights,
                                       const c10::List<std::optional<Tensor>>& Ps,
                                       const c10::List<std::optional<Tensor>>& Qs) {
+  apsfast::check_construct_grouped(weights, Ps, Qs);
   const int64_t layers = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(static_cast<int64_t>(Ps.size()) == layers && static_cast<int64_t>(Qs.size()) == layers,
-              "Ps and Qs must have one entry per weight (", layers, "), got ", Ps.size(), " and ",
-              Qs.size());
   if (layers == 0) return {};
-  check_weight(weights[0], "weights[0]");
+  check_cuda(weights[0], "weights[0]");
   const DType dtype = dtype_of(weights[0], "weights[0]");
   const c10::cuda::CUDAGuard guard(weights[0].device());
 
@@ -219,14 +182,7 @@ std::vector<Tensor> construct_grouped(at::TensorList weights,
   std::vector<ModeProductParams> first, second;
   for (int64_t l = 0; l < layers; ++l) {
     const Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() >= 2, "weights[", l, "] must have at least 2 dims, got ", w.dim());
-    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type(), "weights[", l, "] has dtype ",
-                w.scalar_type(), ", expected ", weights[0].scalar_type(), " (that of weights[0])");
-    TORCH_CHECK(w.device() == weights[0].device(), "weights[", l, "] must be on ",
-                weights[0].device(), ", got ", w.device());
     const std::optional<Tensor> P = Ps.get(l), Q = Qs.get(l);
-    check_transform(w, P, "Ps[" + std::to_string(l) + "]", 0);
-    check_transform(w, Q, "Qs[" + std::to_string(l) + "]", 1);
     const int64_t C_out = w.size(0), C_in = w.size(1);
     const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
     const Tensor w3 = as_3d(w);
@@ -237,7 +193,7 @@ std::vector<Tensor> construct_grouped(at::TensorList weights,
     } else if (!P || !Q) {
       first.push_back(mode_product_params(w3, P ? *P : *Q, P ? 0 : 1, result));
     } else {
-      const bool p_then_q = p_first(C_out, C_in, c_o, c_i);
+      const bool p_then_q = apsfast::p_first(C_out, c_o, C_in, c_i);
       const Tensor& A = p_then_q ? *P : *Q;
       const Tensor& B = p_then_q ? *Q : *P;
       const int mode = p_then_q ? 0 : 1;
@@ -246,7 +202,7 @@ std::vector<Tensor> construct_grouped(at::TensorList weights,
       first.push_back(mode_product_params(w3, A, mode, mid));
       second.push_back(mode_product_params(mid, B, 1 - mode, result));
     }
-    out[l] = result.view(out_shape(w, c_o, c_i));
+    out[l] = result.view(apsfast::candidate_shape(w, c_o, c_i));
   }
 
   if (first.empty()) return out;  // only copies
@@ -281,38 +237,13 @@ std::vector<Tensor> construct_grouped(at::TensorList weights,
 // before the step, in float32 (16-bit and float32 sides) or float64.
 Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArrayRef counts,
                            at::IntArrayRef partner, double tau, bool relative) {
+  apsfast::check_transition_step_all(Ms, widths, counts, partner);
   const int64_t sides = static_cast<int64_t>(Ms.size());
-  TORCH_CHECK(sides > 0, "Ms must hold at least one side");
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == sides && static_cast<int64_t>(partner.size()) == sides,
-              "counts and partner must have one entry per side (", sides, "), got ", counts.size(),
-              " and ", partner.size());
+  check_cuda(Ms[0], "Ms[0]");
   const DType dtype = dtype_of(Ms[0], "Ms[0]");
-  TORCH_CHECK(Ms[0].is_cuda(), "Ms[0] must be a CUDA tensor, got device ", Ms[0].device());
   std::vector<TransitionSide> inputs(sides);
-  int64_t block = 0;
   for (int64_t s = 0; s < sides; ++s) {
     const Tensor& M = Ms[s];
-    TORCH_CHECK(M.dim() == 2, "Ms[", s, "] must be 2-D, got ", M.dim(), " dims");
-    TORCH_CHECK(M.scalar_type() == Ms[0].scalar_type(), "Ms[", s, "] has dtype ", M.scalar_type(),
-                ", expected ", Ms[0].scalar_type(), " (that of Ms[0])");
-    TORCH_CHECK(M.device() == Ms[0].device(), "Ms[", s, "] must be on ", Ms[0].device(), ", got ",
-                M.device());
-    TORCH_CHECK(at::has_internal_overlap(M) != at::MemOverlap::Yes, "Ms[", s,
-                "] is updated in place and must not have overlapping elements (e.g. an expand)");
-    TORCH_CHECK(partner[s] >= -1 && partner[s] < sides && partner[s] != s,
-                "partner[", s, "] must be -1 or another side's index in [0, ", sides, "), got ",
-                partner[s]);
-    TORCH_CHECK(counts[s] >= 0, "counts[", s, "] must be >= 0, got ", counts[s]);
-    TORCH_CHECK(block + counts[s] <= static_cast<int64_t>(widths.size()), "widths must hold at least ",
-                block + counts[s], " block widths (the sum of counts), got ", widths.size());
-    int64_t n = 0;
-    for (int64_t b = block; b < block + counts[s]; ++b) {
-      TORCH_CHECK(widths[b] >= 0, "widths[", b, "] must be >= 0, got ", widths[b]);
-      n += widths[b];
-    }
-    TORCH_CHECK(n == M.size(1), "the widths of side ", s, " must sum to Ms[", s, "].shape[1] = ",
-                M.size(1), ", got ", n);
-    block += counts[s];
     TransitionSide& side = inputs[s];
     side = TransitionSide{};
     side.M = M.data_ptr();
@@ -323,8 +254,6 @@ Tensor transition_step_all(at::TensorList Ms, at::IntArrayRef widths, at::IntArr
     side.partner = partner[s];
     side.block_count = counts[s];
   }
-  TORCH_CHECK(block == static_cast<int64_t>(widths.size()), "widths must hold ", block,
-              " block widths (the sum of counts), got ", widths.size());
 
   const c10::cuda::CUDAGuard guard(Ms[0].device());
   const TransitionPlan plan = plan_transition(inputs.data(), sides, widths.data());

@@ -16,7 +16,7 @@ name in ``config.SEARCHER_KINDS``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 

@@ -25,13 +25,14 @@ class ReinforceSearcher(Searcher):
     def __init__(self, decisions: Sequence[Decision], config: Config, flops: Callable[[Arch], float],
                  **context: Any) -> None:
         ctl, reward = config.controller, config.reward
-        budget = None
+        budget: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if ctl.flops_input:  # the share of the budget (the target, else the widest arch) a prefix leaves
             last = [0] * len(decisions)
             total = reward.flops_target or flops([len(d.widths) - 1 for d in decisions])
 
-            def budget(prefix: torch.Tensor) -> torch.Tensor:
+            def remaining(prefix: torch.Tensor) -> torch.Tensor:
                 return torch.tensor([1 - flops(row + last[len(row):]) / total for row in prefix.tolist()])
+            budget = remaining
         self.controller = Controller(decisions, ctl.hidden_size, layers=ctl.layers, layer_input=ctl.layer_input,
                                      budget=budget)
         self.reinforce = Reinforce(self.controller, lr=ctl.lr, betas=tuple(ctl.betas),
