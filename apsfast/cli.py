@@ -1,4 +1,4 @@
-"""The ``apsfast`` command line: ``apsfast search | train | analyze | models | demo | bench | info``."""
+"""The ``apsfast`` command line: ``apsfast search | train | analyze | compare | models | demo | bench | info``."""
 from __future__ import annotations
 
 import argparse
@@ -182,6 +182,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from apsfast.search import compare
+    try:
+        return compare.main(args.rest, prog="apsfast compare")
+    except _user_errors() as error:
+        raise _fail("compare", error) from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from importlib import import_module
     suite = import_module(f"apsfast.benchmarks.{args.suite}")
@@ -304,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
                       help="override a field of the demo preset, e.g. -s train.epochs=4 (repeatable)")
     demo.set_defaults(func=cmd_demo)
+    compare = sub.add_parser("compare", help="the searchers (reinforce, tas, ista) side by side: chosen MACs, "
+                             "retrained accuracy, time and memory", add_help=False)
+    compare.add_argument("rest", nargs=argparse.REMAINDER, help="options (see apsfast compare --help)")
+    compare.set_defaults(func=cmd_compare)
     bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|profile|data [--quick] "
                                          "[--out PATH]`")
     bench.add_argument("suite", choices=["kernels", "search", "profile", "data"],
@@ -316,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:  # its own parser reads every option after the command
+        return cmd_compare(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -460,14 +460,14 @@ def test_embedded_wider_networks_score_higher(default_embedded):
 
 
 def test_load_dispatches_and_checks(tmp_path):
-    assert DATASETS == ("embedded", "cifar10", "imagenet")
+    assert DATASETS == ("embedded", "cifar10", "folder")  # imagenet: an alias of folder
     train, test = load("embedded", image_size=8, num_train=40, num_test=20, num_classes=4, num_workers=3)
     assert (len(train), len(test), train.image_size, train.num_classes) == (40, 20, 8, 4)
-    with pytest.raises(ValueError, match="unknown data set 'mnist'; the data sets are embedded, cifar10, imagenet"):
+    with pytest.raises(ValueError, match="unknown data set 'mnist'; the data sets are embedded, cifar10, folder"):
         load("mnist")
     with pytest.raises(ValueError, match="dataset 'cifar10' needs data.root: the folder holding cifar-10-batches-py"):
         load("cifar10")
-    with pytest.raises(ValueError, match="dataset 'imagenet' needs data.root"):
+    with pytest.raises(ValueError, match="dataset 'folder' needs data.root"):
         load("imagenet")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['colour'\] for data set 'embedded'"):
         load("embedded", colour=True)
@@ -479,7 +479,9 @@ def test_load_dispatches_and_checks(tmp_path):
     write_tree(tmp_path / "tree")
     train, val = load("imagenet", tmp_path / "tree", image_size=8, num_workers=0)
     assert isinstance(train, FolderImageSet) and train.image_size == 8 and train.num_workers == 0
-    assert load("imagenet", tmp_path / "tree")[0].image_size == 224
+    # images of several sizes and no data.image_size: one line asking for it
+    with pytest.raises(ValueError, match=r"different sizes \(.*\): set data.image_size"):
+        load("imagenet", tmp_path / "tree")
 
 
 # --- prefetching ----------------------------------------------------------------------------

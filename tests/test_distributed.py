@@ -130,3 +130,17 @@ def test_batch_size_must_split_evenly_over_the_processes(tmp_path):
     done = search_cli(tmp_path / "odd", "-s", "train.batch_size=33", launcher=torchrun)
     assert done.returncode != 0
     assert "train.batch_size = 33 must be divisible by the number of processes (2)" in done.stderr
+
+
+def test_retrain_runs_under_torchrun(tmp_path):
+    # The retrain stands on the search's session: two processes split every batch.
+    from apsfast.search import Search, load_config
+    Search(load_config("demo", overrides=TINY), tmp_path / "run", log=lambda text: None).run()
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    done = subprocess.run([sys.executable, *torchrun, "-m", "apsfast", "train", str(tmp_path / "run"), "-s",
+                           "retrain.epochs=1"], capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes on cpu" in done.stdout
+    summary = json.loads((tmp_path / "run" / "retrain" / "retrain.json").read_text())
+    assert summary["epochs"] == 1 and 0 <= summary["test_acc"] <= 1

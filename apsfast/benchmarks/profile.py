@@ -46,7 +46,7 @@ def profile_case(case: Case, args: argparse.Namespace) -> str:
 
             def transition(name=name):
                 with forced_backend(name):
-                    strategies.transition(search.net, search.config.sharing.tau)
+                    strategies.transition(search.net, search.rate.tau)
             fns[f"transition [{name}]"] = transition
         times = median_times({k: synchronised(f, search.session.device) for k, f in fns.items()}, 5, 0.2)
         lines = [f"## {case.name}", "", "| part | ms |", "|---|---|"]

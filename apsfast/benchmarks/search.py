@@ -93,7 +93,7 @@ def make_search(case: Case, device: str, amp: str, channels_last: bool, out: Pat
         "run.progress=false"])
     search = Search(config, out, log=lambda text: None)
     strategies.begin_search(search.net, search.strategy)
-    strategies.transition(search.net, config.sharing.tau)  # leave the exact ordinal start
+    strategies.transition(search.net, search.rate.tau)  # leave the exact ordinal start
     return search
 
 
@@ -126,7 +126,7 @@ def providers(search: Search, backend: Optional[str] = None
         static.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(static.parameters(), lr=train.lr, momentum=train.momentum,
                                 weight_decay=train.weight_decay)
-    precision, tau = session.precision, search.config.sharing.tau
+    precision, tau = session.precision, search.rate.tau
 
     def weight_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         model.train()
