@@ -163,3 +163,27 @@ def assert_semi_orthogonal(M: torch.Tensor, tol: float = 1e-12) -> None:
 def assert_unit_columns(M: torch.Tensor, tol: float = 1e-12) -> None:
     norms = M.detach().cpu().double().norm(dim=0)
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=tol)
+
+
+class CountLaunches:
+    """Stands in for a kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def nan_filled_empty():
+    """``torch.empty`` whose floating tensors start as NaN: an element a kernel forgets to write
+    (or a workspace entry read before it is written) shows up as NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+    return nan_empty

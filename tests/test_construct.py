@@ -3,7 +3,6 @@
 argument errors and hypothesis properties."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import apsfast
 from apsfast import reference
-from cases import (ALL, COMPILE, CPU, CPU_FAST, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
+from cases import (nan_filled_empty, ALL, COMPILE, CPU, CPU_FAST, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
                    meta_weight, randn, standard_strides, to, transform, with_layout)
 from conftest import assert_close
 
@@ -226,13 +225,7 @@ def test_autocast_builds_in_float32_and_convs_in_low_precision(target, dtype):
 def test_every_output_element_is_stored(target, monkeypatch, sides, layout):
     """Outputs and workspaces start as NaN: an element a kernel forgets to write (or a
     workspace entry read before it is written) shows up as NaN."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
+    nan_empty = nan_filled_empty()
 
     weight, P, Q = make((37, 21, (3, 3), 19, 13), sides, layout, F32)
     monkeypatch.setattr(torch, "empty", nan_empty)

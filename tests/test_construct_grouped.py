@@ -2,14 +2,13 @@
 against per-layer einsum (paper eq. 2) in float64."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 import apsfast
 from apsfast import reference
-from cases import (ALL, COMPILE, CPU, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
+from cases import (CountLaunches, nan_filled_empty, ALL, COMPILE, CPU, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
                    meta_weight, randn, standard_strides, to, transform)
 from conftest import assert_close
 
@@ -121,17 +120,6 @@ def test_grouped_under_compile(target):
 
 # --- Triton: launches and stores ----------------------------------------------------------------
 
-class CountLaunches:
-    """Stands in for a kernel and counts its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("target", TRITON_ONLY, indirect=True)
 @pytest.mark.parametrize("with_Q,launches", [(True, 2), (False, 1)], ids=["two-stages", "single-products-only"])
 def test_grouped_one_triton_launch_per_stage(target, monkeypatch, with_Q, launches):
@@ -151,13 +139,7 @@ def test_grouped_one_triton_launch_per_stage(target, monkeypatch, with_Q, launch
 @pytest.mark.parametrize("target", TRITON_ONLY, indirect=True)
 def test_every_grouped_output_element_is_stored(target, monkeypatch):
     """Outputs and the workspace start as NaN: a missed store shows up as NaN."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
+    nan_empty = nan_filled_empty()
 
     weights, Ps, Qs = make_layers(F16)
     monkeypatch.setattr(torch, "empty", nan_empty)

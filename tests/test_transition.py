@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 
 import apsfast
 from apsfast import reference
-from cases import (ALL, CPU, CPU_FAST, CUDA, NO_INTERPRETER, TRITON_INTERPRETED, TRITON_ONLY, assert_matches,
+from cases import (CountLaunches, nan_filled_empty, ALL, CPU, CPU_FAST, CUDA, NO_INTERPRETER, TRITON_INTERPRETED, TRITON_ONLY, assert_matches,
                    assert_unit_columns, exact, max_score, naive_phi, random_matrices, random_rotation, to, transform)
 from conftest import assert_close
 
@@ -446,17 +446,6 @@ def test_opcheck(target, relative):
 
 # --- Triton: launches and stores ----------------------------------------------------------------
 
-class CountLaunches:
-    """Stands in for a kernel and counts its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("target", TRITON_ONLY, indirect=True)
 def test_triton_batched_step_is_two_launches(target, monkeypatch):
     from apsfast.kernels import transition as ktransition
@@ -473,13 +462,7 @@ def test_triton_batched_step_is_two_launches(target, monkeypatch):
 def test_every_workspace_entry_is_written_before_read(target, monkeypatch):
     """The workspace starts as NaN: an entry read before it is written shows up as NaN."""
     from apsfast.kernels import transition as ktransition
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
+    nan_empty = nan_filled_empty()
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     monkeypatch.setattr(ktransition, "_PLANS", {})

@@ -37,12 +37,7 @@ def plot_top(runs: Sequence[Run], path: Path) -> Optional[Path]:
     ax.set(xlabel="N (the N most likely archs of the beam, retrained)", ylabel="test accuracy (mean ± std)",
            title="Accuracy of the top-N likely archs (paper Fig. 8)")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _std(values: Sequence[float]) -> float:
@@ -77,6 +72,12 @@ def plot_macs(runs: Sequence[Run], path: Path) -> Optional[Path]:
                        label=f"{run.label} (searched)", zorder=3)
     ax.set(xlabel="MACs of the network (millions)", ylabel="test accuracy after retraining",
            title="Accuracy vs MACs: search vs uniform scaling (paper Fig. 9)")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path):
+    """A grid, the legend, fixed margins, the PNG written and the figure closed."""
+    plt = _pyplot()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.9)
