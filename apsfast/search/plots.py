@@ -20,7 +20,9 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: Union[str, Path], *, tit
     x = [r["epoch"] + 1 for r in epochs]
     fig, (acc_ax, phi_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     acc_ax.plot(x, [r["train_acc"] for r in epochs], label="train (sampled archs)")
-    acc_ax.plot(x, [r["val_acc"] for r in epochs], label="validation (most likely arch)")
+    images = epochs[-1].get("val_images") if epochs else None
+    acc_ax.plot(x, [r["val_acc"] for r in epochs],
+                label="validation (most likely arch" + (f", {images} class-balanced images)" if images else ")"))
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     phi_ax.plot(x, [r["phi"] for r in epochs], color="tab:red")
     phi_ax.set(xlabel="epoch", ylabel="Φ (sum over layers)", title="sharing level Φ", yscale="log")
