@@ -144,3 +144,14 @@ def test_retrain_runs_on_the_search_machinery(tmp_path):
     with pytest.raises(ConfigError, match="a resume may not change retrain.weight_decay"):
         retrain(tmp_path, tmp_path / "nan", ["retrain.weight_decay=0.1"], resume=True, log=quiet)
     assert retrain(tmp_path, tmp_path / "nan", ["retrain.lr=0.01"], resume=True, log=quiet)["epochs"] == 2
+
+
+def test_retrain_with_distillation_from_the_widest_arch(tmp_path):
+    Search(tiny(), tmp_path, log=quiet).run()
+    summary = retrain(tmp_path, tmp_path / "kd", ["retrain.distill=widest", "retrain.epochs=1"], log=quiet)
+    assert 0 <= summary["test_acc"] <= 1
+    teacher = tmp_path / "model.pt"  # an exported model as the teacher
+    assert retrain(tmp_path, tmp_path / "kd2", [f"retrain.distill={teacher}", "retrain.epochs=1"],
+                   log=quiet)["epochs"] == 1
+    with pytest.raises(ConfigError, match="retrain.distill must be widest or the path"):
+        retrain(tmp_path, tmp_path / "kd3", ["retrain.distill=nowhere.pt"], log=quiet)

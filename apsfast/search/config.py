@@ -168,7 +168,10 @@ class ResultConfig:
 @dataclass
 class RetrainConfig:
     """Training the chosen arch from scratch (``apsfast train``) on the whole train split:
-    SGD with a cosine schedule, optional gradient clipping and label smoothing."""
+    SGD with a cosine schedule, optional gradient clipping and label smoothing, and optional
+    knowledge distillation (TAS's recipe) from ``distill``: ``widest`` (the search's supernet
+    at its widest arch) or the path of an exported ``model.pt``, weighted ``distill_alpha`` at
+    temperature ``distill_temperature``."""
 
     epochs: int = 200
     batch_size: int = 128
@@ -178,6 +181,9 @@ class RetrainConfig:
     nesterov: bool = True
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
+    distill: Optional[str] = None
+    distill_alpha: float = 0.9
+    distill_temperature: float = 4.0
     steps_per_epoch: Optional[int] = None
 
 

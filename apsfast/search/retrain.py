@@ -21,7 +21,8 @@ import torch
 from apsfast import models
 from apsfast.search import assemble, runs, steps
 from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict, dump_config
-from apsfast.search.result import fresh_model, read_result, save_exported, write_json
+from apsfast.search.checkpoint import load_checkpoint
+from apsfast.search.result import fresh_model, load_exported, read_result, save_exported, write_json
 from apsfast.search.session import Session, restore_rng, rng_state
 
 SUMMARY, MODEL, TOP = "retrain.json", "retrained.pt", "top.json"
@@ -69,6 +70,7 @@ class Retrain:
         self.model = fresh_model(self.result, self.arch, session.device)
         if config.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.teacher = self._teacher(cfg.distill, session.device) if cfg.distill else None
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         for group in self.optimizer.param_groups:
@@ -84,6 +86,22 @@ class Retrain:
             self.save()
         else:
             self._restore(state)
+
+    def _teacher(self, source: str, device: torch.device) -> torch.nn.Module:
+        """The distillation teacher, in eval mode: the search's supernet at its widest arch
+        (from the search's checkpoint) or an exported model."""
+        if source != "widest":
+            teacher = load_exported(os.path.expanduser(source), device)
+        else:
+            if self.result_path is None:
+                raise ConfigError("retrain.distill=widest needs a search folder (its checkpoint.pt holds the supernet)")
+            state = load_checkpoint(self.result_path.parent / "checkpoint.pt", expect={"kind": "search"})
+            net = models.build(self.result["model"], device=device, **self.result["options"])
+            net.load_state_dict(state["supernet"])
+            teacher = net.export(net.max_arch())
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher.eval()
 
     def _reset_sums(self) -> None:
         zero = torch.zeros((), dtype=torch.float64, device=self.session.device)
@@ -164,7 +182,8 @@ class Retrain:
             self.model.train()
             steps.set_lr(self.optimizer, steps.cosine(self.step, total))
             stats = steps.weight_step(model, self.optimizer, self.session.precision, *self.session.local(x, y),
-                                      grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing)
+                                      grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,
+                                      teacher=self.teacher, distill=(cfg.distill_alpha, cfg.distill_temperature))
             self.sums["loss"] = self.sums["loss"] + stats.loss_sum
             self.sums["correct"] = self.sums["correct"] + stats.correct
             self.sums["seen"] += stats.count * self.session.processes.world

@@ -98,7 +98,11 @@ class Session:
         """Create the folder and open the metrics log; returns the checkpoint's state when the
         run resumes from one (the log is cut back to it), else ``None`` (a fresh run: the
         settings are written to ``config.yaml``)."""
-        state = self.load() if self.checkpoint.exists() else None
+        resuming = self.checkpoint.exists()
+        # Every process has looked before process 0 writes anything (its first checkpoint
+        # comes right after): a process that looked later would resume while the others start.
+        self.processes.barrier()
+        state = self.load() if resuming else None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out / METRICS,

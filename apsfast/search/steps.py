@@ -38,17 +38,25 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 
 def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, x: Tensor, y: Tensor,
-                *, grad_clip: Optional[float] = None, label_smoothing: float = 0.0) -> StepStats:
+                *, grad_clip: Optional[float] = None, label_smoothing: float = 0.0,
+                teacher: Optional[nn.Module] = None, distill: tuple[float, float] = (0.9, 4.0)) -> StepStats:
     """One SGD step of ``model`` on ``(x, y)``: forward (in the run's autocast), cross-entropy
     in float32, backward through the loss scaler, optional gradient clipping, the optimizer.
 
-    The learning rate is whatever the optimizer holds (see :func:`set_lr`). A non-finite loss
+    With a ``teacher`` the loss is :func:`distillation_loss` against its logits (``distill``:
+    α and T). The learning rate is whatever the optimizer holds (see :func:`set_lr`). A non-finite loss
     is not checked here (that would wait for the device): the schedule checks the sums it
     accumulates at its log points and before every checkpoint.
     """
     with precision.autocast():
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if teacher is None:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        else:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = distillation_loss(logits, target, y, alpha=distill[0], temperature=distill[1],
+                                     label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     precision.scaler.scale(loss).backward()
     if grad_clip is not None:
@@ -60,6 +68,18 @@ def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: P
     with torch.no_grad():
         correct = (logits.argmax(1) == y).sum().to(torch.float64)
         return StepStats(loss.detach().to(torch.float64) * len(y), correct, len(y))
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, alpha: float = 0.9,
+                      temperature: float = 4.0, label_smoothing: float = 0.0) -> Tensor:
+    """Knowledge distillation as TAS retrains (Hinton et al.):
+    ``α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE(student, labels)``, in
+    float32, the teacher's logits detached."""
+    student, teacher = student.float(), teacher.detach().float()
+    soft = F.kl_div(F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    return alpha * temperature ** 2 * soft + (1 - alpha) * hard
 
 
 @contextlib.contextmanager

@@ -94,6 +94,14 @@ def _check_training(config: Config) -> None:
     _positive("retrain.grad_clip", config.retrain.grad_clip, allow_none=True)
     if not 0 <= config.retrain.label_smoothing < 1:
         raise ConfigError(f"retrain.label_smoothing must be in [0, 1), got {config.retrain.label_smoothing!r}")
+    retrain = config.retrain
+    if retrain.distill is not None and retrain.distill != "widest" \
+            and not os.path.isfile(os.path.expanduser(retrain.distill)):
+        raise ConfigError(f"retrain.distill must be widest or the path of an exported model.pt, got "
+                          f"{retrain.distill!r} (no such file)")
+    if not 0 <= retrain.distill_alpha <= 1:
+        raise ConfigError(f"retrain.distill_alpha must be in [0, 1], got {retrain.distill_alpha!r}")
+    _positive("retrain.distill_temperature", retrain.distill_temperature)
     _positive("reward.flops_target", config.reward.flops_target, allow_none=True)
     _positive("result.beam", config.result.beam)
     if config.analysis.every < 0:

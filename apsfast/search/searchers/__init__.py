@@ -25,7 +25,8 @@ from apsfast.search.config import Config
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher
 from apsfast.search.searchers.ista import IstaSearcher
 from apsfast.search.searchers.reinforce import ReinforceSearcher
-from apsfast.search.searchers.tas import TasSearcher, distillation_loss
+from apsfast.search.searchers.tas import TasSearcher
+from apsfast.search.steps import distillation_loss
 
 SEARCHERS: dict[str, Callable[..., Searcher]] = {
     "reinforce": ReinforceSearcher,

@@ -21,7 +21,8 @@ over an APS supernet's width decisions.
   ``tas.flops_weight`` times the FLOPs loss on the exact expected MACs with the tolerance
   band ``[target·(1 − tas.flops_tolerance), target]`` (:mod:`.widths`), the target being
   ``reward.flops_target``.
-* **Distillation** for the retrain: :func:`distillation_loss` (α = 0.9, T = 4 as TAS).
+* **Distillation** for the retrain: ``retrain.distill`` (:func:`apsfast.search.steps.distillation_loss`,
+  α = 0.9, T = 4 as TAS).
 
 Left out: TAS's depth search, and its per-width batch norms inside the mixture.
 """
@@ -99,18 +100,6 @@ def gumbel_pairs(log_probs: Tensor, sizes: Sequence[int], tau: float, generator:
         weights = torch.stack([perturbed[d, narrow], perturbed[d, wide]]).softmax(dim=0)
         pairs.append((narrow, wide, weights[0], weights[1]))
     return pairs
-
-
-def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, alpha: float = 0.9,
-                      temperature: float = 4.0, label_smoothing: float = 0.0) -> Tensor:
-    """Knowledge distillation as TAS retrains (Hinton et al.):
-    ``α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE(student, labels)``, in
-    float32, the teacher's logits detached."""
-    student, teacher = student.float(), teacher.detach().float()
-    soft = F.kl_div(F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
-                    reduction="batchmean", log_target=True)
-    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
-    return alpha * temperature ** 2 * soft + (1 - alpha) * hard
 
 
 class TasSearcher(Searcher):
