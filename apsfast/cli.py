@@ -1,4 +1,5 @@
-"""The ``apsfast`` command line: ``apsfast search | train | analyze | compare | models | demo | bench | info``."""
+"""The ``apsfast`` command line:
+``apsfast search | train | export | analyze | compare | models | demo | bench | info``."""
 from __future__ import annotations
 
 import argparse
@@ -98,14 +99,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.resume and args.preset is None and args.config is None:
             if args.out is None:
                 raise SystemExit("apsfast search: --resume needs --out RUN (the folder of the run to continue)")
-            config = saved_config(args.out, args.set or [])  # the run's own settings
+            # The run's own settings; --model may only repeat its model.
+            config = saved_config(args.out, ([("model.name", args.model)] if args.model else []) + (args.set or []))
         else:
-            config = load_config(args.preset, args.config, args.set or [])
+            config = load_config(args.preset, args.config, args.set or [], model=args.model)
         if args.print_config:
             assemble.check(config, with_data=config.data.name == "embedded" or config.data.root is not None)
             print(dump_config(config), end="")
             return 0
-        out = args.out or os.path.join("runs", f"{args.preset or config.model.name}-{config.sharing.strategy}")
+        name = config.model.name.replace(":", ".") if args.model or not args.preset else args.preset
+        out = args.out or os.path.join("runs", f"{name}-{config.sharing.strategy}")
         search(config, out, resume=args.resume)
     except _user_errors() as error:
         raise _fail("search", error) from None
@@ -154,6 +157,33 @@ def _train_uniform(args: argparse.Namespace, retrain_uniform) -> None:
         given = f"--preset {args.preset}" if args.preset else f"--config {args.config}"
         source = f"--uniform {args.uniform:g} {given}"
     retrain_uniform(config, args.uniform, out, resume=args.resume, source=source)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from apsfast.search import deploy
+    if args.onnx is None and args.pt2 is None:
+        raise SystemExit("apsfast export: pass --onnx PATH and/or --pt2 PATH (the files to write)")
+    try:
+        # Every path and package checked before any work.
+        onnx, pt2 = (deploy.output_path(path) if path else None for path in (args.onnx, args.pt2))
+        opset = deploy.OPSET if args.opset is None else args.opset
+        if onnx:
+            deploy.check_onnx_export(opset)
+        model = deploy.load_model(args.run, searched=args.searched)
+        print(f"exporting {model.source}: input [batch, {', '.join(map(str, model.input_shape))}], batch dynamic")
+        if onnx:
+            deploy.write_onnx(model, onnx, opset)
+            try:
+                note = f"; onnxruntime's outputs are within {deploy.onnx_difference(model, onnx):.1e} of PyTorch's"
+            except ImportError:
+                note = "; not run (pip install onnxruntime to check it)"
+            print(f"wrote {onnx} (ONNX opset {opset}, input 'input', output 'logits'){note}")
+        if pt2:
+            deploy.write_pt2(model, pt2)
+            print(f"wrote {pt2} (torch.export program with its weights: torch.export.load(PATH).module())")
+    except _user_errors() + (ValueError, ImportError, IsADirectoryError) as error:
+        raise _fail("export", error) from None
+    return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -278,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "then --config, then each -s; `--print-config` shows the result.")
     search.add_argument("--preset", choices=presets(), help="the paper's settings for a model (or `demo`)")
     search.add_argument("--config", metavar="FILE", help="a YAML config (sections as `--print-config` shows)")
+    search.add_argument("--model", metavar="MODULE:FACTORY",
+                        help="search a model of your own: package.module:factory returning an nn.Module (importable, "
+                             "e.g. with PYTHONPATH=.), made a supernet by apsfast.convert; replaces the preset's "
+                             "model section (set -s model.options.KEY=VALUE for the factory, -s model.convert.widths="
+                             "[0.5,1.0] for convert)")
     search.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
                         help="override a field, e.g. -s train.epochs=10 -s data.root=~/cifar (repeatable)")
     search.add_argument("--out", metavar="DIR", help="output folder (default: runs/PRESET-STRATEGY)")
@@ -306,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the retraining in --out with its own settings (-s may change bookkeeping, "
                             "retrain.epochs, retrain.lr and retrain.grad_clip)")
     train.set_defaults(func=cmd_train)
+    export = sub.add_parser(
+        "export", help="write a searched or retrained network for deployment: ONNX (--onnx) or a torch.export "
+        "program (--pt2)", description="Write the network of RUN with its weights, in eval mode, for inputs "
+        "[batch, 3, S, S] (S: the search's image size; batch dynamic). RUN is a search's folder (its retrained "
+        "model, retrain/retrained.pt, if `apsfast train RUN` has finished one, else model.pt: the chosen arch with "
+        "the supernet's weights), a retrain's folder (retrained.pt), or an exported model.pt / retrained.pt file.")
+    export.add_argument("run", metavar="RUN", help="a search's folder, a retrain's folder, or a model.pt file")
+    export.add_argument("--onnx", metavar="PATH", help="write an ONNX file (needs pip install apsfast[onnx]); "
+                        "checked against PyTorch with onnxruntime when it is installed")
+    export.add_argument("--pt2", metavar="PATH", help="write a torch.export program with its weights (.pt2)")
+    export.add_argument("--searched", action="store_true",
+                        help="with a search's folder: its searched model.pt even where a retrained model exists")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset, at least 18 (the default)")
+    export.set_defaults(func=cmd_export)
     _add_analyze(sub)
     demo = sub.add_parser("demo", help="a complete short search on the embedded data, then a short retrain")
     demo.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo/<date-time>)")
@@ -316,12 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "retrained accuracy, time and memory", add_help=False)
     compare.add_argument("rest", nargs=argparse.REMAINDER, help="options (see apsfast compare --help)")
     compare.set_defaults(func=cmd_compare)
-    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|profile|data [--quick] "
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|profile|data|latency [--quick] "
                                          "[--out PATH]`")
-    bench.add_argument("suite", choices=["kernels", "search", "profile", "data"],
+    bench.add_argument("suite", choices=["kernels", "search", "profile", "data", "latency"],
                        help="kernels: the fused ops against nn.Conv2d and plain PyTorch; search: one search step "
                             "against plain PyTorch and the static network; profile: where a search step's time "
-                            "goes; data: the loaders' images/s")
+                            "goes; data: the loaders' images/s; latency: the latency table's predictions against "
+                            "the measured latency of exported networks")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
     bench.set_defaults(func=cmd_bench)
     return parser

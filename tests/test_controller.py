@@ -108,6 +108,43 @@ def test_reinforce_baseline_and_state():
         Reinforce(policy, baseline_decay=1.0)
 
 
+def test_leave_one_out_baseline():
+    # Each arch against the mean of the others: a hand computation of the advantage.
+    policy = controller()
+    trainer = Reinforce(policy, baseline="leave_one_out", entropy_weight=0.0)
+    rollout = policy.sample(4, torch.Generator().manual_seed(0))
+    rewards = torch.tensor([0.2, 0.5, 0.1, 0.6])
+    advantage = torch.stack([rewards[i] - torch.cat([rewards[:i], rewards[i + 1:]]).mean() for i in range(4)])
+    expected = torch.autograd.grad(-(advantage * rollout.log_prob).mean(), list(policy.parameters()),
+                                   retain_graph=True, allow_unused=True)
+    trainer.optimizer.step = lambda: None  # keep the gradients to compare
+    trainer.step(rollout, rewards)
+    for grad, param in zip(expected, policy.parameters()):
+        assert (grad is None) == (param.grad is None)
+        assert grad is None or torch.allclose(param.grad, grad, atol=1e-7)
+
+
+def test_leave_one_out_ignores_how_hard_the_batch_is():
+    # The same archs scored on an easier batch (every reward + 0.3) take the same step; with the
+    # moving average the step changes (by ~2e-2 here).
+    def after(baseline: str, offset: float) -> list[torch.Tensor]:
+        policy = controller(3)
+        trainer = Reinforce(policy, lr=0.01, baseline=baseline)
+        generator = torch.Generator().manual_seed(1)
+        trainer.step(policy.sample(4, generator), [0.5, 0.5, 0.5, 0.5])
+        trainer.step(policy.sample(4, generator), torch.tensor([0.2, 0.4, 0.3, 0.1]) + offset)
+        return [p.detach().clone() for p in policy.parameters()]
+
+    for a, b in zip(after("leave_one_out", 0.0), after("leave_one_out", 0.3)):
+        assert torch.allclose(a, b, atol=1e-4)  # float rounding of the shifted rewards, through Adam
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(after("moving_average", 0.0),
+                                                                     after("moving_average", 0.3)))
+    with pytest.raises(ValueError, match="leave_one_out baseline needs at least 2"):
+        Reinforce(controller(), baseline="leave_one_out").step(controller().sample(1), [1.0])
+    with pytest.raises(ValueError, match="baseline must be one of moving_average, leave_one_out"):
+        Reinforce(controller(), baseline="mean")
+
+
 def test_flops_reward():
     assert flops_reward(0.9, 50e6, None) == 0.9
     assert flops_reward(0.9, 20e6, 40e6) == 0.9  # α = 0: under the target, no penalty

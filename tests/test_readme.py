@@ -1,5 +1,7 @@
 """The README's examples run as written and its tables say what the code says."""
+import json
 import re
+import shlex
 from pathlib import Path
 
 from apsfast import cli
@@ -10,8 +12,24 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 3, "README should hold the layer, the search-space and the convert examples"
+    assert len(blocks) == 5, ("README should hold the layer, the search-space and the convert examples, and the "
+                              "factory module and Python search of a model of your own")
     return blocks
+
+
+def shell_commands(marker: str) -> list[list[str]]:
+    """The ``apsfast`` commands of the ``sh`` block holding ``marker``, continuation lines
+    joined, comments and the ``PYTHONPATH=.`` prefix dropped, split as a shell would."""
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S) if marker in b]
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["PYTHONPATH=."]:
+            words = words[1:]
+        if words:
+            assert words[0] == "apsfast", line
+            commands.append(words[1:])
+    return commands
 
 
 def run(block: str) -> dict:
@@ -42,3 +60,23 @@ def test_readme_convert_example_runs():
 def test_readme_search_space_table_is_current():
     rows = [summary.summary(name, **options) for name, options in cli.PAPER_SPACES]
     assert summary.markdown(rows) in README.read_text()
+
+
+def test_readme_own_model_search_runs(tmp_path, monkeypatch, capsys):
+    # The factory module as the README shows it, then its commands and its Python search, as
+    # written, in a folder of their own (the commands' PYTHONPATH=. is the sys.path entry).
+    blocks = python_blocks()
+    (tmp_path / "mynets.py").write_text(blocks[3])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    commands = shell_commands("--model mynets:small_cnn")
+    assert [c[0] for c in commands] == ["search", "search", "train"]
+    for command in commands:
+        assert cli.main(command) == 0
+    result = json.loads((tmp_path / "runs" / "mynets" / "result.json").read_text())
+    assert result["model"] == "mynets:small_cnn" and [d["name"] for d in result["decisions"]] == ["stem.0", "block.0"]
+    assert "the search in runs/mynets is complete" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "mynets" / "retrain" / "retrain.json").is_file()
+    namespace = run(blocks[4])
+    assert namespace["result"]["model"] == "converted:SmallCNN"
+    assert 0 <= namespace["summary"]["test_acc"] <= 1

@@ -20,11 +20,7 @@ from apsfast.search.searchers.tas import gumbel_pairs
 from apsfast.search.searchers.widths import ExpectedMacs, Groups, channel_interpolate, flops_loss, product_beam
 from apsfast.search.strategies import STRATEGIES, begin_search, supernet_sharing
 
-TINY = ["model.options.widths=[2, 4]", "data.options={num_train: 256, num_test: 64}", "data.image_size=8",
-        "train.epochs=3", "train.warmup_epochs=1", "train.batch_size=32", "train.steps_per_epoch=3",
-        "controller.samples=2", "sharing.tau=0.05", "result.beam=4", "retrain.epochs=1", "retrain.batch_size=32",
-        "retrain.steps_per_epoch=2", "run.eval_batches=2", "run.log_every=1", "run.checkpoint_every=2",
-        "run.progress=false"]
+from test_search import TINY  # 3 epochs (1 warm-up) of 3 steps of 32 images
 KINDS = ("tas", "ista")
 
 

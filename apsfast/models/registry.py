@@ -1,12 +1,26 @@
-"""The named search spaces and the one entry point that builds them."""
+"""The named search spaces, user models named by their factory, and the one entry point that
+builds them all (:func:`build`): every run rebuilds its supernet through it, by the name and
+options its folder records."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
-from typing import Any, Callable, Mapping
+import sys
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
 
 from apsfast.models.base import Supernet
 
 _BUILDERS: dict[str, Callable[..., Supernet]] = {}
+#: How :func:`apsfast.convert` names its supernets (``converted:<class name>``): made in Python
+#: from a model object, they cannot be rebuilt by name.
+CONVERTED = "converted:"
+#: The options of :func:`apsfast.convert` a user model's ``convert`` settings may give, with
+#: ``input_size``: the side of the example input ``[1, 3, input_size, input_size]``.
+CONVERT_OPTIONS = ("widths", "round_to", "exclude", "input_size")
 
 
 def register(name: str) -> Callable[[Callable[..., Supernet]], Callable[..., Supernet]]:
@@ -37,12 +51,22 @@ def _builder(name: str) -> Callable[..., Supernet]:
 
 
 def build(name: str, *, device=None, dtype=None, **options: Any) -> Supernet:
-    """Build the supernet ``name`` (see :func:`available`) with ``options`` (see each builder).
+    """Build the supernet ``name`` (see :func:`available`) with ``options`` (see each builder),
+    or the user model ``name = "package.module:factory"`` (see :func:`build_factory`).
 
     Unknown options are an error naming the valid ones. ``device``/``dtype`` place the
     parameters (``device="meta"`` builds without memory, to count parameters or FLOPs). The
-    options, defaults filled in, are recorded in ``supernet.options``.
+    options, defaults filled in, are recorded in ``supernet.options``: ``build(net.name,
+    **net.options)`` builds the same supernet again. A supernet made by :func:`apsfast.convert`
+    in Python (named ``converted:…``) is refused: only its object can be searched again.
     """
+    if name.startswith(CONVERTED):
+        raise ValueError(
+            f"model {name!r} was made by apsfast.convert from a model object and cannot be rebuilt by name: pass "
+            f"the same supernet again (search(config, out, resume=True, model=net), retrain(RUN, model=net)), or "
+            f"search a factory (model.name = package.module:factory) so that the run folder can rebuild it")
+    if is_factory(name):
+        return build_factory(name, device=device, dtype=dtype, **options)
     chosen = {**options_of(name), **options}
     unknown = sorted(set(options) - set(options_of(name)))
     if unknown:
@@ -60,3 +84,105 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def is_factory(name: str) -> bool:
+    """Whether ``name`` names a user model by its factory, ``package.module:factory``."""
+    return ":" in name and not name.startswith(CONVERTED)
+
+
+def check_factory_name(name: str) -> tuple[str, str]:
+    """``(module, attribute path)`` of ``"package.module:factory"``, checked without importing.
+
+    A run's folder names the factory its ``--resume`` and ``apsfast train`` call, so a folder
+    is trusted like a script; the standard library and ``torch.hub`` (which fetches code) hold
+    no model factory but callables that run commands or code, and are refused by name.
+    """
+    module, _, attribute = name.partition(":")
+    if not all(part.isidentifier() for part in module.split(".")) or \
+            not all(part.isidentifier() for part in attribute.split(".")):
+        raise ValueError(f"{name!r} is not a model factory: expected package.module:factory (a module Python can "
+                         f"import and a callable in it returning a torch.nn.Module)")
+    if module.split(".")[0] in sys.stdlib_module_names or module == "torch.hub" or module.startswith("torch.hub."):
+        raise ValueError(f"{name!r} is not a model factory: module {module!r} is part of Python's standard library "
+                         f"or torch.hub; expected package.module:factory in your own code or an installed package")
+    return module, attribute
+
+
+def load_factory(name: str) -> Callable[..., Any]:
+    """The callable ``"package.module:factory"`` names, imported from ``sys.path`` (installed
+    packages, ``PYTHONPATH``, the folder of a script run with ``python``)."""
+    module_name, attribute = check_factory_name(name)
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import module {module_name!r} of the model factory {name!r} ({error}); expected "
+                         f"package.module:factory importable from sys.path (e.g. run from its folder with "
+                         f"PYTHONPATH=.)") from None
+    for part in attribute.split("."):
+        if not hasattr(found, part):
+            raise ValueError(f"module {module_name!r} has no {attribute!r}: expected package.module:factory "
+                             f"naming a callable that returns a torch.nn.Module")
+        found = getattr(found, part)
+    if not callable(found):
+        raise ValueError(f"{name!r} is not callable (a {type(found).__name__} object): expected a factory (a "
+                         f"function or class) that returns a torch.nn.Module")
+    return found
+
+
+def build_factory(name: str, *, options: Optional[Mapping[str, Any]] = None,
+                  convert: Optional[Mapping[str, Any]] = None, sharing: str = "transitional",
+                  device=None, dtype=None) -> Supernet:
+    """The supernet of a user model: ``factory(**options)`` converted by :func:`apsfast.convert`.
+
+    Args:
+        name: ``"package.module:factory"``; the factory is called with ``options`` as keyword
+            arguments and must return an ``nn.Module`` (a CNN taking ``[N, 3, H, W]``).
+        convert: :func:`apsfast.convert`'s ``widths``, ``round_to``, ``exclude``, and
+            ``input_size`` (required): the side of the example input ``[1, 3, S, S]``.
+        sharing, device, dtype: as for the registered spaces. The model is built and traced on
+            the CPU, then moved (on the meta device: without touching the global RNG).
+
+    Returns:
+        A :class:`~apsfast.models.converter.ConvertedSupernet` named ``name`` whose ``options``
+        (``{"options", "convert", "sharing"}``, defaults filled in) rebuild it.
+
+    Raises:
+        ValueError, TypeError: the factory cannot be imported or called with ``options``, does
+            not return an ``nn.Module``, or convert refuses the model (naming what to change).
+    """
+    from apsfast.models.converter import convert as convert_model
+
+    settings = dict(convert or {})
+    unknown = sorted(set(settings) - set(CONVERT_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown convert setting(s) {unknown} for model {name!r}; the settings are "
+                        f"{list(CONVERT_OPTIONS)}")
+    size = settings.pop("input_size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"the convert setting input_size of model {name!r} must be the image side (an int > 0), "
+                         f"got {size!r}")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"the options of model {name!r} must be a mapping of the factory's keyword arguments, "
+                        f"got {options!r}")
+    options = dict(options or {})
+    factory = load_factory(name)
+    # A meta build only counts: it must not move the global RNG a run is seeded with.
+    keep_rng = torch.random.fork_rng(devices=[]) if str(device) == "meta" else contextlib.nullcontext()
+    with keep_rng:
+        try:
+            model = factory(**options)
+        except TypeError as error:  # the options do not fit the factory's signature
+            raise TypeError(f"calling the model factory {name!r} with options {options} failed: {error}") from None
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the model factory {name!r} returned a {type(model).__name__}; expected a "
+                            f"torch.nn.Module")
+        net = convert_model(model, torch.zeros(1, 3, size, size), sharing=sharing, **settings)
+    net.name = name
+    net.options = {"options": _plain(options),
+                   "convert": {"widths": net.options["widths"], "round_to": net.options["round_to"],
+                               "exclude": net.options["exclude"], "input_size": size},
+                   "sharing": sharing}
+    if device is not None or dtype is not None:
+        net.to(device=device, dtype=dtype)
+    return net

@@ -4,6 +4,8 @@
   archs with APS-T's transition and the searcher's steps; ``Search``, ``search``;
 * :mod:`~apsfast.search.retrain` — training a searched arch from scratch; ``retrain``;
 * :mod:`~apsfast.search.result` — the beam, the choice, ``result.json``, export and plots;
+* :mod:`~apsfast.search.deploy` — ONNX and ``torch.export`` files of a run's network, and
+  ``model.pt``'s program that loads with torch alone; ``export_onnx``, ``export_pt2``;
 * :mod:`~apsfast.search.searchers` — what samples archs and learns which are good (the
   paper's LSTM + REINFORCE, :mod:`~apsfast.search.controller`), behind one small interface;
 * :mod:`~apsfast.search.steps` — the weight step and the validation scoring, plain functions;
@@ -16,6 +18,7 @@
 from apsfast.search.checkpoint import CheckpointError
 from apsfast.search.config import Config, ConfigError, apply_overrides, load_config, presets
 from apsfast.search.controller import Controller, Reinforce, Rollout, flops_reward
+from apsfast.search.deploy import export_onnx, export_pt2
 from apsfast.search.result import load_exported, select_arch
 from apsfast.search.retrain import retrain
 from apsfast.search.schedule import Search, search
@@ -23,5 +26,5 @@ from apsfast.search.searchers import SEARCHERS, Searcher
 from apsfast.search.strategies import STRATEGIES
 
 __all__ = ["CheckpointError", "Config", "ConfigError", "Controller", "Reinforce", "Rollout", "SEARCHERS", "STRATEGIES",
-           "Search", "Searcher", "apply_overrides", "flops_reward", "load_config", "load_exported", "presets",
-           "retrain", "search", "select_arch"]
+           "Search", "Searcher", "apply_overrides", "export_onnx", "export_pt2", "flops_reward", "load_config",
+           "load_exported", "presets", "retrain", "search", "select_arch"]

@@ -4,8 +4,10 @@ test accuracy after the retrain (mean ± std), the search's wall time per search
 peak memory (peak resident set of the process on a CPU, peak allocated memory on a GPU).
 
 Each (kind, strategy, target, seed) runs its search and retrain in a fresh process, so peak
-memory is its own. Writes ``compare.md`` (the table), ``compare.jsonl`` (one line per run) and
-``compare.json`` (the table's rows) into ``--out``.
+memory is its own. Writes ``compare.md`` (the table), ``compare.jsonl`` (one line per run, as
+each ends) and ``compare.json`` (the table's rows) into ``--out``. Run again with the same
+arguments, a cut comparison goes on: runs already in ``compare.jsonl`` are kept, a run cut
+midway resumes from its checkpoint.
 
     main(["--preset", "demo", "--kinds", "reinforce,tas,ista", "--strategies", "transitional",
           "--seeds", "0,1,2", "--out", "runs/compare", "-s", "train.epochs=8"])
@@ -50,14 +52,13 @@ def parse_args(argv: Optional[Sequence[str]], prog: str) -> argparse.Namespace:
 
 
 def half_standard_macs(preset: str, overrides: Sequence[str]) -> float:
-    """Half the MACs of the standard arch of the preset's space."""
-    from apsfast import models
+    """Half the MACs of the standard arch of the preset's space, at the data's image size."""
+    from apsfast.search import assemble
     from apsfast.search.config import load_config
-    from apsfast.search.strategies import supernet_sharing
 
     config = load_config(preset, overrides=list(overrides))
-    net = models.build(config.model.name, device="meta", sharing=supernet_sharing(config.sharing.strategy),
-                       **config.model.options)
+    plan = assemble.check(config, search=False)
+    net = assemble.build_supernet(config, plan.options, "meta")
     return net.flops(net.standard_arch()) / 2
 
 
@@ -75,17 +76,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = Search(config, out, log=quiet).run()
+    result = Search(config, out, resume=(out / "checkpoint.pt").exists(), log=quiet).run()
     search_seconds = time.perf_counter() - started
     epochs = [r for r in read_metrics(out / "metrics.jsonl", kind="epoch") if r["phase"] == "search"]
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    summary = retrain(out, log=quiet)
+    summary = retrain(out, resume=(out / "retrain" / "checkpoint.pt").exists(), log=quiet)
     return {**{k: job[k] for k in ("kind", "strategy", "target", "seed")}, "flops_target": result["flops_target"],
             "chosen_flops": result["chosen"]["flops"], "chosen_widths": result["chosen"]["widths"],
             "test_acc": summary["test_acc"], "search_seconds": search_seconds,
             "seconds_per_search_epoch": statistics.mean(r["seconds"] for r in epochs) if epochs else None,
             "peak_memory_mib": peak / 2 ** 20, "memory": "gpu allocated" if cuda else "process resident set",
-            "entropy_fraction": result["policy"]["entropy_fraction"]}
+            "entropy_fraction": result["policy"]["entropy_fraction"], "overrides": job["overrides"]}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -120,8 +121,19 @@ def markdown(rows: Sequence[dict[str, Any]], header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finished(path: Path, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of ``jobs`` that an earlier, cut comparison already wrote to ``path``."""
+    if not path.exists():
+        return []
+    wanted = {json.dumps(j["overrides"]) for j in jobs}  # the same settings, not only the same names
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in runs if json.dumps(r.get("overrides")) in wanted]
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") -> int:
     """Run the comparison the arguments describe; returns 0."""
+    import torch
+
     args = parse_args(argv, prog)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,11 +148,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") ->
                                  "preset": args.preset, "out": str(out / f"{kind}-{strategy}-{target}-{seed}"),
                                  "overrides": [*args.overrides, f"controller.kind={kind}", f"sharing.strategy={strategy}",
                                                f"run.seed={seed}", flops, "run.progress=false"]})
+    runs = finished(out / "compare.jsonl", jobs)
+    done = {(r["kind"], r["strategy"], r["target"], r["seed"]) for r in runs}
+    todo = [j for j in jobs if (j["kind"], j["strategy"], j["target"], j["seed"]) not in done]
+    if runs:
+        print(f"{len(runs)} of {len(jobs)} runs already in {out / 'compare.jsonl'}; running the other {len(todo)}")
     context = multiprocessing.get_context("spawn")
-    runs = []
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context, max_tasks_per_child=1) as pool, \
-            open(out / "compare.jsonl", "w") as lines:
-        for run in concurrent.futures.as_completed([pool.submit(run_one, job) for job in jobs]):
+            open(out / "compare.jsonl", "a") as lines:
+        for run in concurrent.futures.as_completed([pool.submit(run_one, job) for job in todo]):
             runs.append(run.result())
             lines.write(json.dumps(runs[-1]) + "\n")  # each run as it ends: a cut comparison keeps them
             lines.flush()
@@ -150,6 +166,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") ->
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     header = [f"# Searchers compared on `{args.preset}`", "",
               f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.processor() or ''}".rstrip() + ", "
+              f"{torch.get_num_threads()} threads per run, {args.workers} run(s) at a time; "
               f"settings: {' '.join(args.overrides) or 'the preset'}; seeds {args.seeds}; mean ± std over seeds."]
     (out / "compare.md").write_text(markdown(rows, header))
     print(markdown(rows, header))

@@ -37,10 +37,15 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """The search space: a registered model (``apsfast models``) and its build options
-    (``sharing``, ``device`` and ``dtype`` come from the strategy and the run)."""
+    (``sharing``, ``device`` and ``dtype`` come from the strategy and the run); or a model of
+    your own, ``name: package.module:factory`` (a name with a colon), built by
+    ``factory(**options)`` and made a supernet by :func:`apsfast.convert` with the ``convert``
+    settings (``widths``, ``round_to``, ``exclude``; ``input_size``, the example input's side,
+    defaults to the data's image size). ``convert`` applies to such a model only."""
 
     name: str = "resnet20_cifar"
     options: dict = field(default_factory=dict)
+    convert: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -68,7 +73,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """The meta-weights during the search: SGD with a cosine schedule over all epochs; the
-    first ``warmup_epochs`` sample archs uniformly. ``steps_per_epoch`` caps an epoch."""
+    first ``warmup_epochs`` sample archs uniformly. ``steps_per_epoch`` caps an epoch.
+    ``widest_every`` = k > 0 trains the widest arch instead of the sampled one at every k-th
+    weight step, warm-up and search (the sandwich rule's upper bound): on a short search the
+    wide candidates otherwise stay undertrained and the controller cannot tell them from the
+    narrow ones. 0 (the default) samples every step, as the paper does."""
 
     epochs: int = 600
     warmup_epochs: int = 200
@@ -79,6 +88,7 @@ class TrainConfig:
     nesterov: bool = False
     grad_clip: Optional[float] = None
     steps_per_epoch: Optional[int] = None
+    widest_every: int = 0
 
 
 @dataclass
@@ -99,7 +109,9 @@ class ControllerConfig:
     training: ``samples`` archs per search step, one search step every ``every`` weight steps
     after warm-up. The LSTM has ``layers`` layers of ``hidden_size``; ``layer_input`` and
     ``flops_input`` feed it the decision's index and the MACs budget left (the authors'
-    controller); ``weight_decay`` is Adam's."""
+    controller); ``weight_decay`` is Adam's. ``baseline``: REINFORCE's, ``moving_average`` (the
+    paper's, decay ``baseline_decay``) or ``leave_one_out`` (each arch against the others
+    scored on the same batch; needs ``samples`` ≥ 2)."""
 
     kind: str = "reinforce"
     hidden_size: int = 64
@@ -110,6 +122,7 @@ class ControllerConfig:
     betas: list = field(default_factory=lambda: [0.5, 0.999])
     weight_decay: float = 0.0
     baseline_decay: float = 0.99
+    baseline: str = "moving_average"
     entropy_weight: float = 4e-3
     samples: int = 1
     every: int = 1
@@ -151,18 +164,28 @@ class IstaConfig:
 @dataclass
 class RewardConfig:
     """``acc·(F/T)^α`` at or below the target ``flops_target`` (MACs; ``40M``, ``1.2G`` are
-    accepted), ``acc·(F/T)^β`` above it; no target: the accuracy alone."""
+    accepted), ``acc·(F/T)^β`` above it; no target: the accuracy alone. ``latency_target``
+    instead (one of the two, or neither): ``F`` and ``T`` are milliseconds at
+    ``latency_batch`` images on the run's device, predicted from a per-layer table measured
+    when the run starts (``latency.json`` in the run's folder; :mod:`apsfast.search.budget`);
+    the searchers' cost loss and the result's choice then work in milliseconds too."""
 
     flops_target: Optional[float] = None
+    latency_target: Optional[float] = None
+    latency_batch: int = 1
     alpha: float = 0.0
     beta: float = -0.1
 
 
 @dataclass
 class ResultConfig:
-    """The beam search of the ``beam`` most likely archs the result is chosen from."""
+    """The beam search of the ``beam`` most likely archs the result is chosen from.
+    ``portable``: every ``model.pt`` (the search's and the retrain's) also holds a
+    ``torch.export`` program of the network, so that it loads with torch alone (tracing it
+    takes about a second at the end of a run)."""
 
     beam: int = 10
+    portable: bool = True
 
 
 @dataclass
@@ -343,9 +366,10 @@ def validate(config: "Config") -> None:
 
 
 def load_config(preset: Optional[str] = None, file: Optional[Union[str, Path]] = None,
-                overrides: Sequence[Union[str, tuple[str, Any]]] = ()) -> Config:
-    """The defaults, then ``preset``, then the YAML ``file``, then ``overrides``
-    (``"section.key=value"`` strings or ``(key, value)`` pairs), validated.
+                overrides: Sequence[Union[str, tuple[str, Any]]] = (), *, model: Optional[str] = None) -> Config:
+    """The defaults, then ``preset``, then the YAML ``file``, then ``model`` (a model name that
+    replaces the whole ``model`` section: the preset's options belong to the preset's model),
+    then ``overrides`` (``"section.key=value"`` strings or ``(key, value)`` pairs), validated.
 
     Raises:
         ConfigError: an unknown preset, file, section or field, a wrong type or an invalid
@@ -358,6 +382,8 @@ def load_config(preset: Optional[str] = None, file: Optional[Union[str, Path]] =
         _merge(config, _read_yaml(PRESET_DIR / f"{preset}.yaml", "preset"), "")
     if file is not None:
         _merge(config, _read_yaml(Path(file), "config file"), "")
+    if model is not None:
+        config.model = ModelConfig(name=model)
     return apply_overrides(config, overrides)
 
 

@@ -159,16 +159,26 @@ class Controller(nn.Module):
         return [(a.tolist(), float(s)) for a, s in zip(archs, scores)]
 
 
+BASELINES = ("moving_average", "leave_one_out")
+
+
 class Reinforce:
-    """REINFORCE for a :class:`Controller`: ``loss = −(R − b)·log π(a) − w·H(π)`` with a
-    moving-average baseline ``b ← d·b + (1 − d)·R`` (the first reward starts it).
+    """REINFORCE for a :class:`Controller`: ``loss = −(R − b)·log π(a) − w·H(π)``.
+
+    ``baseline``: ``moving_average`` (the paper's), ``b ← d·b + (1 − d)·R̄`` (the first reward
+    starts it); or ``leave_one_out``, each of the B archs of a step measured against the mean
+    reward of the other B − 1 (Kool et al., 2019). All archs of a step are scored on the same
+    validation batch, so leave-one-out cancels how hard that batch is, which a moving average
+    cannot: on a short search with small batches that difficulty swamps the differences
+    between archs. It needs B ≥ 2; the moving average is still kept for the logs.
 
     Defaults are the authors' CIFAR settings: Adam lr 1.6e-4, betas (0.5, 0.999), baseline
     decay 0.99, entropy weight 4e-3.
     """
 
     def __init__(self, controller: Controller, lr: float = 1.6e-4, betas: tuple[float, float] = (0.5, 0.999),
-                 baseline_decay: float = 0.99, entropy_weight: float = 4e-3, weight_decay: float = 0.0) -> None:
+                 baseline_decay: float = 0.99, entropy_weight: float = 4e-3, weight_decay: float = 0.0,
+                 baseline: str = "moving_average") -> None:
         self.controller = controller
         self.optimizer = torch.optim.Adam(controller.parameters(), lr=_checks.finite_float("lr", lr, positive=True),
                                           betas=betas,
@@ -177,6 +187,9 @@ class Reinforce:
         if self.baseline_decay >= 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay!r}")
         self.entropy_weight = _checks.finite_float("entropy_weight", entropy_weight, positive=False)
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        self.leave_one_out = baseline == "leave_one_out"
         self.baseline: Optional[float] = None
 
     def step(self, rollout: Rollout, rewards: Tensor | Sequence[float] | float) -> dict[str, float]:
@@ -188,7 +201,13 @@ class Reinforce:
         mean = float(rewards.mean())
         self.baseline = mean if self.baseline is None else \
             self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean
-        advantage = rewards - self.baseline
+        if self.leave_one_out:
+            count = rewards.numel()
+            if count < 2:
+                raise ValueError("the leave_one_out baseline needs at least 2 archs per step, got 1")
+            advantage = rewards - (rewards.sum() - rewards) / (count - 1)
+        else:
+            advantage = rewards - self.baseline
         loss = -(advantage * rollout.log_prob).mean() - self.entropy_weight * rollout.entropy.mean()
         self.optimizer.zero_grad()
         loss.backward()

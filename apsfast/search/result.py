@@ -13,6 +13,7 @@ from torch import nn
 
 from apsfast import models
 from apsfast.models.static import reinitialise
+from apsfast.search.budget import LATENCY, Budget, resolve_budget
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
 from apsfast.search.metrics import read_metrics
 from apsfast.search.searchers import Searcher
@@ -30,18 +31,20 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def select_arch(candidates: list[dict[str, Any]], target: Optional[float]) -> tuple[int, str]:
-    """The candidate (index into the beam, best first) closest to ``target`` MACs without
-    exceeding it, ties to the more likely; without a target the most likely. Returns the
-    index and why it was chosen."""
+def select_arch(candidates: list[dict[str, Any]], target: Optional[float], *, key: str = "flops",
+                unit: str = "MACs") -> tuple[int, str]:
+    """The candidate (index into the beam, best first) closest to ``target`` without exceeding
+    it, ties to the more likely; without a target the most likely. ``key`` is the candidates'
+    cost field (``flops``: MACs; ``latency_ms``: predicted milliseconds) and ``unit`` how the
+    messages name it. Returns the index and why it was chosen."""
     if target is None:
         return 0, "the most likely arch (no FLOPs target)"
-    under = [i for i, c in enumerate(candidates) if c["flops"] <= target]
+    under = [i for i, c in enumerate(candidates) if c[key] <= target]
     if under:
-        best = max(under, key=lambda i: (candidates[i]["flops"], candidates[i]["loglik"]))
-        return best, f"the arch of the beam closest to the target {target:.4g} MACs without exceeding it"
-    best = min(range(len(candidates)), key=lambda i: (candidates[i]["flops"], -candidates[i]["loglik"]))
-    return best, (f"no arch of the beam is within the target {target:.4g} MACs: the cheapest "
+        best = max(under, key=lambda i: (candidates[i][key], candidates[i]["loglik"]))
+        return best, f"the arch of the beam closest to the target {target:.4g} {unit} without exceeding it"
+    best = min(range(len(candidates)), key=lambda i: (candidates[i][key], -candidates[i]["loglik"]))
+    return best, (f"no arch of the beam is within the target {target:.4g} {unit}: the cheapest "
                   f"(raise result.beam or the reward's beta)")
 
 
@@ -57,33 +60,49 @@ def policy_report(searcher: Searcher) -> dict[str, Any]:
     return report
 
 
-def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict[str, Any], phi: float) -> dict:
+def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict[str, Any], phi: float,
+                 budget: Optional[Budget] = None) -> dict:
     """``result.json``'s content: the beam, the chosen arch and why, its decisions'
-    probabilities, the policy's certainty, Φ and the settings."""
+    probabilities, the policy's certainty, Φ and the settings. With a latency ``budget`` every
+    candidate also has its predicted ``latency_ms``, and the choice is by that."""
     target = config.reward.flops_target
+    budget = resolve_budget(config, net.flops, budget)
+    latency = budget.key == "latency_ms"
     candidates = [{"arch": arch, "widths": net.widths(arch), "loglik": loglik, "probability": math.exp(loglik),
-                   "flops": net.flops(arch), "params": net.params(arch)}
+                   "flops": net.flops(arch), "params": net.params(arch),
+                   **({"latency_ms": budget.cost(arch)} if latency else {})}
                   for arch, loglik in searcher.beam(config.result.beam)]
-    index, why = select_arch(candidates, target)
+    index, why = select_arch(candidates, budget.target, key=budget.key, unit=budget.unit)
     chosen = candidates[index]
+    extra: dict[str, Any] = {"latency_target": config.reward.latency_target}
+    if latency:
+        extra["latency"] = {"batch": budget.table.batch, "device": budget.table.key["device"],
+                            "table": LATENCY, "rest_ms": budget.table.rest_ms,
+                            "min_latency_ms": budget.cost(net.min_arch()),
+                            "max_latency_ms": budget.cost(net.max_arch())}
     decisions = [{"name": d.name, "widths": list(d.widths), "chosen": d.widths[a], "probs": p}
                  for d, a, p in zip(net.decisions(), chosen["arch"], searcher.probabilities(chosen["arch"]))]
     return {"model": net.name, "options": net.options, "strategy": config.sharing.strategy, **data,
-            "flops_target": target, "chosen": {**chosen, "rank": index, "why": why}, "candidates": candidates,
+            "flops_target": target, **extra, "chosen": {**chosen, "rank": index, "why": why}, "candidates": candidates,
             "decisions": decisions, "policy": policy_report(searcher), "phi": phi,
             "max_flops": net.flops(net.max_arch()), "config": config.to_dict()}
 
 
-def save_exported(path: Path, net: models.Supernet, arch: list[int], static: nn.Module) -> None:
-    """A static network's weights with what rebuilds it (model, options, arch)."""
+def save_exported(path: Path, net: models.Supernet, arch: list[int], static: nn.Module, *,
+                  portable: bool = True) -> None:
+    """A static network's weights with what rebuilds it through apsfast (model, options, arch);
+    ``portable``: with its input shape and weight-free ``torch.export`` program, which rebuild
+    it with torch alone (:mod:`apsfast.search.deploy`)."""
+    from apsfast.search.deploy import input_shape_of, program_entries
+    program = program_entries(static, input_shape_of(net)) if portable else {}
     save_checkpoint(path, {"kind": "exported", "model": net.name, "options": net.options, "arch": list(arch),
-                           "state_dict": static.state_dict()})
+                           "state_dict": static.state_dict(), **program})
 
 
-def write_outputs(out: Path, net: models.Supernet, result: dict[str, Any]) -> None:
+def write_outputs(out: Path, net: models.Supernet, result: dict[str, Any], *, portable: bool = True) -> None:
     """``result.json``, ``model.pt`` (the chosen arch with the supernet's weights) and the plots."""
     arch = result["chosen"]["arch"]
-    save_exported(out / MODEL, net, arch, net.export(arch, inherit_weights=True))
+    save_exported(out / MODEL, net, arch, net.export(arch, inherit_weights=True), portable=portable)
     write_json(out / RESULT, result)
     from apsfast.search.plots import plot_curves, plot_decisions
     epochs = read_metrics(out / "metrics.jsonl", kind="epoch")
@@ -96,7 +115,8 @@ def summary_lines(out: Path, result: dict[str, Any]) -> list[str]:
     """What a finished search says: the choice, and where everything is."""
     chosen = result["chosen"]
     widths = ", ".join(f"{d['name']}={d['chosen']}" for d in result["decisions"])
-    lines = [f"chosen ({chosen['why']}): {chosen['flops'] / 1e6:.2f}M MACs, {chosen['params']:,} params, "
+    latency = f"{chosen['latency_ms']:.4g} ms predicted, " if "latency_ms" in chosen else ""
+    lines = [f"chosen ({chosen['why']}): {latency}{chosen['flops'] / 1e6:.2f}M MACs, {chosen['params']:,} params, "
              f"probability {chosen['probability']:.3g}; widths {widths}"]
     if "warning" in result["policy"]:
         lines.append(f"warning: {result['policy']['warning']}")

@@ -9,6 +9,7 @@ output all apply. Under ``torchrun`` the batch norm of the static network is per
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from apsfast import models
+from apsfast.models.registry import CONVERTED, is_factory
 from apsfast.search import assemble, runs, steps
 from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict, dump_config
 from apsfast.search.checkpoint import load_checkpoint
@@ -37,7 +39,8 @@ class Retrain:
 
     def __init__(self, result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[Union[str, Path]] = None,
                  overrides: Sequence[str] = (), *, resume: bool = False,
-                 log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None,
+                 model: Optional[models.Supernet] = None) -> None:
         if isinstance(result_path, Mapping):
             if out_dir is None:
                 raise ValueError("a retrain of a result-like dict needs out_dir")
@@ -46,6 +49,7 @@ class Retrain:
         else:
             self.result, self.result_path = read_result(result_path)
             self.source = str(self.result_path.parent)
+        self.supernet = searched_supernet(self.result, model, self.source)
         out = Path(out_dir) if out_dir is not None else self.result_path.parent / "retrain"
         if resume and (out / "config.yaml").is_file():
             config = runs.saved_config(out, overrides)
@@ -58,7 +62,7 @@ class Retrain:
             raise ConfigError(f"the data has {self.train_set.num_classes} classes, the searched model "
                               f"{self.result['num_classes']}")
         note = runs.resume_state(out, resume)
-        self.candidate = self.result["chosen"] if arch is None else describe_arch(self.result, arch)
+        self.candidate = self.result["chosen"] if arch is None else describe_arch(self.result, arch, self.supernet)
         self.arch = list(self.candidate["arch"])
         self.session = session = Session(out, config.run, log=log, expect={
             "kind": "retrain", "model": self.result["model"], "arch": self.arch})
@@ -67,7 +71,7 @@ class Retrain:
             raise ConfigError(f"retrain.batch_size = {cfg.batch_size} must be divisible by the number of processes "
                               f"({session.processes.world})")
         torch.manual_seed(config.run.seed)
-        self.model = fresh_model(self.result, self.arch, session.device)
+        self.model = fresh_static(self.result, self.arch, session.device, self.supernet)
         if config.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.teacher = self._teacher(cfg.distill, session.device) if cfg.distill else None
@@ -96,7 +100,8 @@ class Retrain:
             if self.result_path is None:
                 raise ConfigError("retrain.distill=widest needs a search folder (its checkpoint.pt holds the supernet)")
             state = load_checkpoint(self.result_path.parent / "checkpoint.pt", expect={"kind": "search"})
-            net = models.build(self.result["model"], device=device, **self.result["options"])
+            net = models.build(self.result["model"], device=device, **self.result["options"]) \
+                if self.supernet is None else copy.deepcopy(self.supernet).to(device)
             net.load_state_dict(state["supernet"])
             teacher = net.export(net.max_arch())
         for p in teacher.parameters():
@@ -222,25 +227,63 @@ class Retrain:
         if "uniform" in self.result:  # the width ratio of a uniformly scaled network
             summary["uniform"] = self.result["uniform"]
         if self.session.main:
-            net = models.build(self.result["model"], device="meta", **self.result["options"])
-            save_exported(out / MODEL, net, self.arch, self.model)
+            net = self.supernet if self.supernet is not None else \
+                models.build(self.result["model"], device="meta", **self.result["options"])
+            save_exported(out / MODEL, net, self.arch, self.model, portable=self.config.result.portable)
             write_json(out / SUMMARY, summary)
         self.log(f"test accuracy {test_acc:.2%} after {self.config.retrain.epochs} epochs; model: {out / MODEL}; "
                  f"summary: {out / SUMMARY}")
         return summary
 
 
-def describe_arch(result: Mapping[str, Any], arch: Sequence[int]) -> dict[str, Any]:
+def searched_supernet(result: Mapping[str, Any], model: Optional[models.Supernet],
+                      source: str) -> Optional[models.Supernet]:
+    """``model``, the supernet a search of ``result`` (named ``source`` in messages) was given
+    in Python, checked against it; ``None`` where the result's model is rebuilt by name. A
+    supernet converted in Python must be passed: a :class:`ConfigError` says so."""
+    if model is None:
+        if str(result["model"]).startswith(CONVERTED):
+            raise ConfigError(f"{source} searched {result['model']}, a supernet made by apsfast.convert in Python, "
+                              f"which cannot be rebuilt from the folder: retrain it from Python with the same "
+                              f"supernet, apsfast.search.retrain({source!r}, model=net), or search a factory "
+                              f"(apsfast search --model package.module:factory) to retrain from the command line")
+        return None
+    if not isinstance(model, models.Supernet):
+        raise TypeError(f"model must be the supernet the search was given, got {type(model).__name__}")
+    decisions = [[d.name, list(d.widths)] for d in model.decisions()]
+    searched = [[d["name"], list(d["widths"])] for d in result.get("decisions", [])] or decisions
+    if model.name != result["model"] or decisions != searched:
+        raise ConfigError(f"model is {model.name} with decisions {decisions}, but {source} searched {result['model']} "
+                          f"with {searched}: pass the supernet the search was given")
+    return model
+
+
+def fresh_static(result: Mapping[str, Any], arch: Sequence[int], device: Union[str, torch.device],
+                 model: Optional[models.Supernet] = None) -> torch.nn.Module:
+    """``arch`` of ``result``'s model as a static network, freshly initialised on ``device``:
+    a registered space through the meta device (:func:`~apsfast.search.result.fresh_model`); a
+    user model (a factory's, or ``model``) built on the CPU, so that what convert keeps as it
+    is (buffers, parameters outside the convs, batch norms and linear layers, excluded
+    submodules) has real values: the factory's own, or ``model``'s."""
+    if model is None and not is_factory(result["model"]):
+        return fresh_model(result, list(arch), device)
+    net = model if model is not None else models.build(result["model"], **result["options"])
+    return net.export(net.check_arch(arch), inherit_weights=False).to(device)
+
+
+def describe_arch(result: Mapping[str, Any], arch: Sequence[int],
+                  model: Optional[models.Supernet] = None) -> dict[str, Any]:
     """``{"arch", "widths", "flops", "params"}`` of ``arch`` in ``result``'s model (counted on
-    the meta device: nothing is allocated)."""
-    net = models.build(result["model"], device="meta", **result["options"])
+    the meta device: nothing is allocated), or in ``model``, the supernet the search was given."""
+    net = model if model is not None else models.build(result["model"], device="meta", **result["options"])
     arch = net.check_arch(arch)
     return {"arch": arch, "widths": net.widths(arch), "flops": net.flops(arch), "params": net.params(arch)}
 
 
 def retrain(result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[Union[str, Path]] = None,
             overrides: Sequence[str] = (), *, resume: bool = False,
-            log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None) -> dict[str, Any]:
+            log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None,
+            model: Optional[models.Supernet] = None) -> dict[str, Any]:
     """Train the arch of a search result from scratch and report its test accuracy.
 
     Args:
@@ -252,11 +295,14 @@ def retrain(result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[
             the retrain was started with (see :mod:`apsfast.search.runs` for what may change).
         resume: continue from ``out_dir``'s checkpoint.
         arch: the arch to train (default: the result's chosen one), e.g. one of its beam.
+        model: the supernet the search was given (``search(..., model=net)``) where the
+            result's model cannot be rebuilt by name (one made by :func:`apsfast.convert` in
+            Python); its arch is exported with fresh weights.
 
     Returns:
         The summary also written to ``retrain.json``: test accuracy, epochs, MACs, params.
     """
-    runner = Retrain(result_path, out_dir, overrides, resume=resume, log=log, arch=arch)
+    runner = Retrain(result_path, out_dir, overrides, resume=resume, log=log, arch=arch, model=model)
     try:
         return runner.run()
     finally:
@@ -273,13 +319,14 @@ def _main_process() -> bool:
 
 def retrain_top(result_path: Union[str, Path], n: int, out_dir: Optional[Union[str, Path]] = None,
                 overrides: Sequence[str] = (), *, resume: bool = False,
-                log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                log: Optional[Callable[[str], None]] = None, model: Optional[models.Supernet] = None) -> dict[str, Any]:
     """Retrain the ``n`` most likely archs of a search's beam (the paper's Fig. 8), each into
     ``OUT/top-k/`` (``OUT``: ``out_dir``, default ``retrain/`` beside the result), and write
     ``OUT/top.json``: every arch's test accuracy, their mean and sample standard deviation.
 
     ``n`` beyond the beam (``result.json``'s ``candidates``) is refused before any training.
-    With ``resume`` each ``top-k`` folder that holds a checkpoint continues from it.
+    With ``resume`` each ``top-k`` folder that holds a checkpoint continues from it. ``model``:
+    as for :func:`retrain`.
     """
     result, path = read_result(result_path)
     candidates = result.get("candidates") or []
@@ -291,7 +338,7 @@ def retrain_top(result_path: Union[str, Path], n: int, out_dir: Optional[Union[s
     for k, candidate in enumerate(candidates[:n], 1):
         sub = folder / f"top-{k}"
         summary = retrain(path, sub, overrides, resume=resume and (sub / "checkpoint.pt").exists(), log=log,
-                          arch=candidate["arch"])
+                          arch=candidate["arch"], model=model)
         rows.append({"rank": k, "probability": candidate.get("probability"), "arch": candidate["arch"],
                      "widths": candidate["widths"], "flops": candidate["flops"], "params": candidate["params"],
                      "test_acc": summary["test_acc"], "folder": str(sub)})

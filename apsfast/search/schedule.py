@@ -14,6 +14,7 @@ device between log points; a non-finite loss is caught at the next one, before a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from itertools import islice
@@ -24,8 +25,10 @@ import torch
 from torch import Tensor
 
 from apsfast import data as datasets
+from apsfast import models
 from apsfast.nn import sync_batch_norm
 from apsfast.search import assemble, result as results, runs, steps, strategies
+from apsfast.search.budget import search_budget
 from apsfast.search.config import Config, ConfigError, dump_config
 from apsfast.search.searchers import Searcher, build_searcher
 from apsfast.search.session import Session, restore_rng, rng_state
@@ -56,13 +59,20 @@ class Search:
             :mod:`apsfast.search.runs` for what may change on a resume). Without it a folder
             that holds a run is refused, so no run is overwritten by accident.
         log: where one-line messages go (default: print to stdout).
+        model: a supernet to search instead of building ``config.model`` (e.g. from
+            :func:`apsfast.convert`), trained in place and moved to the run's device; the run's
+            ``config.model`` then describes it (:func:`~apsfast.search.assemble.adopt`). A
+            supernet converted in Python cannot be rebuilt from the run's folder: resume such a
+            run, and retrain its arch, by passing the same supernet again (``model=``).
     """
 
     def __init__(self, config: Config, out_dir: Union[str, Path], *, resume: bool = False,
-                 log: Optional[Callable[[str], None]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, model: Optional[models.Supernet] = None) -> None:
+        if model is not None:
+            config = assemble.adopt(config, model)
         self.config = config
         run, train = config.run, config.train
-        plan = assemble.check(config)
+        plan = assemble.check(config, model=model)
         note = runs.resume_state(out_dir, resume)
         self.session = session = Session(out_dir, run, expect={"kind": "search", "model": config.model.name}, log=log)
         self.out, self.log, self.processes = session.out, session.log, session.processes
@@ -77,7 +87,8 @@ class Search:
                                                  seed=run.seed)
 
         torch.manual_seed(run.seed)  # the supernet's and the searcher's initialisation
-        self.net = assemble.build_supernet(config, plan.options, session.device)
+        self.net = model.to(session.device) if model is not None else \
+            assemble.build_supernet(config, plan.options, session.device)
         if run.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.processes.distributed:
@@ -89,8 +100,10 @@ class Search:
         self.steps_per_epoch = min(batches, train.steps_per_epoch or batches)
         self.total_steps = self.steps_per_epoch * train.epochs
         self.search_steps = self.steps_per_epoch * (train.epochs - train.warmup_epochs)
+        # MACs, or (reward.latency_target) the latency table measured here, on the device.
+        self.budget = search_budget(config, self.net, session)
         self.searcher: Searcher = build_searcher(self.decisions, config, self.net.flops, net=self.net,
-                                                 search_steps=self.search_steps)
+                                                 search_steps=self.search_steps, budget=self.budget)
         self.arch_generator = torch.Generator().manual_seed(run.seed + 1)
         self.rate = strategies.TransitionRate(config.sharing.tau, self.search_steps)
         # Position: the next epoch and batch to run, weight steps done, and the validation stream's.
@@ -133,6 +146,13 @@ class Search:
         changed = runs.changes(state["config_dict"], self.config.to_dict())
         if self.epoch_phase(state["position"]["epoch"]) == "search":
             strategies.begin_search(self.net, self.strategy)  # so the optimizer state matches
+        saved = {k: list(v.shape) for k, v in state["supernet"].items()}
+        mine = {k: list(v.shape) for k, v in self.net.state_dict().items()}
+        if saved != mine:  # a supernet passed in Python (model=) that is not the run's
+            key = next(k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
+            raise ConfigError(f"the checkpoint's supernet {self.config.model.name} is not this one ({key}: "
+                              f"{saved.get(key)} in the checkpoint, {mine.get(key)} here): resume with the supernet "
+                              f"the run was started with")
         self.net.load_state_dict(state["supernet"])
         initial = [group["initial_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
@@ -166,8 +186,16 @@ class Search:
                 yield x, y
             self.val_epoch, self.val_batch = self.val_epoch + 1, 0
 
+    def widest_step(self) -> bool:
+        """Whether the next weight step trains the widest arch (``train.widest_every``)."""
+        every = self.config.train.widest_every
+        return every > 0 and self.step % every == every - 1
+
     def train_arch(self, phase: str) -> list[int]:
-        """The arch the next weight step trains: uniform in warm-up, the searcher's after."""
+        """The arch the next weight step trains: uniform in warm-up, the searcher's after; the
+        widest at every ``train.widest_every``-th step."""
+        if self.widest_step():
+            return self.net.max_arch()
         if phase == "warmup":
             return self.net.sample_uniform(self.arch_generator)
         return self.searcher.sample_train_arch()
@@ -178,7 +206,8 @@ class Search:
         self.net.train()
         self.net.set_arch(self.processes.same(self.train_arch(phase)))
         steps.set_lr(self.optimizer, steps.cosine(self.step, self.total_steps))
-        with self.searcher.train_forward():  # a searcher may shape the forward (TAS mixes two widths)
+        shaped = contextlib.nullcontext() if self.widest_step() else self.searcher.train_forward()
+        with shaped:  # a searcher may shape the forward of its arch (TAS mixes two widths)
             stats = steps.weight_step(self.session.parallel(self.net), self.optimizer, self.session.precision,
                                       *self.session.local(x, y), grad_clip=self.config.train.grad_clip)
         phi = strategies.after_weight_step(self.net, self.strategy, self.rate.tau, phase == "search")
@@ -303,6 +332,7 @@ class Search:
                   "reward": self.sums["reward"] / controller_steps if controller_steps else None,
                   "entropy": self.sums["entropy"] / controller_steps if controller_steps else None,
                   "arch": arch, "flops": self.net.flops(arch), "probs": probs,
+                  **({"latency_ms": self.budget.cost(arch)} if self.budget.key == "latency_ms" else {}),
                   "seconds": time.perf_counter() - self.sums["started"]}
         self.session.write(record)
         extra = "" if record["reward"] is None else \
@@ -318,9 +348,9 @@ class Search:
         """The beam, the choice, ``result.json``, the exported model and the plots."""
         data = {"data": self.config.data.name, "num_classes": self.num_classes, "input_size": self.image_size}
         result = results.build_result(self.net, self.searcher, self.config, data=data,
-                                      phi=strategies.sharing_level(self.net))
+                                      phi=strategies.sharing_level(self.net), budget=self.budget)
         if self.session.main:
-            results.write_outputs(self.out, self.net, result)
+            results.write_outputs(self.out, self.net, result, portable=self.config.result.portable)
         self.done = True
         self.save()
         for line in results.summary_lines(self.out, result):
@@ -328,10 +358,12 @@ class Search:
         return result
 
 
-def search(config: Config, out_dir: Union[str, Path], *, resume: bool = False) -> dict[str, Any]:
-    """Run a search to its end (see :class:`Search`); returns the result. Under ``torchrun``
-    every process calls it; the process group is left at the end."""
-    runner = Search(config, out_dir, resume=resume)
+def search(config: Config, out_dir: Union[str, Path], *, resume: bool = False,
+           model: Optional[models.Supernet] = None) -> dict[str, Any]:
+    """Run a search to its end (see :class:`Search`, also for ``model``: a supernet to search
+    instead of building ``config.model``); returns the result. Under ``torchrun`` every process
+    calls it; the process group is left at the end."""
+    runner = Search(config, out_dir, resume=resume, model=model)
     try:
         return runner.run()
     finally:

@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING, Optional
 
 from apsfast.search.config import AMP, DEVICES, DIST_BACKENDS, SEARCHER_KINDS, ConfigError
+from apsfast.search.controller import BASELINES
 from apsfast.search.strategies import STRATEGIES, supernet_sharing
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ def check_config(config: Config) -> None:
     _check_controller(config)
     _check_searchers(config)
     _check_run(config)
+    _check_reward(config)
 
 
 def _check_model(config: Config) -> None:
@@ -37,8 +39,17 @@ def _check_model(config: Config) -> None:
     model, sharing = config.model, config.sharing
     if sharing.strategy not in STRATEGIES:
         raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
+    _positive("sharing.tau", sharing.tau, allow_none=True)
+    _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
+    if ":" in model.name:
+        _check_user_model(model)
+        return
     if model.name not in available():
-        raise ConfigError(f"model.name must be one of {', '.join(available())}, got {model.name!r}")
+        raise ConfigError(f"model.name must be one of {', '.join(available())}, or package.module:factory for a "
+                          f"model of your own, got {model.name!r}")
+    if model.convert:
+        raise ConfigError(f"model.convert applies to a model of your own (model.name = package.module:factory), "
+                          f"not to {model.name!r}; drop it")
     reserved = {"sharing", "device", "dtype"} & set(model.options)
     if reserved:
         raise ConfigError(f"model.options may not set {sorted(reserved)}: sharing comes from "
@@ -51,8 +62,27 @@ def _check_model(config: Config) -> None:
         build(model.name, device="meta", sharing=supernet_sharing(sharing.strategy), **model.options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model.options: {error}") from None
-    _positive("sharing.tau", sharing.tau, allow_none=True)
-    _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
+
+
+def _check_user_model(model) -> None:
+    """A factory's name and the keys of ``model.convert`` (no import here: the factory is
+    imported, called and converted by :func:`apsfast.search.assemble.check`, before any file
+    is written). A ``converted:`` name is a supernet passed to ``search(model=...)``."""
+    from apsfast.models.registry import CONVERT_OPTIONS, CONVERTED, check_factory_name
+
+    if not model.name.startswith(CONVERTED):
+        try:
+            check_factory_name(model.name)
+        except ValueError as error:
+            raise ConfigError(f"model.name: {error}") from None
+    unknown = sorted(set(model.convert) - set(CONVERT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"model.convert has unknown setting(s) {unknown}; its settings are {list(CONVERT_OPTIONS)} "
+                          f"(sharing comes from sharing.strategy)")
+    size = model.convert.get("input_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"model.convert.input_size must be the image side (an int > 0) or null (the data's), "
+                          f"got {size!r}")
 
 
 def _check_data(data) -> None:
@@ -91,6 +121,8 @@ def _check_training(config: Config) -> None:
         raise ConfigError(f"train.warmup_epochs must be in [0, train.epochs={train.epochs}) so that the "
                           f"controller gets some epochs, got {train.warmup_epochs!r}")
     _positive("train.grad_clip", train.grad_clip, allow_none=True)
+    if not isinstance(train.widest_every, int) or train.widest_every < 0:
+        raise ConfigError(f"train.widest_every must be an integer ≥ 0 (0: never), got {train.widest_every!r}")
     _positive("retrain.grad_clip", config.retrain.grad_clip, allow_none=True)
     if not 0 <= config.retrain.label_smoothing < 1:
         raise ConfigError(f"retrain.label_smoothing must be in [0, 1), got {config.retrain.label_smoothing!r}")
@@ -122,6 +154,11 @@ def _check_controller(config: Config) -> None:
         raise ConfigError(f"controller.betas must be two numbers in [0, 1), got {ctl.betas!r}")
     if not 0 <= ctl.baseline_decay < 1:
         raise ConfigError(f"controller.baseline_decay must be in [0, 1), got {ctl.baseline_decay!r}")
+    if ctl.baseline not in BASELINES:
+        raise ConfigError(f"controller.baseline must be one of {', '.join(BASELINES)}, got {ctl.baseline!r}")
+    if ctl.baseline == "leave_one_out" and ctl.samples < 2:
+        raise ConfigError(f"controller.baseline = leave_one_out compares the archs of a step with each other: "
+                          f"controller.samples must be ≥ 2, got {ctl.samples!r}")
     if ctl.entropy_weight < 0:
         raise ConfigError(f"controller.entropy_weight must be ≥ 0, got {ctl.entropy_weight!r}")
 
@@ -159,3 +196,18 @@ def _check_searchers(config: Config) -> None:
             raise ConfigError(f"{path} must be in [0, 1), got {value!r}")
     if not 0 < ista.ratio < 1:
         raise ConfigError(f"ista.ratio must be in (0, 1) (fewer measurements than candidates), got {ista.ratio!r}")
+
+
+def _check_reward(config: Config) -> None:
+    """A budget in MACs or in milliseconds, not both (the latency target is checked against the
+    space once the run has measured its latency table: :mod:`apsfast.search.budget`)."""
+    reward = config.reward
+    if reward.flops_target is not None and reward.latency_target is not None:
+        raise ConfigError(f"reward.flops_target = {reward.flops_target:g} and reward.latency_target = "
+                          f"{reward.latency_target:g} are both set: a search has one budget, in MACs or in "
+                          f"milliseconds; set the other to null")
+    _positive("reward.latency_target", reward.latency_target, allow_none=True)
+    if isinstance(reward.latency_batch, bool) or not isinstance(reward.latency_batch, int) \
+            or reward.latency_batch < 1:
+        raise ConfigError(f"reward.latency_batch must be an integer ≥ 1 (images per timed forward), got "
+                          f"{reward.latency_batch!r}")

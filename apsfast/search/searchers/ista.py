@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from apsfast.models import Decision
 from apsfast.nn import APSBatchNorm2d
+from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_batch
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, average_gradient, driven_layers, flops_loss,
@@ -126,16 +127,18 @@ class IstaSearcher(Searcher):
     """Sparse-coding width search (see the module's documentation).
 
     Args:
-        decisions, config, flops: as every searcher.
+        decisions, config, flops, budget: as every searcher (the cost loss is on the budget's cost:
+            MACs, or predicted milliseconds).
         net: the supernet (its driven convs' batch norms get the gates).
     """
 
     def __init__(self, decisions: Sequence[Decision], config: Config, flops: Callable[[Arch], float], *,
-                 net: Optional[nn.Module] = None, **context: Any) -> None:
+                 net: Optional[nn.Module] = None, budget: Optional[Budget] = None, **context: Any) -> None:
         if net is None:
             raise ValueError("the ista searcher needs net= (the supernet) from the schedule")
         settings = self.settings = config.ista
-        self.net, self.flops, self.target = net, flops, config.reward.flops_target
+        budget = resolve_budget(config, flops, budget)
+        self.net, self.flops, self.target, self.key = net, budget.cost, budget.target, budget.key
         self.groups = Groups(decisions)
         self.sizes = self.groups.sizes
         n = sum(self.sizes)
@@ -146,7 +149,7 @@ class IstaSearcher(Searcher):
         start = start + 0.01 * torch.rand(n, generator=generator, dtype=torch.float64)
         self.b = (self.a @ start).requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.b], lr=settings.lr, betas=tuple(settings.betas))
-        self.expected_macs = ExpectedMacs(net)
+        self.expected_macs = ExpectedMacs(net, budget.layer_costs, budget.layer_keys)
         self.gates = BatchNormGates(net)
 
     def recover(self, b: Optional[Tensor] = None) -> Tensor:
@@ -178,8 +181,9 @@ class IstaSearcher(Searcher):
         self.b.grad = None
         accuracy = float((logits.detach().argmax(1) == y).float().mean())
         entropy, _ = self.policy_entropy()
-        return {"reward": accuracy, "entropy": entropy, "loss": float(task.detach()), "flops_loss": float(cost.detach()),
-                "expected_flops": float(expected.detach()), "nonzeros": int((z.detach() > 0).sum())}
+        return {"reward": accuracy, "entropy": entropy, "loss": float(task.detach()),
+                "flops_loss": float(cost.detach()), f"expected_{self.key}": float(expected.detach()),
+                "nonzeros": int((z.detach() > 0).sum())}
 
     def _starts(self) -> list[int]:
         return [sum(self.sizes[:d]) for d in range(len(self.sizes))]

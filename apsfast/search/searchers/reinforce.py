@@ -1,5 +1,6 @@
 """The paper's searcher: an autoregressive LSTM policy trained by REINFORCE on FLOPs-penalised
-rewards (:mod:`apsfast.search.controller`)."""
+rewards (:mod:`apsfast.search.controller`); with a latency budget the same reward on predicted
+milliseconds."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from apsfast.models import Decision
+from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
 from apsfast.search.controller import Controller, Reinforce, flops_reward
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher
@@ -23,25 +25,27 @@ class ReinforceSearcher(Searcher):
     """
 
     def __init__(self, decisions: Sequence[Decision], config: Config, flops: Callable[[Arch], float],
-                 **context: Any) -> None:
+                 budget: Optional[Budget] = None, **context: Any) -> None:
         ctl, reward = config.controller, config.reward
-        budget: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        cost = resolve_budget(config, flops, budget)
+        flops = cost.cost  # MACs, or predicted milliseconds under a latency target
+        budget_left: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if ctl.flops_input:  # the share of the budget (the target, else the widest arch) a prefix leaves
             last = [0] * len(decisions)
-            total = reward.flops_target or flops([len(d.widths) - 1 for d in decisions])
+            total = cost.target or flops([len(d.widths) - 1 for d in decisions])
 
             def remaining(prefix: torch.Tensor) -> torch.Tensor:
                 return torch.tensor([1 - flops(row + last[len(row):]) / total for row in prefix.tolist()])
-            budget = remaining
+            budget_left = remaining
         self.controller = Controller(decisions, ctl.hidden_size, layers=ctl.layers, layer_input=ctl.layer_input,
-                                     budget=budget)
+                                     budget=budget_left)
         self.reinforce = Reinforce(self.controller, lr=ctl.lr, betas=tuple(ctl.betas),
                                    baseline_decay=ctl.baseline_decay, entropy_weight=ctl.entropy_weight,
-                                   weight_decay=ctl.weight_decay)
+                                   weight_decay=ctl.weight_decay, baseline=ctl.baseline)
         self.generator = torch.Generator().manual_seed(config.run.seed + 2)
         self.samples = ctl.samples
         self.flops = flops
-        self.target, self.alpha, self.beta = reward.flops_target, reward.alpha, reward.beta
+        self.target, self.alpha, self.beta = cost.target, reward.alpha, reward.beta
 
     def sample_train_arch(self) -> Arch:
         with torch.no_grad():

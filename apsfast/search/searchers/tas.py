@@ -20,7 +20,8 @@ over an APS supernet's width decisions.
   ``tas.weight_decay``) on each validation batch: cross-entropy of the mixture plus
   ``tas.flops_weight`` times the FLOPs loss on the exact expected MACs with the tolerance
   band ``[target·(1 − tas.flops_tolerance), target]`` (:mod:`.widths`), the target being
-  ``reward.flops_target``.
+  ``reward.flops_target`` (with ``reward.latency_target``: the same loss on the expected
+  predicted latency, :mod:`apsfast.search.budget`).
 * **Distillation** for the retrain: ``retrain.distill`` (:func:`apsfast.search.steps.distillation_loss`,
   α = 0.9, T = 4 as TAS).
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast.models import Decision
+from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_batch
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, average_gradient, channel_interpolate,
@@ -106,19 +108,22 @@ class TasSearcher(Searcher):
     """TAS over width decisions (see the module's documentation).
 
     Args:
-        decisions, config, flops: as every searcher.
+        decisions, config, flops, budget: as every searcher (the FLOPs loss is on the budget's cost:
+            MACs, or predicted milliseconds).
         net: the supernet (its driven convs get the mixing hooks).
         search_steps: the number of weight steps after warm-up, over which ``τ`` anneals.
     """
 
     def __init__(self, decisions: Sequence[Decision], config: Config, flops: Callable[[Arch], float], *,
-                 net: Optional[nn.Module] = None, search_steps: Optional[int] = None, **context: Any) -> None:
+                 net: Optional[nn.Module] = None, search_steps: Optional[int] = None, budget: Optional[Budget] = None,
+                 **context: Any) -> None:
         if net is None or search_steps is None:
             raise ValueError("the tas searcher needs net= (the supernet) and search_steps= (weight steps after "
                              "warm-up) from the schedule")
         settings = config.tas
-        self.net, self.flops, self.settings = net, flops, settings
-        self.target = config.reward.flops_target
+        budget = resolve_budget(config, flops, budget)
+        self.net, self.flops, self.settings, self.key = net, budget.cost, settings, budget.key
+        self.target = budget.target
         self.groups = Groups(decisions)
         device = next(net.parameters()).device
         self.theta = torch.zeros(self.groups.mask.shape, device=device, requires_grad=True)
@@ -126,7 +131,7 @@ class TasSearcher(Searcher):
                                           weight_decay=settings.weight_decay)
         self.generator = torch.Generator().manual_seed(config.run.seed + 2)
         self.search_steps, self.steps = max(int(search_steps), 1), 0
-        self.expected_macs = ExpectedMacs(net)
+        self.expected_macs = ExpectedMacs(net, budget.layer_costs, budget.layer_keys)
         self.mixture = WidthMixture(net)
         self._train_pairs: Optional[list[Pair]] = None
 
@@ -171,7 +176,7 @@ class TasSearcher(Searcher):
         self.theta.grad = None
         accuracy = float((logits.detach().argmax(1) == y).float().mean())
         return {"reward": accuracy, "entropy": self.groups.entropy(log_probs), "loss": float(task.detach()),
-                "flops_loss": float(cost.detach()), "expected_flops": float(expected.detach()), "tau": self.tau()}
+                "flops_loss": float(cost.detach()), f"expected_{self.key}": float(expected.detach()), "tau": self.tau()}
 
     def beam(self, size: int) -> list[tuple[Arch, float]]:
         return product_beam(self.groups.rows(self.groups.log_probs(self.theta.detach()).cpu()), size)

@@ -18,18 +18,17 @@ enumeration). It is a polynomial in the probabilities, so its gradient is exact 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast.models import Decision
+from apsfast.models.latency import dependency_grids, layer_dependencies
 
 Arch = list[int]
-GRID_LIMIT = 4096  # candidate combinations one group of coupled decisions may tabulate
 
 
 class Groups:
@@ -69,46 +68,25 @@ def layer_macs(net: nn.Module, arch: Sequence[int]) -> dict[str, int]:
 
 class ExpectedMacs:
     """The exact expected MACs of a supernet under independent per-decision probabilities
-    (see the module's documentation). ``terms``: ``(decisions, table)`` pairs."""
+    (see the module's documentation). ``terms``: ``(decisions, table)`` pairs.
 
-    def __init__(self, net: nn.Module) -> None:
-        decisions = net.decisions()
-        sizes = [len(d.widths) for d in decisions]
-        generator = torch.Generator().manual_seed(0)
-        anchors = [net.min_arch(), net.max_arch(), net.standard_arch()]
-        anchors += [[int(torch.randint(k, (), generator=generator)) for k in sizes] for _ in range(2)]
-        depends: dict[str, set[int]] = {}
-        for anchor in anchors:
-            base = layer_macs(net, anchor)
-            for name in base:
-                depends.setdefault(name, set())
-            for d, k in enumerate(sizes):
-                for a in range(k):
-                    if a == anchor[d]:
-                        continue
-                    changed = layer_macs(net, anchor[:d] + [a] + anchor[d + 1:])
-                    for name in set(base) | set(changed):
-                        depends.setdefault(name, set())
-                        if base.get(name, 0) != changed.get(name, 0):
-                            depends[name].add(d)
-        by_set: dict[tuple[int, ...], list[str]] = {}
-        for name, ds in depends.items():
-            by_set.setdefault(tuple(sorted(ds)), []).append(name)
+    ``layer_costs(arch)`` (``{layer: cost}``) replaces the layers' MACs by another additive
+    cost, e.g. the predicted latency of a :class:`~apsfast.models.latency.LatencyTable`; its
+    layers' decisions are then found from ``layer_keys(arch)`` (``{layer: what its cost
+    depends on}``; default: the costs themselves)."""
+
+    def __init__(self, net: nn.Module, layer_costs: Optional[Callable[[Arch], dict[str, float]]] = None,
+                 layer_keys: Optional[Callable[[Arch], dict[str, Hashable]]] = None) -> None:
+        costs = layer_costs or (lambda arch: layer_macs(net, arch))
+        sizes = [len(d.widths) for d in net.decisions()]
+        try:
+            grids = dependency_grids(net, layer_dependencies(net, layer_keys or costs))
+        except ValueError as error:
+            raise ValueError(f"{error}: no exact expected cost") from None
         self.terms: list[tuple[tuple[int, ...], Tensor]] = []
-        reference = net.min_arch()
-        for ds, names in sorted(by_set.items()):
-            grid = [sizes[d] for d in ds]
-            if math.prod(grid) > GRID_LIMIT:
-                raise ValueError(f"layers {names[:3]} depend on {len(ds)} decisions jointly ({math.prod(grid)} "
-                                 f"candidate combinations, more than {GRID_LIMIT}): no exact expected MACs")
-            table = torch.zeros(grid, dtype=torch.float64)
-            for combo in itertools.product(*(range(k) for k in grid)):
-                arch = list(reference)
-                for d, a in zip(ds, combo):
-                    arch[d] = a
-                macs = layer_macs(net, arch)
-                table[combo] = sum(macs.get(name, 0) for name in names)
-            self.terms.append((ds, table))
+        for ds, names, archs in grids:
+            values = [sum(cost.get(name, 0) for name in names) for cost in map(costs, archs)]
+            self.terms.append((ds, torch.tensor(values, dtype=torch.float64).reshape([sizes[d] for d in ds])))
 
     def __call__(self, probs: Sequence[Tensor]) -> Tensor:
         """E[MACs] (a float64 0-d tensor, differentiable) for per-decision probability vectors."""

@@ -1,0 +1,283 @@
+"""Deploying a searched network: ONNX and ``torch.export`` (``.pt2``) files, and the program
+inside ``model.pt`` that loads with torch alone.
+
+An exported ``model.pt`` (``kind: "exported"``, written by a search and by a retrain) holds
+the static network's ``state_dict`` with what rebuilds it through apsfast (``model``,
+``options``, ``arch``: :func:`~apsfast.search.result.load_exported`, which reads tensors and
+plain containers only). It also holds, for use without apsfast:
+
+* ``input_shape``: ``[C, H, W]`` of one image;
+* ``program``: the bytes of ``torch.export.save`` of the network in eval mode on the CPU, the
+  batch dimension dynamic, with its weights left out (meta tensors: ``state_dict`` holds them
+  once), and ``program_torch``, the torch version that wrote it. Rebuilt with torch alone::
+
+      state = torch.load("model.pt", weights_only=True)
+      model = torch.export.load(io.BytesIO(state["program"])).module()
+      model.load_state_dict(state["state_dict"], assign=True)
+
+A program covers every network apsfast exports, a converted user model's graph included,
+without the code that defined it. ``torch.export.load`` unpickles parts of a program, so
+apsfast never calls it on a file it is handed: :func:`load_model` rebuilds through
+``load_exported``. A network ``torch.export`` cannot trace is saved without a program, with a
+warning.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from apsfast.models.registry import CONVERTED
+from apsfast.search.checkpoint import load_checkpoint
+from apsfast.search.result import MODEL, RESULT, load_exported
+
+#: ONNX opset of :func:`export_onnx`: the oldest the torch.export-based exporter writes natively,
+#: read by every current runtime (onnxruntime ≥ 1.14, TensorRT ≥ 8.6, OpenVINO).
+OPSET = 18
+#: Where ``apsfast train RUN`` puts the retrained chosen arch, inside the search's folder.
+RETRAINED = Path("retrain") / "retrained.pt"
+ONNX_PACKAGES = ("onnx", "onnxscript")
+INSTALL_ONNX = "pip install apsfast[onnx] (or pip install onnx onnxscript onnxruntime)"
+Source = Union[str, os.PathLike, nn.Module]
+#: The dynamic-shape specification of a network's one input: its batch dimension.
+BATCH = ({0: torch.export.Dim("batch")},)
+
+
+def input_shape_of(net) -> list[int]:
+    """``[C, H, W]`` of one input image of a supernet's networks (``input_size`` an int or ``(H, W)``)."""
+    size = net.input_size
+    hw = list(size) if isinstance(size, (tuple, list)) else [size, size]
+    return [int(net.in_channels), *map(int, hw)]
+
+
+def _check_shape(input_shape: Sequence[int]) -> list[int]:
+    shape = list(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                                   for s in shape):
+        raise ValueError(f"input_shape must be [C, H, W], three ints > 0 (one image), got {input_shape!r}")
+    return shape
+
+
+def _for_tracing(model: nn.Module, input_shape: Sequence[int]) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A copy of ``model`` on the CPU in eval mode and float32, and an example input: a batch
+    of 2 (torch.export takes a size-1 dimension for a constant)."""
+    with warnings.catch_warnings():  # torch's own deprecation, met copying a torch.export.load module
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        static = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format)
+    try:
+        static.eval()
+    except NotImplementedError:  # torch.export.load's module refuses: it is an inference graph already
+        pass
+    return static, (torch.zeros(2, *_check_shape(input_shape)),)
+
+
+def trace_program(model: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
+    """``model`` as a ``torch.export`` program on the CPU in eval mode and float32, for inputs
+    ``[N, *input_shape]`` with the batch size ``N`` dynamic (``model`` itself is left as it is)."""
+    static, example = _for_tracing(model, input_shape)
+    return torch.export.export(static, example, dynamic_shapes=BATCH, strict=False)
+
+
+def _weight_free(program: torch.export.ExportedProgram) -> bytes:
+    """``torch.export.save`` of ``program`` with every state-dict tensor replaced by a meta
+    tensor of its shape (the weights, kept in ``model.pt``'s ``state_dict``, are not stored
+    twice) and without its example input (a batch of images)."""
+    program.example_inputs = None
+    for name, tensor in list(program.state_dict.items()):
+        empty = torch.empty_like(tensor, device="meta")
+        program.state_dict[name] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) \
+            else empty
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def program_entries(static: nn.Module, input_shape: Sequence[int]) -> dict:
+    """What ``model.pt`` carries besides the weights so that torch alone loads it:
+    ``input_shape`` and, where ``torch.export`` traces ``static``, the weight-free ``program``
+    with ``program_torch``. A network it cannot trace gets a warning and no program."""
+    entries: dict = {"input_shape": list(input_shape)}
+    try:
+        program = trace_program(static, input_shape)
+        names = {k: tuple(v.shape) for k, v in static.state_dict().items()}
+        traced = {k: tuple(v.shape) for k, v in program.state_dict.items()}
+        if traced != names:  # the recipe loads state_dict into the program's module: the names must agree
+            raise RuntimeError(f"the program's tensors differ from the state dict's: "
+                               f"{sorted(set(traced) ^ set(names))[:4]}")
+        entries.update(program=_weight_free(program), program_torch=str(torch.__version__))
+    except Exception as error:  # torch.export raises many kinds; the weights are saved regardless
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(f"model.pt is saved without a torch.export program ({type(error).__name__}: {first[:300]}): "
+                      f"it loads with apsfast (load_exported) but not with torch alone", RuntimeWarning,
+                      stacklevel=2)
+    return entries
+
+
+def find_model(source: Union[str, os.PathLike], searched: bool = False) -> tuple[Path, str]:
+    """The exported model file ``source`` names, and which one it is in words.
+
+    ``source`` is a search's folder (its retrained model, ``retrain/retrained.pt``, where
+    ``apsfast train`` has finished one and ``searched`` is false; else its ``model.pt``: the
+    chosen arch with the supernet's weights), a retrain's folder (``retrained.pt``), or an
+    exported ``.pt`` file (a search's ``model.pt`` or a retrain's ``retrained.pt``)."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        if searched:
+            raise ValueError(f"searched (--searched) goes with a search's folder, got the file {str(path)!r}")
+        return path, str(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no run or model at {str(path)!r}: expected a search's folder, a retrain's folder or "
+                                f"an exported model.pt / retrained.pt")
+    retrained = path / RETRAINED.name
+    if retrained.is_file():  # a retrain's folder
+        if searched:
+            raise ValueError(f"{str(path)!r} is a retrain's folder; searched (--searched) goes with a search's "
+                             f"folder")
+        return retrained, f"the retrained model {retrained}"
+    if (path / RESULT).is_file() or (path / MODEL).is_file():
+        if not searched and (path / RETRAINED).is_file():
+            return path / RETRAINED, f"the retrained model {path / RETRAINED}"
+        if (path / MODEL).is_file():
+            what = "the searched model" + ("" if searched else " (no finished retrain in retrain/)")
+            return path / MODEL, f"{what} {path / MODEL}"
+        raise FileNotFoundError(f"{str(path)!r} holds no {MODEL}: the search has not finished (resume it with "
+                                f"apsfast search --resume --out {path})")
+    raise FileNotFoundError(f"{str(path)!r} is not a run: it holds no {RESULT}, {MODEL} or {RETRAINED.name}")
+
+
+@dataclass
+class Deployable:
+    """A network to deploy (the exports trace a copy of it on the CPU in eval mode), the shape
+    of one input image, and what it is in words."""
+
+    module: nn.Module
+    input_shape: list[int]
+    source: str
+
+
+def load_model(source: Source, *, searched: bool = False,
+               input_shape: Optional[Sequence[int]] = None) -> Deployable:
+    """The network to deploy from ``source``: a run folder or an exported file (see
+    :func:`find_model`; rebuilt by :func:`~apsfast.search.result.load_exported`, tensors only),
+    or an ``nn.Module`` with ``input_shape`` ``[C, H, W]``."""
+    if isinstance(source, nn.Module):
+        if input_shape is None:
+            raise ValueError("input_shape [C, H, W] is required with a module (a run's model.pt records its own)")
+        return Deployable(source, _check_shape(input_shape), type(source).__name__)
+    path, what = find_model(source, searched)
+    state = load_checkpoint(path, expect={"kind": "exported"})
+    if str(state["model"]).startswith(CONVERTED):
+        raise ValueError(f"{str(path)!r} holds {state['model']}, a supernet made by apsfast.convert in Python, which "
+                         f"apsfast cannot rebuild: load it with torch alone (README, 'Deploying') and pass the module "
+                         f"to apsfast.search.export_onnx(module, path, input_shape={state.get('input_shape')})")
+    module = load_exported(path).eval()
+    shape = state.get("input_shape")
+    if shape is None:  # written before model.pt recorded it
+        from apsfast import models
+        shape = input_shape_of(models.build(state["model"], device="meta", **state["options"]))
+    return Deployable(module, _check_shape(input_shape if input_shape is not None else shape), what)
+
+
+def output_path(path: Union[str, os.PathLike]) -> Path:
+    """``path`` checked as a file to write: not a folder, in a folder that exists."""
+    out = Path(os.path.expanduser(str(path)))
+    if out.is_dir():
+        raise IsADirectoryError(f"{str(out)!r} is a folder: pass the file to write, e.g. {out / 'model.onnx'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"no folder {str(out.parent)!r} to write {out.name!r} in")
+    return out
+
+
+def _written(out: Path, write) -> Path:
+    """``write(tmp)`` then ``tmp`` renamed to ``out``: a reader never sees a partial file."""
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # torch.export.save wants its .pt2 suffix
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def check_onnx_export(opset: int = OPSET) -> None:
+    """Raise unless ONNX export can run: its packages installed, ``opset`` an int ≥ :data:`OPSET`."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < OPSET:
+        raise ValueError(f"opset must be an int >= {OPSET} (the oldest the torch.export-based exporter writes), "
+                         f"got {opset!r}")
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs the package(s) {', '.join(missing)}: {INSTALL_ONNX}")
+
+
+def write_onnx(model: Deployable, path: Union[str, os.PathLike], opset: int = OPSET) -> Path:
+    """:func:`export_onnx` of a loaded network."""
+    check_onnx_export(opset)
+    out = output_path(path)
+    static, example = _for_tracing(model.module, model.input_shape)
+    # The exporter logs a line for each torchvision op it skips when torchvision is absent, and
+    # warns of torch's own deprecations.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+            onnx_program = torch.onnx.export(static, example, input_names=["input"], output_names=["logits"],
+                                             opset_version=opset, dynamo=True, dynamic_shapes=BATCH, verbose=False)
+    finally:
+        registration.setLevel(level)
+    return _written(out, lambda tmp: onnx_program.save(str(tmp), external_data=False))
+
+
+def write_pt2(model: Deployable, path: Union[str, os.PathLike]) -> Path:
+    """:func:`export_pt2` of a loaded network."""
+    out = output_path(path)
+    program = trace_program(model.module, model.input_shape)
+    return _written(out, lambda tmp: torch.export.save(program, tmp))
+
+
+def onnx_difference(model: Deployable, path: Union[str, os.PathLike], batch: int = 3, seed: int = 0) -> float:
+    """The largest absolute difference between the ONNX file at ``path`` run by onnxruntime and
+    ``model`` on a random batch (needs ``onnxruntime``)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(f"checking an ONNX file needs onnxruntime: {INSTALL_ONNX}") from None
+    static, _ = _for_tracing(model.module, model.input_shape)
+    x = torch.randn(batch, *model.input_shape, generator=torch.Generator().manual_seed(seed))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = static(x)
+    return float((torch.from_numpy(got) - want).abs().max())
+
+
+def export_onnx(source: Source, path: Union[str, os.PathLike], *, searched: bool = False,
+                input_shape: Optional[Sequence[int]] = None, opset: int = OPSET) -> Path:
+    """Write the network of ``source`` (a run folder, an exported file or a module: see
+    :func:`load_model`) to ``path`` as one ONNX file: input ``"input"`` of shape
+    ``[batch, C, H, W]`` (``batch`` dynamic), output ``"logits"``, eval mode, float32, opset
+    ``opset``. Needs the ``onnx`` and ``onnxscript`` packages (``pip install apsfast[onnx]``).
+    Returns the path written."""
+    check_onnx_export(opset)
+    output_path(path)
+    return write_onnx(load_model(source, searched=searched, input_shape=input_shape), path, opset)
+
+
+def export_pt2(source: Source, path: Union[str, os.PathLike], *, searched: bool = False,
+               input_shape: Optional[Sequence[int]] = None) -> Path:
+    """Write the network of ``source`` (see :func:`load_model`) to ``path`` as a ``torch.export``
+    program with its weights (``torch.export.load(path).module()``; for ExecuTorch or
+    AOTInductor), eval mode, float32, the batch dimension dynamic. Returns the path written."""
+    output_path(path)
+    return write_pt2(load_model(source, searched=searched, input_shape=input_shape), path)

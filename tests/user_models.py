@@ -1,0 +1,48 @@
+"""Model factories of a user, importable by dotted path (``user_models:tiny_cnn``) in the tests
+of ``apsfast search --model`` (pytest puts this folder on ``sys.path``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """A stem, one residual block (the addition couples the stem's and the block's outputs)
+    and a linear classifier."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+                                  nn.ReLU(), nn.Conv2d(2 * width, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.body(x))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_cnn(width: int = 8, num_classes: int = 10) -> nn.Module:
+    return TinyCNN(width, num_classes)
+
+
+def not_a_module() -> str:
+    return "a string"
+
+
+NOT_CALLABLE = 3
+
+
+class Halves(nn.Module):
+    """Splits its channels in two (``torch.chunk``), which convert refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.chunk(self.conv(x), 2, dim=1)
+        return self.head((a * b).mean((2, 3)))
