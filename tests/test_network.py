@@ -96,3 +96,32 @@ def test_errors():
         apsfast.nn.network_sharing_level(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="no APS layer with candidate transforms"):
         apsfast.nn.network_transition_step(nn.Sequential(APSConv2d(3, 4, 3)), 1e-3)
+
+
+def test_a_search_step_in_transition_reads_nothing_back_to_the_host(monkeypatch):
+    # Once the transition has started, the forward, backward and transition of every step run
+    # without a host read (on a GPU each would be a sync): the sides know they are dense.
+    net = apsfast.models.build("resnet20_cifar", widths=[4, 8], input_size=8, num_classes=10)
+    archs = [net.sample_uniform(torch.Generator().manual_seed(k)) for k in range(3)]
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    side = apsfast.nn.aps_layers(net)[1].out_transforms
+    ordinal = side.matrix.detach().clone()
+    apsfast.nn.network_transition_step(net, 1e-3)  # the start: perturbed, then stepped
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for arch in archs:
+        net.set_arch(arch)
+        nn.functional.cross_entropy(net(x), y).backward()
+        apsfast.nn.network_transition_step(net, 1e-3)
+    monkeypatch.undo()
+    assert reads == []
+    assert side.selection_start(0) is None
+    with torch.no_grad():  # any other change of the matrix is checked again, as before
+        side.matrix.copy_(ordinal)
+    assert side.selection_start(0) == 0 and side.is_selection()

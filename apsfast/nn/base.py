@@ -61,8 +61,10 @@ class CandidateTransforms(nn.Module):
 
         Ordinal and independent transforms are such selections, and so are APS-T's until its
         transition starts. The answer is cached until ``matrix`` changes (its version counter
-        moves with every in-place update). Never a selection while ``matrix`` is trained, nor
-        under ``torch.compile`` or on the meta device.
+        moves with every in-place update); a transition step sets it without reading ``matrix``
+        (:meth:`mark_transformed`), so a step of the search reads nothing back to the host.
+        Never a selection while ``matrix`` is trained, nor under ``torch.compile`` or on the
+        meta device.
         """
         if self.matrix.requires_grad or self.matrix.is_meta or torch.compiler.is_compiling():
             # A traced graph cannot branch on values, nor can a tensor without any: dense path.
@@ -76,6 +78,12 @@ class CandidateTransforms(nn.Module):
             self._selections = (key, [self._find_selection(a) if all(ones[o:o + w]) else None
                                       for a, (o, w) in enumerate(zip(self._offsets, self.widths))])
         return self._selections[1][index]
+
+    def mark_transformed(self) -> None:
+        """Record that a transition step has just moved ``matrix``: no transform is a selection
+        until ``matrix`` changes again (checking would read it back to the host at every step).
+        Were a column still a basis vector, the dense path builds the same kernel, exactly."""
+        self._selections = ((self.matrix.data_ptr(), self.matrix._version), [None] * len(self.widths))
 
     def _find_selection(self, index: int) -> Optional[int]:
         block = self[index]
@@ -272,4 +280,12 @@ class APSLayer(nn.Module):
         if self.P is None and self.Q is None:
             return self.sharing_level()
         self.begin_transition()
-        return transition_step(self.P, self.Q, tau, relative=relative)
+        phi = transition_step(self.P, self.Q, tau, relative=relative)
+        self.mark_transformed()
+        return phi
+
+    def mark_transformed(self) -> None:
+        """After a transition step: see :meth:`CandidateTransforms.mark_transformed`."""
+        for side in (self.out_transforms, self.in_transforms):
+            if side is not None:
+                side.mark_transformed()

@@ -38,7 +38,10 @@ def network_transition_step(module: nn.Module, tau: float, *, relative: bool = T
         raise ValueError(f"{type(module).__name__} has no APS layer with candidate transforms")
     for layer in layers:
         layer.begin_transition()
-    return transition_step_all([(layer.P, layer.Q) for layer in layers], tau, relative=relative)
+    phi = transition_step_all([(layer.P, layer.Q) for layer in layers], tau, relative=relative)
+    for layer in layers:
+        layer.mark_transformed()
+    return phi
 
 
 def prebuild_kernels(items: Sequence[tuple[APSLayer, int]]) -> None:
