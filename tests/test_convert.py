@@ -396,3 +396,23 @@ def test_bad_arguments(kwargs, error, match):
     args = {"model": TinyResNet(), "example_input": torch.zeros(1, 3, SIZE, SIZE), **kwargs}
     with pytest.raises(error, match=match):
         apsfast.convert(args.pop("model"), args.pop("example_input"), **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_convert(name):
+    # torchvision's compiled part loads only against a matching torch build (the GPU machines'),
+    # hence a gpu test; the model itself is converted and checked on the GPU.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = randomised(getattr(torchvision.models, name)(num_classes=10)).cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    net = apsfast.convert(model, x).cuda().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-4)
+        arch = net.sample_uniform(torch.Generator().manual_seed(0))
+        net.set_arch(arch)
+        static = net.export(arch)
+        torch.testing.assert_close(static(x), net(x), rtol=1e-4, atol=1e-4)
+    assert net.flops(net.standard_arch()) == sum(count_macs(model, 64).values())
+    assert net.params(arch) == sum(p.numel() for p in static.parameters())
