@@ -26,5 +26,7 @@ demo: install
 	$(PYTHON) -m apsfast demo
 
 # Triton kernels run on CPU tensors under the interpreter (set before triton is imported).
+# One pytest worker per core (pytest-xdist), each with its share of the cores' threads.
+TEST_WORKERS ?= auto
 test: install
-	APSFAST_EXPECT_BACKENDS="$(EXPECT_BACKENDS)" TRITON_INTERPRET=1 $(PYTHON) -m pytest
+	APSFAST_EXPECT_BACKENDS="$(EXPECT_BACKENDS)" TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(TEST_WORKERS)

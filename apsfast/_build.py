@@ -1,4 +1,5 @@
-"""Build metadata written by ``setup.py`` and the guarded import of compiled extensions.
+"""Build metadata written by ``setup.py``, the guarded import of compiled extensions, and what
+``apsfast info`` reports (:func:`collect_info`, :func:`check_errors`).
 
 ``setup.py`` writes ``_build_info.json`` beside this file: the torch it compiled against, the
 CUDA version and architectures, and which extensions it built. An extension built against
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -84,3 +87,25 @@ def check_errors() -> dict[str, str]:
             results[backend] = f"CRASHED (exit {done.returncode}: {tail[0]}); rebuild with CC/CXX naming the " \
                                f"compiler of the system's C++ runtime"
     return results
+
+
+def collect_info() -> dict:
+    """Versions, build metadata and the status of every backend."""
+    from apsfast import __version__, _backends
+
+    try:
+        import triton
+        triton_version: Optional[str] = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "apsfast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "build": build_info(),
+        "backends": _backends.status(),
+        "defaults": _backends.defaults(),
+        "forced_backend": os.environ.get(_backends.ENV_VAR) or None,
+    }

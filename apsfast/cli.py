@@ -5,35 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from typing import Optional, Sequence
 
-import torch
-
 import apsfast
 from apsfast import _backends
-from apsfast._build import build_info, check_errors
-
-
-def collect_info() -> dict:
-    """Versions, build metadata and the status of every backend."""
-    try:
-        import triton
-        triton_version: Optional[str] = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "apsfast": apsfast.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "build": build_info(),
-        "backends": _backends.status(),
-        "defaults": _backends.defaults(),
-        "forced_backend": os.environ.get(_backends.ENV_VAR) or None,
-    }
+from apsfast._build import check_errors, collect_info
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -287,10 +264,8 @@ def _add_analyze(sub) -> None:
     analyze.set_defaults(func=cmd_analyze)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apsfast", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"apsfast {apsfast.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_info_and_models(sub) -> None:
+    """The ``info`` and ``models`` subcommands' parsers."""
     info = sub.add_parser("info", help="versions, build and available backends")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.add_argument("--check", action="store_true",
@@ -302,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a build option, e.g. -o residual=stage -o widths=[8,16,32] (repeatable)")
     models.add_argument("--json", action="store_true", help="print machine-readable JSON")
     models.set_defaults(func=cmd_models)
+
+
+def _add_search_and_train(sub) -> None:
+    """The ``search`` and ``train`` subcommands' parsers."""
     from apsfast.search.config import presets
     search = sub.add_parser("search", help="search channel numbers: warm-up, transition and controller, beam "
                             "search, export", description="Run a search. Settings: the defaults, then --preset, "
@@ -341,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the retraining in --out with its own settings (-s may change bookkeeping, "
                             "retrain.epochs, retrain.lr and retrain.grad_clip)")
     train.set_defaults(func=cmd_train)
+
+
+def _add_export(sub) -> None:
+    """The ``export`` subcommand's parser."""
     export = sub.add_parser(
         "export", help="write a searched or retrained network for deployment: ONNX (--onnx) or a torch.export "
         "program (--pt2)", description="Write the network of RUN with its weights, in eval mode, for inputs "
@@ -355,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with a search's folder: its searched model.pt even where a retrained model exists")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset, at least 18 (the default)")
     export.set_defaults(func=cmd_export)
-    _add_analyze(sub)
+
+
+def _add_demo_and_compare(sub) -> None:
+    """The ``demo`` and ``compare`` subcommands' parsers."""
     demo = sub.add_parser("demo", help="a complete short search on the embedded data, then a short retrain")
     demo.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo/<date-time>)")
     demo.add_argument("-s", "--set", action="append", metavar="KEY=VALUE",
@@ -365,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "retrained accuracy, time and memory", add_help=False)
     compare.add_argument("rest", nargs=argparse.REMAINDER, help="options (see apsfast compare --help)")
     compare.set_defaults(func=cmd_compare)
+
+
+def _add_bench(sub) -> None:
+    """The ``bench`` subcommand's parser."""
     bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|profile|data|latency [--quick] "
                                          "[--out PATH]`")
     bench.add_argument("suite", choices=["kernels", "search", "profile", "data", "latency"],
@@ -374,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "the measured latency of exported networks")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
     bench.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apsfast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"apsfast {apsfast.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_info_and_models, _add_search_and_train, _add_export, _add_analyze, _add_demo_and_compare,
+                _add_bench):
+        add(sub)
     return parser
 
 

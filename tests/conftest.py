@@ -24,6 +24,10 @@ settings.register_profile("explore", max_examples=100, deadline=None)
 settings.register_profile("deep", max_examples=2000, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# Under pytest-xdist (make test) the workers share the cores: each takes its share of threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 # (rtol, atol) for comparing a backend with the float64 reference; one place for all tests.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),

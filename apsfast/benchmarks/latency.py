@@ -30,7 +30,8 @@ import torch
 
 from apsfast import models
 from apsfast.benchmarks.common import environment, write_results
-from apsfast.models.latency import LatencyTable, input_hw, measure_network, static_network
+from apsfast.models.latency import LatencyTable, measure_network, static_network
+from apsfast.models.layer_ops import input_hw
 
 SPACES: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": ("resnet20_cifar", {"widths": [4, 8, 16], "residual": "stage", "input_size": 16}),

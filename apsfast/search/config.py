@@ -5,33 +5,27 @@ A config is a :class:`Config` of sections (``model``, ``data``, ``train``, ``sha
 ``controller``, ``reward``, ``result``, ``retrain``, ``analysis``, ``run``). :func:`load_config` starts from
 the defaults, applies a preset (``apsfast/search/presets/<name>.yaml``), then a YAML file,
 then ``section.key=value`` overrides, and checks every field's type and range; errors name
-the field, the value and what was expected.
+the field, the value and what was expected (the reading and type checks:
+:mod:`apsfast.search.overrides`; the ranges: :mod:`apsfast.search.validation`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from apsfast.search.overrides import ConfigError, merge_fields, nested, parse_override, read_yaml
 
 PRESET_DIR = Path(__file__).with_name("presets")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 SEARCHER_KINDS = ("reinforce", "tas", "ista")  # apsfast.search.searchers.SEARCHERS
-
-
-class ConfigError(ValueError):
-    """A config field has an unknown name, a wrong type or an invalid value."""
 
 
 @dataclass
@@ -272,93 +266,6 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-_SUFFIX = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-
-
-def _count(text: str) -> Optional[float]:
-    """``"40M"`` → 4e7: MAC counts are easier to read with a suffix."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT]?)\s*", text)
-    return None if match is None else float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
-
-
-def _convert(path: str, value: Any, kind: Any) -> Any:
-    """``value`` checked against the annotation ``kind`` (after ``from __future__ import
-    annotations`` resolution); raises :class:`ConfigError` naming ``path``."""
-    origin = typing.get_origin(kind)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [k for k in options if k is not type(None)]
-        return _convert(path, value, inner)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        # YAML 1.1 reads 1e-4 (no dot) as a string; MAC counts may carry a K/M/G suffix.
-        parsed = _count(value) if isinstance(value, str) else None
-        if parsed is not None and (path.endswith("flops_target") or value.strip()[-1:].isdigit()):
-            return parsed
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    elif kind in (dict, list):
-        if isinstance(value, kind):
-            return value
-    names = {bool: "a bool", int: "an int", float: "a finite number", str: "a string",
-             dict: "a mapping", list: "a list"}
-    raise ConfigError(f"{path} must be {names.get(kind, kind)}, got {value!r}")
-
-
-def _merge(obj: Any, updates: Mapping[str, Any], path: str) -> None:
-    """Set the fields of dataclass ``obj`` from ``updates``, recursing into sections."""
-    if not isinstance(updates, Mapping):
-        raise ConfigError(f"{path or 'the config'} must be a mapping of fields, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
-    for key, value in updates.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in hints:
-            raise ConfigError(f"unknown field {where!r}; {path or 'the config'} has "
-                              f"{', '.join(sorted(hints))}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, where)
-        elif hints[key] is dict and isinstance(value, Mapping):
-            setattr(obj, key, {**current, **value})  # options merge, so one key can be overridden
-        else:
-            setattr(obj, key, _convert(where, value, hints[key]))
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=0.05"`` → ``("train.lr", 0.05)``; the value is read as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"an override must be SECTION.KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
-
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
-
-
-def _read_yaml(path: Path, what: str) -> Mapping[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {error}") from None
-    return {} if data is None else data
-
-
 def validate(config: "Config") -> None:
     """Range and consistency checks that types alone do not catch (see :mod:`apsfast.search.validation`)."""
     from apsfast.search.validation import check_config
@@ -379,9 +286,9 @@ def load_config(preset: Optional[str] = None, file: Optional[Union[str, Path]] =
     if preset is not None:
         if preset not in presets():
             raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(presets())}")
-        _merge(config, _read_yaml(PRESET_DIR / f"{preset}.yaml", "preset"), "")
+        merge_fields(config, read_yaml(PRESET_DIR / f"{preset}.yaml", "preset"), "")
     if file is not None:
-        _merge(config, _read_yaml(Path(file), "config file"), "")
+        merge_fields(config, read_yaml(Path(file), "config file"), "")
     if model is not None:
         config.model = ModelConfig(name=model)
     return apply_overrides(config, overrides)
@@ -392,7 +299,7 @@ def apply_overrides(config: Config, overrides: Sequence[Union[str, tuple[str, An
     ``(key, value)`` pairs) applied, validated."""
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
-        _merge(config, _nest(key, value), "")
+        merge_fields(config, nested(key, value), "")
     validate(config)
     return config
 
@@ -400,7 +307,7 @@ def apply_overrides(config: Config, overrides: Sequence[Union[str, tuple[str, An
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """A config from :meth:`Config.to_dict` output (a checkpoint's or a result's), validated."""
     config = Config()
-    _merge(config, data, "")
+    merge_fields(config, data, "")
     validate(config)
     return config
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast.models import Decision
-from apsfast.models.latency import dependency_grids, layer_dependencies
+from apsfast.models.layer_ops import dependency_grids, layer_dependencies
 
 Arch = list[int]
 
