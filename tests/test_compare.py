@@ -7,6 +7,7 @@ import pytest
 
 from apsfast import models
 from apsfast.search import compare
+from apsfast.search.config import load_config
 
 from test_search import TINY
 
@@ -22,6 +23,7 @@ def test_one_run_is_searched_retrained_and_resumed(tmp_path):
     assert first["chosen_flops"] > 0 and 0 <= first["test_acc"] <= 1
     assert first["seconds_per_search_epoch"] > 0 and first["peak_memory_mib"] > 0
     assert first["overrides"] == job(tmp_path)["overrides"]
+    assert first["digest"] == load_config("demo", overrides=job(tmp_path)["overrides"]).digest()
     again = compare.run_one(job(tmp_path))  # the folder holds a finished run: it is resumed, not refused
     assert again["chosen_flops"] == first["chosen_flops"] and again["chosen_widths"] == first["chosen_widths"]
 
@@ -32,10 +34,10 @@ def test_the_half_target_is_half_the_standard_arch_at_the_data_size():
     assert compare.half_standard_macs("demo", TINY) == net.flops(net.standard_arch()) / 2
 
 
-def record(kind: str, seed: int, flops: float, acc: float, overrides=("a",)) -> dict:
+def record(kind: str, seed: int, flops: float, acc: float, digest: str = "a") -> dict:
     return {"kind": kind, "strategy": "transitional", "target": "none", "seed": seed, "flops_target": None,
             "chosen_flops": flops, "test_acc": acc, "seconds_per_search_epoch": 2.0, "peak_memory_mib": 100.0,
-            "overrides": list(overrides)}
+            "digest": digest}
 
 
 def test_the_table_holds_means_and_deviations_over_seeds():
@@ -50,9 +52,9 @@ def test_the_table_holds_means_and_deviations_over_seeds():
 
 def test_a_cut_comparison_keeps_the_runs_it_finished(tmp_path):
     lines = tmp_path / "compare.jsonl"
-    lines.write_text("\n".join(json.dumps(r) for r in (record("tas", 0, 1e6, 0.5, overrides=("x",)),
-                                                         record("tas", 0, 1e6, 0.5, overrides=("y",)))) + "\n")
-    jobs = [{"kind": "tas", "strategy": "transitional", "target": "none", "seed": 0, "overrides": ["x"]}]
+    lines.write_text("\n".join(json.dumps(r) for r in (record("tas", 0, 1e6, 0.5, digest="x"),
+                                                         record("tas", 0, 1e6, 0.5, digest="y"))) + "\n")
+    jobs = [{"kind": "tas", "strategy": "transitional", "target": "none", "seed": 0, "digest": "x"}]
     kept = compare.finished(lines, jobs)
-    assert len(kept) == 1 and kept[0]["overrides"] == ["x"]  # a run with other settings is not reused
+    assert len(kept) == 1 and kept[0]["digest"] == "x"  # a run with other settings is not reused
     assert compare.finished(tmp_path / "nothing.jsonl", jobs) == []

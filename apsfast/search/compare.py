@@ -6,8 +6,9 @@ peak memory (peak resident set of the process on a CPU, peak allocated memory on
 Each (kind, strategy, target, seed) runs its search and retrain in a fresh process, so peak
 memory is its own. Writes ``compare.md`` (the table), ``compare.jsonl`` (one line per run, as
 each ends) and ``compare.json`` (the table's rows) into ``--out``. Run again with the same
-arguments, a cut comparison goes on: runs already in ``compare.jsonl`` are kept, a run cut
-midway resumes from its checkpoint.
+arguments, a cut comparison goes on: runs already in ``compare.jsonl`` with the same resolved
+settings (their digest: a changed preset counts) are kept, a run cut midway resumes from its
+checkpoint.
 
     main(["--preset", "demo", "--kinds", "reinforce,tas,ista", "--strategies", "transitional",
           "--seeds", "0,1,2", "--out", "runs/compare", "-s", "train.epochs=8"])
@@ -86,7 +87,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "test_acc": summary["test_acc"], "search_seconds": search_seconds,
             "seconds_per_search_epoch": statistics.mean(r["seconds"] for r in epochs) if epochs else None,
             "peak_memory_mib": peak / 2 ** 20, "memory": "gpu allocated" if cuda else "process resident set",
-            "entropy_fraction": result["policy"]["entropy_fraction"], "overrides": job["overrides"]}
+            "entropy_fraction": result["policy"]["entropy_fraction"], "overrides": job["overrides"],
+            "digest": config.digest()}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -125,14 +127,16 @@ def finished(path: Path, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     """The runs of ``jobs`` that an earlier, cut comparison already wrote to ``path``."""
     if not path.exists():
         return []
-    wanted = {json.dumps(j["overrides"]) for j in jobs}  # the same settings, not only the same names
+    wanted = {j["digest"] for j in jobs}  # the same resolved settings (a preset may have changed)
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in runs if json.dumps(r.get("overrides")) in wanted]
+    return [r for r in runs if r.get("digest") in wanted]
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") -> int:
     """Run the comparison the arguments describe; returns 0."""
     import torch
+
+    from apsfast.search.config import load_config
 
     args = parse_args(argv, prog)
     out = Path(args.out)
@@ -148,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") ->
                                  "preset": args.preset, "out": str(out / f"{kind}-{strategy}-{target}-{seed}"),
                                  "overrides": [*args.overrides, f"controller.kind={kind}", f"sharing.strategy={strategy}",
                                                f"run.seed={seed}", flops, "run.progress=false"]})
+    for job in jobs:
+        job["digest"] = load_config(args.preset, overrides=job["overrides"]).digest()
     runs = finished(out / "compare.jsonl", jobs)
     done = {(r["kind"], r["strategy"], r["target"], r["seed"]) for r in runs}
     todo = [j for j in jobs if (j["kind"], j["strategy"], j["target"], j["seed"]) not in done]
