@@ -36,6 +36,16 @@ TOLERANCES = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test of tiny models or many small GEMMs: a second thread only
+    adds waking and synchronisation, which on a busy two-core machine costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """Compare with the tolerance of ``dtype`` (default: ``actual``'s dtype), in float64."""
     rtol, atol = TOLERANCES[dtype or actual.dtype]

@@ -17,14 +17,7 @@ F64 = torch.float64
 SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with intra-op threads, their convs spend more time waking and
-    waiting for threads (worse on a shared machine) than computing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 # --- the models (plain PyTorch, written for these tests) -------------------------------------

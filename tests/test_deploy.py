@@ -25,12 +25,7 @@ SPACES = {"resnet20_cifar": dict(widths=[4, 8], num_classes=10, input_size=16),
           "user_models:tiny_cnn": dict(convert={"input_size": 16, "round_to": 4})}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def mixed_arch(net: models.Supernet) -> list[int]:

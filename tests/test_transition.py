@@ -288,14 +288,6 @@ def test_autograd_transition_equals_the_closed_form(relative):
             assert_close(got, want)
 
 
-@pytest.fixture
-def one_thread():
-    # Hundreds of steps of small GEMMs: a second intra-op thread only adds synchronisation,
-    # which on a busy two-core machine costs over ten times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("target", CPU_FAST, indirect=True)

@@ -25,12 +25,7 @@ TINY_RUN = [item for item in TINY if not item.startswith("model.")]
 SETS = [arg for item in TINY_RUN for arg in ("-s", item)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def test_command_line_searches_resumes_and_retrains_a_factory(tmp_path, capsys):

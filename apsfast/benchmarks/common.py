@@ -10,7 +10,7 @@ import platform
 import statistics
 import subprocess
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.benchmark import Timer
@@ -104,3 +104,13 @@ def write_results(out: Path, header: str, table: str, rows: list[dict], env: dic
     with out.with_suffix(".jsonl").open("w") as f:
         for row in rows:
             f.write(json.dumps({**env, **row}) + "\n")
+
+
+def report(title: str, env: dict, rows: list[dict], table: str, out: Optional[Path]) -> None:
+    """Print ``# title``, the environment and ``table``; with ``out``, also write them
+    (:func:`write_results`)."""
+    header = f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n"
+    print("\n" + header + "\n" + table)
+    if out:
+        write_results(out, header, table, rows, env)
+        print(f"\nwrote {out.with_suffix('.md')} and .jsonl")

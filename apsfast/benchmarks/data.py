@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from apsfast.benchmarks.common import environment, write_results
+from apsfast.benchmarks.common import environment, report
 from apsfast.data import FolderImageSet, TensorImageSet
 
 
@@ -83,11 +83,5 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench data")
     args = parser.parse_args(argv)
     command = " ".join([prog, *(argv if argv is not None else [])])
     rows = run(args.quick, args.workers)
-    env = environment(command)
-    header = "# Data-loading benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n"
-    table = markdown(rows)
-    print("\n" + header + "\n" + table)
-    if args.out:
-        write_results(args.out, header, table, rows, env)
-        print(f"\nwrote {args.out.with_suffix('.md')} and .jsonl")
+    report("Data-loading benchmark", environment(command), rows, markdown(rows), args.out)
     return 0

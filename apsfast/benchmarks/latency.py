@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from apsfast import models
-from apsfast.benchmarks.common import environment, write_results
+from apsfast.benchmarks.common import environment, report
 from apsfast.models.latency import LatencyTable, measure_network, static_network
 from apsfast.models.layer_ops import input_hw
 
@@ -178,12 +178,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench latenc
         torch.device(args.device)  # a readable error for a wrong name
     rows = run(args.quick, args.spaces, device=args.device, batch=args.batch, archs=args.archs, repeats=args.repeats,
                ratio=args.ratio, samples=args.samples, result=args.result)
-    env = {**environment(command), "device": args.device}
-    header = (f"# Latency-table benchmark ({args.device})\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
-              + "\n")
-    table = markdown(rows)
-    print("\n" + header + "\n" + table)
-    if args.out:
-        write_results(args.out, header, table, rows, env)
-        print(f"\nwrote {args.out.with_suffix('.md')} and .jsonl")
+    report(f"Latency-table benchmark ({args.device})", {**environment(command), "device": args.device}, rows,
+           markdown(rows), args.out)
     return 0
