@@ -355,11 +355,12 @@ def _add_demo_and_compare(sub) -> None:
 
 def _add_bench(sub) -> None:
     """The ``bench`` subcommand's parser."""
-    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|profile|data|latency [--quick] "
-                                         "[--out PATH]`")
-    bench.add_argument("suite", choices=["kernels", "search", "profile", "data", "latency"],
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|host|profile|data|latency "
+                                         "[--quick] [--out PATH]`")
+    bench.add_argument("suite", choices=["kernels", "search", "host", "profile", "data", "latency"],
                        help="kernels: the fused ops against nn.Conv2d and plain PyTorch; search: one search step "
-                            "against plain PyTorch and the static network; profile: where a search step's time "
+                            "against plain PyTorch and the static network; host: a search step's host cost "
+                            "(tiny inputs) against the static network's; profile: where a search step's time "
                             "goes; data: the loaders' images/s; latency: the latency table's predictions against "
                             "the measured latency of exported networks")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
