@@ -100,7 +100,7 @@ def _construct_grouped_backward(ctx, grads: list[Tensor]):
     dweights = construct_grouped([g.contiguous() for g in grads], *transpose)
     # The gradient of a list argument mirrors its structure: torch.library treats a list that
     # holds a None as one leaf, and a list of tensors as a list.
-    return dweights, *(None if None in Ms else [None] * len(Ms) for Ms in (Ps, Qs))
+    return dweights, *(None if any(M is None for M in Ms) else [None] * len(Ms) for Ms in (Ps, Qs))
 
 
 construct_grouped.register_autograd(_construct_grouped_backward, setup_context=_construct_grouped_setup_context)

@@ -73,6 +73,7 @@ def test_overrides_are_typed_and_win_over_the_preset(tmp_path):
     ("controller.baseline=mean", "controller.baseline must be one of moving_average, leave_one_out, got 'mean'"),
     ("controller.baseline=leave_one_out", "controller.samples must be ≥ 2, got 1"),
     ("train.widest_every=-2", "train.widest_every must be an integer ≥ 0 (0: never), got -2"),
+    ("sharing.transition_every=0", "sharing.transition_every must be an integer ≥ 1 (1: a transition step after every weight step), got 0"),
     ("reward.flops_target=lots", "reward.flops_target must be a finite number, got 'lots'"),
     ("run.device=tpu", "run.device must be one of auto, cpu, cuda"),
     ("run.progress=1", "run.progress must be a bool"),
@@ -114,8 +115,8 @@ def test_fixed_strategies_never_move_the_transforms(strategy):
     net = tiny(strategy)
     before = matrices(net)
     strategies.begin_search(net, strategy)
-    for searching in (False, True):
-        assert strategies.after_weight_step(net, strategy, 1e-2, searching) is None
+    for step in (None, 1):
+        assert strategies.after_weight_step(net, strategy, 1e-2, step) is None
     assert all(torch.equal(a, b) for a, b in zip(before, matrices(net)))
     assert not any(m.requires_grad for m in strategies.transform_parameters(net))
 
@@ -124,9 +125,9 @@ def test_transitional_is_frozen_in_warmup_then_phi_falls():
     net = tiny("transitional")
     start = strategies.sharing_level(net)
     before = matrices(net)
-    assert strategies.after_weight_step(net, "transitional", 0.05, searching=False) is None
+    assert strategies.after_weight_step(net, "transitional", 0.05, None) is None
     assert all(torch.equal(a, b) for a, b in zip(before, matrices(net)))  # warm-up: frozen
-    phis = [float(strategies.after_weight_step(net, "transitional", 0.05, searching=True)) for _ in range(60)]
+    phis = [float(strategies.after_weight_step(net, "transitional", 0.05, step)) for step in range(1, 61)]
     assert phis[0] == pytest.approx(start, rel=1e-3)  # the perturbed start
     # the first step leaves the exact ordinal start (a stationary point): then Φ falls steadily
     assert strategies.sharing_level(net) < 0.6 * start
@@ -135,10 +136,21 @@ def test_transitional_is_frozen_in_warmup_then_phi_falls():
         torch.testing.assert_close(m.norm(dim=0), torch.ones(m.shape[1], dtype=m.dtype))
 
 
+def test_transition_every_k_steps_takes_k_tau_once():
+    net, twin = tiny("transitional"), tiny("transitional")
+    torch.manual_seed(3)
+    stepped = [strategies.after_weight_step(net, "transitional", 0.01, step, every=3) for step in range(1, 7)]
+    assert [phi is not None for phi in stepped] == [False, False, True, False, False, True]
+    torch.manual_seed(3)
+    for _ in range(2):
+        strategies.transition(twin, 0.03)
+    assert all(torch.equal(a, b) for a, b in zip(matrices(net), matrices(twin)))
+
+
 def test_learned_trains_the_transforms_by_the_task_loss_after_warmup():
     net = tiny("learned")
     before = matrices(net)
-    assert strategies.after_weight_step(net, "learned", 1e-2, searching=True) is None  # no transition
+    assert strategies.after_weight_step(net, "learned", 1e-2, 1) is None  # no transition
     assert not any(m.requires_grad for m in strategies.transform_parameters(net))  # frozen in warm-up
     strategies.begin_search(net, "learned")
     params = strategies.transform_parameters(net)

@@ -273,7 +273,9 @@ def test_the_default_kind_is_reinforce_and_needs_no_batch():
     net = supernet(config)
     searcher = build_searcher(net.decisions(), config, net.flops, net=net, search_steps=3)
     assert type(searcher) is ReinforceSearcher and set(SEARCHERS) == {"reinforce", "tas", "ista"}
-    assert "reward" in searcher.step(lambda archs: [0.5] * len(archs))
+    assert searcher.step(lambda archs: [0.5] * len(archs)) == {}  # finished at the next step
+    assert searcher.step(lambda archs: [0.5] * len(archs))["reward"] == 0.5
+    assert searcher.flush()["reward"] == 0.5 and searcher.flush() == {}
     for kind in KINDS:
         other = build_searcher(net.decisions(), tiny(f"controller.kind={kind}"), net.flops, net=net, search_steps=3)
         with pytest.raises(ValueError, match=f"the {kind} searcher .* needs the validation batch"):

@@ -18,10 +18,10 @@ from torch import nn
 from apsfast import _checks
 from apsfast.models.cost import LayerShape
 from apsfast.models.static import export_part, part_shapes, reinitialise
-from apsfast.nn import APSConv2d
+from apsfast.nn import APSConv2d, APSLayer, prebuild_kernels
 
 Arch = list[int]
-COST_CACHE_SIZE = 4096  # archs whose (MACs, params) a supernet remembers
+COST_CACHE_SIZE = 4096  # archs whose (MACs, params) a supernet remembers, and their kernel plans
 
 
 class Decision(NamedTuple):
@@ -81,7 +81,11 @@ class Supernet(nn.Sequential):
     """A searchable network: its parts run in order, like ``nn.Sequential``.
 
     Build one with :func:`apsfast.models.build`. The forward pass runs the architecture last
-    given to :meth:`set_arch` (initially :meth:`max_arch`).
+    given to :meth:`set_arch` (initially :meth:`max_arch`). It first builds every candidate
+    kernel the architecture needs in one grouped call (:func:`apsfast.nn.prebuild_kernels`:
+    one op and one autograd node for the network instead of one per layer, the per-layer
+    host cost that dominates a small step); ``grouped_kernels = False`` lets each layer build
+    its own, as a layer used alone does. Both compute the same kernels.
 
     Attributes:
         name: the registered model name.
@@ -105,6 +109,26 @@ class Supernet(nn.Sequential):
         self._driven = [[self.get_submodule(p) for p in paths] for paths in self._layer_paths]
         self._check_wiring()
         self._costs: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
+        self._plans: dict[tuple[int, ...], list[tuple[APSLayer, int]]] = {}
+        self.grouped_kernels = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grouped_kernels:
+            prebuild_kernels(self.kernel_plan())
+        return super().forward(x)
+
+    def kernel_plan(self, arch: Optional[Sequence[int]] = None) -> list[tuple[APSLayer, int]]:
+        """``(APS layer, input width)`` of every APS layer that ``arch`` (default: the
+        current one) runs, in forward order; remembered per arch (from :meth:`layer_shapes`)."""
+        key = tuple(self.arch if arch is None else self.check_arch(arch))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= COST_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))  # the oldest
+            layers = {path: m for path, m in self.named_modules() if isinstance(m, APSLayer)}
+            plan = [(layers[s.name], s.in_channels) for s in self.layer_shapes(key) if s.name in layers]
+            self._plans[key] = plan
+        return plan
 
     def _check_wiring(self) -> None:
         """Every searchable conv is set by exactly one decision, over that decision's widths."""

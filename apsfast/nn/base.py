@@ -44,7 +44,10 @@ class CandidateTransforms(nn.Module):
         blocks = init_transforms(meta_width, self.widths, mode, noise=noise, dtype=dtype, device=device)
         self.matrix = nn.Parameter(torch.cat(blocks, dim=1), requires_grad=False)
         self._offsets = [sum(self.widths[:a]) for a in range(len(self.widths))]
-        self._selections: tuple[object, list[Optional[int]]] = (None, [])
+        # The exact selections it starts as, known without reading them back from the device.
+        starts = self._offsets if mode == "independent" else [0] * len(self.widths)
+        self._selections: tuple[object, list[Optional[int]]] = \
+            ((self.matrix.data_ptr(), self.matrix._version), list(starts) if not noise else [None] * len(starts))
 
     def __getitem__(self, index: int) -> Tensor:
         """The transform of candidate ``index``: a view of ``matrix``, ``[meta_width, c_index]``."""

@@ -2,11 +2,13 @@
 grouped construction of all candidate kernels of a sampled architecture."""
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from apsfast import _checks, ops
 from apsfast.functional import construct_grouped
 from apsfast.nn.base import APSLayer
 from apsfast.sharing import transition_step_all
@@ -25,22 +27,66 @@ def network_sharing_level(module: nn.Module) -> Tensor:
     return torch.stack([layer.sharing_level() for layer in layers]).sum()
 
 
+class _TransitionPlan:
+    """A network's transform sides packed once for the batched transition: each side's
+    ``matrix`` parameter (its candidates side by side, the layout the op steps in place), its
+    candidate widths and its partner. Checked when built (by :func:`apsfast.transition_step_all`
+    on the first step); later steps call the op directly, with no per-layer work on the host."""
+
+    def __init__(self, layers: list[APSLayer]) -> None:
+        self.layers = layers
+        self.sides, self.widths, self.counts, self.partner = [], [], [], []
+        for layer in layers:
+            present = [s for s in (layer.out_transforms, layer.in_transforms) if s is not None]
+            for k, side in enumerate(present):
+                self.partner.append(len(self.sides) + (1 - 2 * k) if len(present) == 2 else -1)
+                self.sides.append(side)
+                self.widths.extend(side.widths)
+                self.counts.append(len(side.widths))
+        self.stepped: Optional[list[tuple[int, int]]] = None  # the matrices after our last step
+
+    def current(self) -> list[tuple[int, int]]:
+        return [(side.matrix.data_ptr(), side.matrix._version) for side in self.sides]
+
+    def matches(self, layers: list[APSLayer]) -> bool:
+        return len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers))
+
+
+_plans: "weakref.WeakKeyDictionary[nn.Module, _TransitionPlan]" = weakref.WeakKeyDictionary()
+
+
 def network_transition_step(module: nn.Module, tau: float, *, relative: bool = True) -> Tensor:
     """One transition step (eq. 5) of every APS layer of ``module`` in one batched call.
 
     APS-T layers still at their exact ordinal start are perturbed first (see
     :meth:`APSLayer.begin_transition`); ``relative`` (the default, the search's rate) as in
     :func:`apsfast.transition_step_all`.
-    Returns the network's Φ before the step.
+    Returns the network's Φ before the step, a 0-d tensor on the transforms' device (nothing
+    is read back to the host).
+
+    The layers' sides are packed once per module and reused; they are looked at again only
+    when something else has written a transform since the last step (a checkpoint loaded, a
+    layer reset), which may have put it back at its exact start.
     """
-    layers = [layer for layer in aps_layers(module) if layer.P is not None or layer.Q is not None]
+    layers = [layer for layer in aps_layers(module)
+              if layer.out_transforms is not None or layer.in_transforms is not None]
     if not layers:
         raise ValueError(f"{type(module).__name__} has no APS layer with candidate transforms")
-    for layer in layers:
-        layer.begin_transition()
-    phi = transition_step_all([(layer.P, layer.Q) for layer in layers], tau, relative=relative)
-    for layer in layers:
-        layer.mark_transformed()
+    plan = _plans.get(module)
+    if plan is None or not plan.matches(layers):
+        plan = _plans[module] = _TransitionPlan(layers)
+    if plan.stepped != plan.current():
+        for layer in layers:
+            layer.begin_transition()
+        phi = transition_step_all([(layer.P, layer.Q) for layer in layers], tau, relative=relative)
+    else:
+        tau = _checks.finite_float("tau", tau, positive=True)
+        with torch.no_grad():
+            phi = ops.transition_step_all([side.matrix for side in plan.sides], plan.widths, plan.counts,
+                                          plan.partner, tau, _checks.flag("relative", relative))
+    for side in plan.sides:
+        side.mark_transformed()
+    plan.stepped = plan.current()
     return phi
 
 

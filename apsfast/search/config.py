@@ -90,11 +90,15 @@ class SharingConfig:
     """The APS strategy. ``tau`` is APS-T's transition rate (eq. 5 at the width-free rate, one
     step per weight step after warm-up): ``null`` (the default) steers it so that Φ's fall
     spans the whole search phase, whatever its length; a number fixes it.
-    ``transforms_lr`` is the SGD rate of P, Q under ``learned`` (default: ``train.lr``)."""
+    ``transforms_lr`` is the SGD rate of P, Q under ``learned`` (default: ``train.lr``).
+    ``transition_every`` = k > 1 takes one step of k·τ every k weight steps instead of one of τ
+    after each: a k-th of the transition's cost, for a coarser path of P, Q (README, the
+    transition's cost)."""
 
     strategy: str = "transitional"
     tau: Optional[float] = None
     transforms_lr: Optional[float] = None
+    transition_every: int = 1
 
 
 @dataclass

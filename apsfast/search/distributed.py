@@ -56,6 +56,15 @@ class Processes:
         dist.all_reduce(total)
         return total.tolist()
 
+    def sum_tensor(self, values: Tensor) -> Tensor:
+        """``values`` summed over the processes, as a tensor on its device (nothing read back
+        where the collective runs on that device)."""
+        if not self.distributed:
+            return values
+        total = values.to(self._collective_device, torch.float64)
+        dist.all_reduce(total)
+        return total.to(values.device)
+
     def same(self, values: list[int]) -> list[int]:
         """Process 0's ``values`` on every process (a guard: all must run the same arch)."""
         if not self.distributed:

@@ -105,7 +105,8 @@ class Search:
         self.searcher: Searcher = build_searcher(self.decisions, config, self.net.flops, net=self.net,
                                                  search_steps=self.search_steps, budget=self.budget)
         self.arch_generator = torch.Generator().manual_seed(run.seed + 1)
-        self.rate = strategies.TransitionRate(config.sharing.tau, self.search_steps)
+        self.rate = strategies.TransitionRate(config.sharing.tau, self.search_steps,
+                                              every=config.sharing.transition_every)
         # Position: the next epoch and batch to run, weight steps done, and the validation stream's.
         self.epoch = self.batch = self.step = self.val_epoch = self.val_batch = 0
         self.done = False
@@ -203,33 +204,42 @@ class Search:
     def train_step(self, x: Tensor, y: Tensor, phase: str) -> tuple[steps.StepStats, Optional[Tensor]]:
         """One weight step on a global batch for a sampled arch, then APS-T's transition
         (returns the step's statistics and Φ before the transition, or ``None``)."""
-        self.net.train()
+        if not self.net.training:  # every step of the loop leaves it training: no module walk
+            self.net.train()
         self.net.set_arch(self.processes.same(self.train_arch(phase)))
         steps.set_lr(self.optimizer, steps.cosine(self.step, self.total_steps))
         shaped = contextlib.nullcontext() if self.widest_step() else self.searcher.train_forward()
         with shaped:  # a searcher may shape the forward of its arch (TAS mixes two widths)
             stats = steps.weight_step(self.session.parallel(self.net), self.optimizer, self.session.precision,
                                       *self.session.local(x, y), grad_clip=self.config.train.grad_clip)
-        phi = strategies.after_weight_step(self.net, self.strategy, self.rate.tau, phase == "search")
-        self.rate.observe(self.step + 1 - self.config.train.warmup_epochs * self.steps_per_epoch, phi)
+        searched = self.step + 1 - self.config.train.warmup_epochs * self.steps_per_epoch
+        every = self.config.sharing.transition_every
+        phi = strategies.after_weight_step(self.net, self.strategy, self.rate.tau,
+                                           searched if phase == "search" else None, every)
+        self.rate.observe(searched, phi, every)
         self.sums["loss"] = self.sums["loss"] + stats.loss_sum
         self.sums["correct"] = self.sums["correct"] + stats.correct
         self.sums["seen"] += stats.count * self.processes.world
         return stats, phi
 
     def search_step(self) -> dict[str, float]:
-        """One step of the searcher on the next validation batch."""
+        """One step of the searcher on the next validation batch (the archs' accuracies stay on
+        the device; see :mod:`apsfast.search.readback`)."""
         x, y = self.session.local(*next(self._val_stream))
         size = len(y) * self.processes.world
 
-        def score(archs: list[list[int]]) -> list[float]:
+        def score(archs: list[list[int]]) -> Tensor:
             counts = steps.count_correct(self.net, archs, x, y, self.session.precision)
-            return [c / size for c in self.processes.sum(counts.tolist())]
+            return self.processes.sum_tensor(counts) / size
 
-        out = self.searcher.step(score, batch=(x, y))
-        self.sums["reward"] += out["reward"]
-        self.sums["entropy"] += out["entropy"]
-        self.sums["controller_steps"] += 1
+        return self._controller_done(self.searcher.step(score, batch=(x, y)))
+
+    def _controller_done(self, out: dict[str, float]) -> dict[str, float]:
+        """Add a finished searcher step to the epoch's sums (a pending one adds nothing yet)."""
+        if "reward" in out:
+            self.sums["reward"] += out["reward"]
+            self.sums["entropy"] += out["entropy"]
+            self.sums["controller_steps"] += 1
         return out
 
     # --- the run ------------------------------------------------------------------------
@@ -346,6 +356,7 @@ class Search:
 
     def finish(self) -> dict[str, Any]:
         """The beam, the choice, ``result.json``, the exported model and the plots."""
+        self._controller_done(self.searcher.flush())  # the last search step's update
         data = {"data": self.config.data.name, "num_classes": self.num_classes, "input_size": self.image_size}
         result = results.build_result(self.net, self.searcher, self.config, data=data,
                                       phi=strategies.sharing_level(self.net), budget=self.budget)

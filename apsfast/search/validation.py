@@ -41,6 +41,10 @@ def _check_model(config: Config) -> None:
         raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
     _positive("sharing.tau", sharing.tau, allow_none=True)
     _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
+    every = sharing.transition_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"sharing.transition_every must be an integer ≥ 1 (1: a transition step after every "
+                          f"weight step), got {every!r}")
     if ":" in model.name:
         _check_user_model(model)
         return

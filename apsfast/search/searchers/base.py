@@ -9,7 +9,9 @@ The schedule calls, in this order:
   widths per decision there);
 * :meth:`Searcher.step` every ``controller.every`` weight steps, with a function that scores
   archs on a validation batch and that batch itself (for searchers that differentiate a
-  validation loss);
+  validation loss); a searcher may finish a step at the next one (so as not to wait for the
+  device), and :meth:`Searcher.flush` finishes it now;
+* :meth:`Searcher.flush` at the end of the search, before the result is read;
 * :meth:`Searcher.beam`, :meth:`Searcher.probabilities`, :meth:`Searcher.policy_entropy` at
   the end of each epoch and for the result;
 * ``state_dict`` / ``load_state_dict`` at every checkpoint and resume: everything an exact
@@ -18,12 +20,12 @@ The schedule calls, in this order:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 from torch import Tensor
 
 Arch = list[int]
-Score = Callable[[list[Arch]], list[float]]
+Score = Callable[[list[Arch]], Union[Tensor, Sequence[float]]]
 Batch = tuple[Tensor, Tensor]
 
 
@@ -40,10 +42,15 @@ class Searcher:
         return contextlib.nullcontext()
 
     def step(self, score: Score, batch: Optional[Batch] = None) -> dict[str, float]:
-        """One search step: ``score(archs)`` returns the validation accuracy of each arch, and
-        ``batch`` is that validation batch ``(images, labels)`` on the run's device. The
-        returned dict holds at least ``reward`` and ``entropy`` (logged per epoch)."""
+        """One search step: ``score(archs)`` returns the validation accuracy of each arch (a
+        device tensor, not read back, or floats), and ``batch`` is that validation batch
+        ``(images, labels)`` on the run's device. The returned dict holds ``reward`` and
+        ``entropy`` (logged per epoch) of the step it finished, or is empty if it finished none."""
         raise NotImplementedError
+
+    def flush(self) -> dict[str, float]:
+        """Finish a step left pending by :meth:`step` (what it returned then); ``{}`` if none."""
+        return {}
 
     def beam(self, size: int) -> list[tuple[Arch, float]]:
         """The ``size`` most likely archs with their log-likelihoods, best first."""

@@ -12,6 +12,7 @@ from apsfast.models import Decision
 from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
 from apsfast.search.controller import Controller, Reinforce, flops_reward
+from apsfast.search.readback import Readback
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher
 
 
@@ -46,17 +47,39 @@ class ReinforceSearcher(Searcher):
         self.samples = ctl.samples
         self.flops = flops
         self.target, self.alpha, self.beta = cost.target, reward.alpha, reward.beta
+        # The last step's archs and their accuracies on their way to the host (see step).
+        self._pending: Optional[tuple[list[Arch], Readback]] = None
 
     def sample_train_arch(self) -> Arch:
         with torch.no_grad():
             return self.controller.sample(1, self.generator).archs[0].tolist()
 
     def step(self, score: Score, batch: Optional[Batch] = None) -> dict[str, float]:
-        rollout = self.controller.sample(self.samples, self.generator)
-        archs = rollout.archs.tolist()
+        """Score this step's archs, and train the policy on the previous step's.
+
+        The accuracies stay on the device and are copied back without waiting; the policy
+        step that needs them runs at the next search step (or :meth:`flush`), by which time
+        they are on the host, so a search step never waits for the device. REINFORCE is
+        unchanged by the delay: each update uses the archs of one step, their rewards and
+        their log-likelihoods under the policy that sampled them (no update comes between).
+        Only the weight steps in between sample their archs from the policy before it.
+        """
+        out = self.flush()
+        with torch.no_grad():
+            archs = self.controller.sample(self.samples, self.generator).archs.tolist()
+        accuracies = score(archs)
+        self._pending = (archs, Readback(accuracies if isinstance(accuracies, torch.Tensor)
+                                         else torch.as_tensor(accuracies, dtype=torch.float64)))
+        return out
+
+    def flush(self) -> dict[str, float]:
+        if self._pending is None:
+            return {}
+        archs, accuracies = self._pending
+        self._pending = None
         rewards = [flops_reward(acc, self.flops(arch), self.target, self.alpha, self.beta)
-                   for acc, arch in zip(score(archs), archs)]
-        return self.reinforce.step(rollout, rewards)
+                   for acc, arch in zip(accuracies.tolist(), archs)]
+        return self.reinforce.step(self.controller.evaluate(archs), rewards)
 
     def beam(self, size: int) -> list[tuple[Arch, float]]:
         return self.controller.beam_search(size)
@@ -73,8 +96,12 @@ class ReinforceSearcher(Searcher):
         return float(rollout.entropy.mean()), maximum
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.reinforce.state_dict(), "generator": self.generator.get_state()}
+        pending = None if self._pending is None else (self._pending[0], self._pending[1].tolist())
+        return {**self.reinforce.state_dict(), "generator": self.generator.get_state(), "pending": pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reinforce.load_state_dict(state)
         self.generator.set_state(state["generator"])
+        pending = state.get("pending")
+        self._pending = None if pending is None else \
+            (pending[0], Readback(torch.tensor(pending[1], dtype=torch.float64)))
