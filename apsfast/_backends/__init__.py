@@ -26,13 +26,16 @@ ENV_VAR = "APSFAST_BACKEND"
 
 # Default backends per (device type, op) when nothing is forced; reference serves the rest.
 # bench/results/cpu-kernels.md: the batched transition in C++ beats per-layer autograd
-# (2.8x on ResNet-20, 1.9x on MobileNet-v2); the C++ construction only ties the reference's
-# GEMMs (0.99x), so it is not the default. bench/results/h100-kernels.md: on a GPU the CUDA
+# (2.8x on ResNet-20, 1.9x on MobileNet-v2); the C++ construction of one layer only ties the
+# reference's GEMMs (0.99x), so it is not the default, but its grouped construction (layers
+# over threads, no Python per layer) makes a supernet's weight step 1.12-1.17x faster
+# (bench/results/cpu-host.md, APSFAST_BACKEND=cpu against the default). bench/results/h100-kernels.md: on a GPU the CUDA
 # construction beats the reference's GEMMs (median 1.27x per conv, 3x for a network's grouped
 # build) and its batched transition beats per-layer autograd (41x on ResNet-20, 2.2x on
 # MobileNet-v2); Triton is one APSFAST_BACKEND away.
 _PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "transition_step_all"): ("cpu",),
+    ("cpu", "construct_grouped"): ("cpu",),
     **{("cuda", op): ("cuda",) for op in ("construct", "construct_backward", "construct_grouped",
                                           "transition_step_all")},
 }
