@@ -109,7 +109,10 @@ def prebuild_kernels(items: Sequence[tuple[APSLayer, int]]) -> None:
         if operands is not None:
             groups.setdefault((layer.weight.dtype, layer.weight.device), []).append((layer, operands))
     for entries in groups.values():
-        kernels = construct_grouped([op[1] for _, op in entries], [op[2] for _, op in entries],
-                                    [op[3] for _, op in entries])
+        weights, Ps, Qs = ([op[k] for _, op in entries] for k in (1, 2, 3))
+        trained = any(M is not None and M.requires_grad for M in (*Ps, *Qs))
+        # The operands are the layers' own, consistent by construction: the unchecked op,
+        # unless a transform is trained (the checked entry sends those layers per layer).
+        kernels = (construct_grouped if trained else ops.construct_grouped)(weights, Ps, Qs)
         for (layer, (key, *_)), kernel in zip(entries, kernels):
             layer._prebuilt = ((key, layer.weight._version), kernel)
