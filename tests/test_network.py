@@ -125,3 +125,29 @@ def test_a_search_step_in_transition_reads_nothing_back_to_the_host(monkeypatch)
     with torch.no_grad():  # any other change of the matrix is checked again, as before
         side.matrix.copy_(ordinal)
     assert side.selection_start(0) == 0 and side.is_selection()
+
+
+@pytest.mark.parametrize("name, widths", [("resnet20_cifar", [2, 3, 5]), ("mobilenetv2_imagenet", [2, 3])])
+def test_a_supernet_builds_its_kernels_grouped_with_the_same_values_and_grads(backend, name, widths):
+    # The whole network, in its transitional state, in float64: the grouped build of every
+    # kernel of the arch (the forward's default) against each layer building its own.
+    torch.manual_seed(0)
+    net = apsfast.models.build(name, widths=widths, input_size=16, num_classes=4).double()
+    apsfast.nn.network_transition_step(net, 1e-2)
+    twin = copy.deepcopy(net)
+    twin.grouped_kernels = False
+    x, y = torch.randn(3, 3, 16, 16, dtype=F64), torch.tensor([0, 3, 1])
+    for seed in range(2):
+        arch = net.sample_uniform(torch.Generator().manual_seed(seed))
+        losses = []
+        for supernet in (net, twin):
+            supernet.zero_grad(set_to_none=True)
+            supernet.set_arch(arch)
+            torch.manual_seed(seed)  # the same dropout mask
+            losses.append(nn.functional.cross_entropy(supernet(x), y))
+            losses[-1].backward()
+        assert_close(losses[0], losses[1])
+        for (path, a), b in zip(net.named_parameters(), twin.parameters()):
+            assert (a.grad is None) == (b.grad is None), path
+            if a.grad is not None:
+                assert_close(a.grad, b.grad)

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -102,6 +103,24 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
   return grads;
 }
 
+namespace {
+
+// Below this many multiply-adds in all, the layers are built on one thread: a fork-join
+// over tiny layers costs more than it saves (about 30 us of ATen calls a layer), and far more
+// when the cores are busy with other work (waiting threads spin).
+constexpr int64_t kParallelMacs = 20'000'000;
+
+// Multiply-adds of building one layer's kernel (the order rule's cheaper order).
+int64_t build_macs(const Tensor& weight, const std::optional<Tensor>& P, const std::optional<Tensor>& Q) {
+  const int64_t C_out = weight.size(0), C_in = weight.size(1);
+  int64_t S = 1;
+  for (int64_t d = 2; d < weight.dim(); ++d) S *= weight.size(d);
+  const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
+  return S * std::min(c_o * C_out * C_in + c_o * C_in * c_i, C_out * C_in * c_i + c_o * C_out * c_i);
+}
+
+}  // namespace
+
 // The kernels of many layers: layers are spread over threads (each GEMM then runs on one
 // thread), which beats one multi-threaded GEMM after another for the small per-layer sizes
 // of a search space, and costs one op call for the whole network.
@@ -110,8 +129,10 @@ std::vector<Tensor> construct_grouped(at::TensorList weights,
                                       const c10::List<std::optional<Tensor>>& Qs) {
   apsfast::check_construct_grouped(weights, Ps, Qs);
   const int64_t layers = static_cast<int64_t>(weights.size());
+  int64_t macs = 0;
+  for (int64_t l = 0; l < layers; ++l) macs += build_macs(weights[l], Ps.get(l), Qs.get(l));
   std::vector<Tensor> out(layers);
-  at::parallel_for(0, layers, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, layers, macs < kParallelMacs ? layers : 1, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l) {
       out[l] = build(weights[l], Ps.get(l), Qs.get(l));
     }
