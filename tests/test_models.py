@@ -10,7 +10,7 @@ from torch import nn
 import apsfast
 from apsfast import models
 from apsfast.models import BasicBlock, InvertedResidual
-from apsfast.nn import APSBatchNorm2d, APSConv2d, network_transition_step
+from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLayer, network_sharing_level, network_transition_step
 from conftest import assert_close
 
 F64 = torch.float64
@@ -436,3 +436,126 @@ def test_supernet_holds_shared_parameters_only():
 
 def test_repr_names_the_space():
     assert "name='resnet20_cifar', decisions=19, input_size=32" in repr(models.build("resnet20_cifar", device="meta"))
+
+
+# ---------------------------------------------------------------------------------------------
+# meta width
+# ---------------------------------------------------------------------------------------------
+
+def _sides(net: nn.Module):
+    """``(path, side name, candidate widths, meta width, transforms)`` of every searched side."""
+    for path, layer in net.named_modules():
+        if isinstance(layer, APSLayer):
+            for side, widths, meta in (("out", layer.out_widths, layer.meta_out_width),
+                                       ("in", layer.in_widths, layer.meta_in_width)):
+                transforms = layer.out_transforms if side == "out" else layer.in_transforms
+                if transforms is not None:
+                    yield path, side, widths, meta, transforms
+
+
+def _expected_meta(widths, meta_width, sharing):
+    if sharing == "ordinal" or meta_width == "widest":
+        return max(widths)
+    if meta_width == "sum":
+        return sum(widths)
+    return min(sum(widths), round(meta_width * max(widths)))
+
+
+@pytest.mark.parametrize("name,options", [("resnet20_cifar", {}), ("resnet18_imagenet", {"residual": "block"}),
+                                          ("mobilenetv2_imagenet", {})], ids=["r20", "r18", "mbv2"])
+@pytest.mark.parametrize("meta_width", ["sum", "widest", 1.6, 2])
+@pytest.mark.parametrize("sharing", ["transitional", "ordinal"])
+def test_meta_width_sets_every_searched_side(name, options, meta_width, sharing):
+    net = models.build(name, sharing=sharing, meta_width=meta_width, device="meta", **options)
+    assert net.options["meta_width"] == meta_width
+    sides = list(_sides(net))
+    assert sides
+    for path, side, widths, meta, transforms in sides:
+        assert meta == _expected_meta(widths, meta_width, sharing), (path, side)
+        assert transforms.matrix.shape == (meta, sum(widths)), (path, side)
+        assert net.get_submodule(path).weight.shape[0 if side == "out" else 1] == meta, (path, side)
+    # The recorded options build the same supernet again.
+    again = models.build(net.name, device="meta", **net.options)
+    assert [p.shape for p in again.parameters()] == [p.shape for p in net.parameters()]
+
+
+def test_meta_width_examples():
+    net = models.build("resnet18_imagenet", meta_width=1.6, device="meta")
+    conv = net.get_submodule("layer4.0.conv1")  # reads 128…320 (widest × 1.6: 512), writes 256…640
+    assert conv.weight.shape == (1024, 512, 3, 3) and conv.P[0].shape == (1024, 256) and conv.Q[3].shape == (512, 320)
+    net = models.build("mobilenetv2_imagenet", meta_width="widest", device="meta")
+    depthwise = net.get_submodule("stage7.0.layers.3")  # one side: the hidden widths
+    assert depthwise.weight.shape == (1200, 1, 3, 3) and depthwise.Q is None
+    assert net.get_submodule("head.0").weight.shape == (1280, 400, 1, 1)  # input: stage 7, widest 400
+    net = models.build("resnet20_cifar", meta_width=100, device="meta")  # capped at the sum
+    assert net.get_submodule("layer1.0.conv1").weight.shape == (208, 208, 3, 3)
+
+
+def test_meta_width_errors():
+    for bad in ("wide", 0.5, 0, True, float("nan"), None):
+        with pytest.raises(ValueError, match=r"meta_width must be 'sum', 'widest' or a number k ≥ 1"):
+            models.build("resnet20_cifar", meta_width=bad, device="meta")
+    with pytest.raises(ValueError, match=r"meta_width must be"):
+        models.build("mobilenetv2_imagenet", sharing="ordinal", meta_width="narrow", device="meta")  # checked anyway
+    for narrow in ("widest", 1.5):
+        with pytest.raises(ValueError, match=rf"^meta_width={narrow!r} is too narrow for sharing='independent': APS-I "
+                                             r"gives each candidate its own channels, so a side needs the sum of its "
+                                             r"widths \(208 for \[16, 32, 64, 96\], not \d+\); use meta_width='sum'$"):
+            models.build("resnet20_cifar", sharing="independent", meta_width=narrow, device="meta")
+    # Wide enough for every side: the sum.
+    net = models.build("resnet20_cifar", sharing="independent", meta_width=208 / 96, device="meta")
+    assert all(meta == sum(widths) for _, _, widths, meta, _ in _sides(net))
+
+
+def _phi_floor(net: nn.Module) -> float:
+    """Σ over layers of Π over sides of S's floor ½(n²/C + n) (C: meta width, n = Σ c_a): ‖MᵀM‖² ≥
+    (tr MMᵀ)²/C = n²/C for unit columns and ‖M_aᵀM_a‖² ≥ c_a; with C = n it is Theorem 3.1's Σ c_a."""
+    total = 0.0
+    for layer in (m for m in net.modules() if isinstance(m, APSLayer)):
+        factor = 1.0
+        for widths, meta, side in ((layer.out_widths, layer.meta_out_width, layer.out_transforms),
+                                   (layer.in_widths, layer.meta_in_width, layer.in_transforms)):
+            if side is not None:
+                n = sum(widths)
+                factor *= max(n, 0.5 * (n * n / meta + n))
+        total += factor
+    return total
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_narrow_meta_width_raises_the_floor_of_phi_and_still_exports():
+    floors, starts = {}, {}
+    for meta_width in ("sum", 1.5, "widest"):
+        torch.manual_seed(5)
+        net = models.build("resnet20_cifar", widths=(4, 8, 12), meta_width=meta_width, dtype=F64)
+        floors[meta_width], starts[meta_width] = _phi_floor(net), float(network_sharing_level(net))
+        phis = [float(network_transition_step(net, 1e-2)) for _ in range(200)]
+        assert min(phis) >= floors[meta_width] * (1 - 1e-9)  # the floor is a theorem
+        assert phis[-1] < 1.1 * floors[meta_width]  # and the transition nearly reaches it
+        if meta_width != "sum":  # dense transforms on narrow meta-weights construct and export
+            x = torch.randn(2, 3, 32, 32, dtype=F64)
+            archs = random_archs(net, 2, seed=6)
+            _train_statistics(net, archs, x)
+            for arch in archs:
+                _exported_equals_supernet(net, arch, x)
+    # The ordinal start is the same; the floor rises as the meta width narrows.
+    assert starts["sum"] == starts[1.5] == starts["widest"]
+    assert floors["sum"] < floors[1.5] < floors["widest"] < starts["sum"]
+
+
+def test_convert_takes_the_meta_width():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for meta_width in ("sum", "widest", 1.25):
+        net = apsfast.convert(model, x, widths=(0.5, 1.0), round_to=4, meta_width=meta_width).eval()
+        assert net.options.get("meta_width", "sum") == meta_width  # the default goes unrecorded
+        for path, side, widths, meta, _ in _sides(net):
+            assert meta == _expected_meta(widths, meta_width, "transitional"), (path, side)
+        net.set_arch(net.standard_arch())
+        with torch.no_grad():
+            assert_close(net(x), model(x))  # the original weights sit in the widest candidate's block
+    with pytest.raises(ValueError, match=r"meta_width='widest' is too narrow for sharing='independent'"):
+        apsfast.convert(model, x, round_to=4, sharing="independent", meta_width="widest")

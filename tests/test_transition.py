@@ -13,8 +13,10 @@ from hypothesis import given, strategies as st
 
 import apsfast
 from apsfast import reference
+from apsfast.sharing import matmul_precision
 from cases import (CountLaunches, nan_filled_empty, ALL, CPU, CPU_FAST, CUDA, NO_INTERPRETER, TRITON_INTERPRETED, TRITON_ONLY, assert_matches,
-                   assert_unit_columns, exact, max_score, naive_phi, random_matrices, random_rotation, to, transform)
+                   assert_unit_columns, exact, max_err, max_score, naive_phi, random_matrices, random_rotation, to,
+                   transform)
 from conftest import assert_close
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
@@ -336,6 +338,13 @@ SIDES = {
               (7, (1, 4, 6), 3),         # wide
               (66, (66,), -1)],          # square: tall by the rows ≥ cols rule, one block
     "lone": [(8, (8, 16), -1), (33, (17,), -1)],  # only single-sided layers, one a single block
+    # The CPU kernel runs a layer this large on all threads and halves its Grams recursively
+    # (blocks across the split at column 160); the small layers beside it share the threads.
+    "large": [(300, (60, 100, 140), 1),     # tall, 300 × 300 Gram: two levels of halving
+              (260, (100, 160, 260), 0),    # wide: M Mᵀ and the last block's Gram halved
+              (12, (3, 5), 3),              # small layers, one a pair
+              (7, (1, 4, 6), 2),
+              (9, (2, 3, 4), -1)],
 }
 
 
@@ -370,6 +379,9 @@ BATCHED = [
     pytest.param("lone", F32, "contiguous", 3e-3, False, id="lone-f32"),
     pytest.param("mixed", BF16, "view", 1e-4, False, id="mixed-view-bf16"),
     pytest.param("mixed", F16, "contiguous", 1e-2, True, id="mixed-relative-f16"),
+    pytest.param("large", F64, "contiguous", 1e-6, False, id="large-f64"),
+    pytest.param("large", F32, "view", 1e-3, True, id="large-view-relative-f32"),
+    pytest.param("large", BF16, "column_major", 1e-3, True, id="large-column_major-relative-bf16"),
 ]
 # The interpreter (slow per program) takes one case per dtype family and layout kind.
 INTERPRETED_BATCHED = ("mixed-column_major-relative-f64", "lone-f32", "mixed-view-bf16")
@@ -413,6 +425,20 @@ def test_batched_step_matches_reference(target, sides, dtype, layout, tau, relat
         outside = torch.ones(db.shape, dtype=torch.bool)
         outside[1:-2, 2:-3] = False
         assert db.cpu()[outside].isnan().all()
+
+
+@pytest.mark.parametrize("target", NO_INTERPRETER, indirect=True)
+def test_partners_need_not_be_pairs(target):
+    # partner is any other side: a chain and a cycle are scored and stepped as the reference does.
+    sides = [(20, (4, 9)), (15, (5, 10)), (11, (2, 3)), (13, (6,)), (8, (1, 7))]
+    Ms = [transform(rows, sum(ws), 30 + s) for s, (rows, ws) in enumerate(sides)]
+    widths, counts, partner = [w for _, ws in sides for w in ws], [len(ws) for _, ws in sides], [1, 2, 0, 4, -1]
+    expected = [M.clone() for M in Ms]
+    mine = to(target.device, *Ms)
+    phi = torch.ops.apsfast.transition_step_all(mine, widths, counts, partner, 1e-4)
+    assert_close(phi, reference.transition_step_all(expected, widths, counts, partner, 1e-4))
+    for M, E in zip(mine, expected):
+        assert_close(M, E)
 
 
 @pytest.mark.parametrize("target", ALL, indirect=True)
@@ -516,6 +542,101 @@ def test_transition_step_errors_leave_inputs_untouched():
     with pytest.raises(ValueError):
         apsfast.transition_step(Ps, Qs, -1.0)
     assert all(torch.equal(a, b) for a, b in zip(Ps + Qs, before))
+
+
+# --- the matmul precision of the step ------------------------------------------------------------
+
+def matmul_settings():
+    """The global float32 matmul precision (None where the getter cannot read it) and the two
+    per-backend settings that torch.set_float32_matmul_precision writes."""
+    try:
+        overall = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through the per-backend API to a mix of levels
+        overall = None
+    return overall, torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+
+
+@pytest.fixture
+def keep_matmul_settings():
+    saved = matmul_settings()
+    yield
+    torch.set_float32_matmul_precision(saved[0] or "highest")
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved[1:]
+
+
+@pytest.mark.parametrize("found", ["default", "highest", "medium", "per-backend"])
+def test_precision_holds_for_the_call_only(found, keep_matmul_settings, monkeypatch):
+    if found == "per-backend":  # set through the newer API: the global getter raises
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = "ieee", "bf16"
+    elif found != "default":
+        torch.set_float32_matmul_precision(found)
+    before = matmul_settings()
+    seen, step = [], apsfast.ops.transition_step_all
+
+    def spy(*args):
+        seen.append(matmul_settings())
+        out = step(*args)
+        assert matmul_settings() == seen[-1]  # the kernel puts back what it changes
+        return out
+
+    monkeypatch.setattr(apsfast.ops, "transition_step_all", spy)
+    pairs = [(l.P, l.Q) for l in network(F32)]
+    for precision in ("medium", "high", "highest", None):
+        apsfast.transition_step_all(pairs, 1e-3, precision=precision)
+        assert matmul_settings() == before
+    # What torch.set_float32_matmul_precision sets: (CUDA, oneDNN) per level.
+    assert [s[1:] for s in seen] == [("tf32", "bf16"), ("tf32", "tf32"), ("ieee", "ieee"), before[1:]]
+    if found != "per-backend":
+        assert [s[0] for s in seen] == ["medium", "high", "highest", before[0]]
+
+
+def test_precision_errors_name_the_argument(keep_matmul_settings):
+    layers = network(F32)
+    before, settings = [M.clone() for l in layers for M in layer_matrices(l)], matmul_settings()
+    for bad in ("low", "HIGHEST", 1):
+        with pytest.raises(ValueError, match=rf"precision must be one of 'highest', 'high', 'medium', got {bad!r}"):
+            apsfast.transition_step_all([(l.P, l.Q) for l in layers], 1e-3, precision=bad)
+    assert all(torch.equal(a, b) for a, b in zip((M for l in layers for M in layer_matrices(l)), before))
+    assert matmul_settings() == settings
+
+
+def near_ordinal_inputs(sides: str, seed: int = 0):
+    """The sides of SIDES[sides] as APS-T starts them: ordinal transforms plus 1e-3 noise."""
+    g = torch.Generator().manual_seed(seed)
+    Ms = [torch.cat(apsfast.init_transforms(rows, ws, "ordinal", noise=1e-3, generator=g, dtype=F32), 1)
+          for rows, ws, _ in SIDES[sides]]
+    return (Ms, [w for _, ws, _ in SIDES[sides] for w in ws], [len(ws) for _, ws, _ in SIDES[sides]],
+            [p for _, _, p in SIDES[sides]])
+
+
+@pytest.mark.parametrize("target", [CPU], indirect=True)
+@pytest.mark.parametrize("start", ["random", "near_ordinal"])
+def test_medium_precision_keeps_the_grams_float32(target, start, keep_matmul_settings):
+    # "medium": the gradient GEMMs of large layers run in bf16 (oneDNN), every Gram in float32:
+    # Φ is the float32 one to the bit, while torch's own bf16 Gram is off by ~1e-3 near the
+    # ordinal start (columns ~e_i, whose largest entry rounds to 1). The steps err at most twice
+    # as much as the reference's torch matmuls at that setting, and the setting is put back.
+    if start == "random":
+        Ms, widths, counts, partner, _ = transition_inputs("large", F32, "contiguous", seed=5)
+    else:
+        Ms, widths, counts, partner = near_ordinal_inputs("large", seed=5)
+    exact_Ms, own_Ms, full_Ms = [M.double() for M in Ms], [M.clone() for M in Ms], [M.clone() for M in Ms]
+    args = (widths, counts, partner, 1e-3, True)
+    with matmul_precision("medium"):
+        settings = matmul_settings()
+        phi = torch.ops.apsfast.transition_step_all(Ms, *args)
+        assert matmul_settings() == settings
+        phi_own = reference.transition_step_all(own_Ms, *args)
+    phi_full = torch.ops.apsfast.transition_step_all(full_Ms, *args)
+    phi_exact = reference.transition_step_all(exact_Ms, *args).item()
+    assert phi.item() == phi_full.item()
+    for M, E, O in zip(Ms, exact_Ms, own_Ms):
+        assert max_err(M, E) <= 2 * max_err(O, E) + 1e-5
+        assert_unit_columns(M, 1e-5)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # else "medium" computes in float32
+        assert not all(torch.equal(M, F) for M, F in zip(Ms, full_Ms))  # the large layer's step
+        if start == "near_ordinal":
+            assert abs(phi_own.item() - phi_exact) > 1e-4 * phi_exact  # what a bf16 Gram does there
 
 
 def test_transition_step_all_errors():

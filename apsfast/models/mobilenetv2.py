@@ -10,14 +10,14 @@ the standard network's MACs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from apsfast import _checks
 from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
-from apsfast.models.registry import register
+from apsfast.models.registry import check_meta_width, meta_width_of, register
 from apsfast.models.static import HW, Part, Resolve, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d
 
@@ -59,7 +59,7 @@ def mobilenetv2_imagenet(widths: Sequence[int] = MOBILENETV2_WIDTHS, sharing: st
                          num_classes: int = 1000, input_size: int = 224, dropout: float = 0.2,
                          transition_noise: float = 1e-2,
                          layer_widths: Optional[Mapping[str, Sequence[int]]] = None,
-                         device=None, dtype=None) -> Supernet:
+                         meta_width: Union[str, float] = "sum", device=None, dtype=None) -> Supernet:
     """ImageNet MobileNet-v2 (width multiplier 1.0) with stage-wise searched widths.
 
     Args:
@@ -68,18 +68,27 @@ def mobilenetv2_imagenet(widths: Sequence[int] = MOBILENETV2_WIDTHS, sharing: st
             block's hidden width ×6 its input's).
         dropout: before the classifier, as in the reference network.
         transition_noise: the authors' ImageNet value.
+        meta_width: ``"sum"``, ``"widest"`` or ``k ≥ 1`` times the widest candidate, per side
+            (a depthwise conv's one side included); ignored by ordinal sharing.
         Others as :func:`apsfast.models.resnet.resnet20_cifar`.
     """
     base = _checks.widths("widths", widths)
     num_classes = _checks.positive_int("num_classes", num_classes)
     dropout = _checks.finite_float("dropout", dropout, positive=False)
+    meta_width = check_meta_width(meta_width)
     aps = dict(sharing=sharing, transition_noise=transition_noise, device=device, dtype=dtype)
     bn = dict(device=device, dtype=dtype)
     space = DecisionSpace(layer_widths)
 
+    def conv(in_widths, out_widths, *args, depthwise: bool = False) -> APSConv2d:
+        # A depthwise conv's input mode has one channel: its one side is the output's.
+        meta_in = None if depthwise else meta_width_of(in_widths, sharing, meta_width)
+        return APSConv2d(in_widths, out_widths, *args, groups="depthwise" if depthwise else 1,
+                         meta_in_width=meta_in, meta_out_width=meta_width_of(out_widths, sharing, meta_width), **aps)
+
     in_widths = space.add("stem", scaled(base, STEM_WIDTH, 16), STEM_WIDTH)
     space.drive("stem", "stem.0")
-    parts = OrderedDict(stem=nn.Sequential(APSConv2d(3, in_widths, 3, 2, 1, **aps),
+    parts = OrderedDict(stem=nn.Sequential(conv(3, in_widths, 3, 2, 1),
                                            APSBatchNorm2d(in_widths, **bn), nn.ReLU6(inplace=True)))
     in_standard = STEM_WIDTH
     for s, (t, c, n, first_stride) in enumerate(STAGES, start=1):
@@ -91,19 +100,19 @@ def mobilenetv2_imagenet(widths: Sequence[int] = MOBILENETV2_WIDTHS, sharing: st
             hidden = in_widths
             if t != 1:
                 hidden = space.add(f"{path}.expand", scaled(base, t * in_standard, 16), t * in_standard)
-                layers += [APSConv2d(in_widths, hidden, 1, **aps), APSBatchNorm2d(hidden, **bn),
+                layers += [conv(in_widths, hidden, 1), APSBatchNorm2d(hidden, **bn),
                            nn.ReLU6(inplace=True)]
                 space.drive(f"{path}.expand", f"{path}.layers.0")
             out_widths = space.add(stage, scaled(base, c, 16), c) if b == 0 else in_widths
             space.drive(stage, f"{path}.layers.{len(layers) + 3}")
-            layers += [APSConv2d(hidden, hidden, 3, first_stride if b == 0 else 1, 1, groups="depthwise", **aps),
+            layers += [conv(hidden, hidden, 3, first_stride if b == 0 else 1, 1, depthwise=True),
                        APSBatchNorm2d(hidden, **bn), nn.ReLU6(inplace=True),
-                       APSConv2d(hidden, out_widths, 1, **aps), APSBatchNorm2d(out_widths, **bn)]
+                       conv(hidden, out_widths, 1), APSBatchNorm2d(out_widths, **bn)]
             # As in the reference network: a residual on every block but a stage's first.
             blocks.append(InvertedResidual(nn.Sequential(*layers), residual=b > 0))
             in_widths, in_standard = out_widths, c
         parts[stage] = nn.Sequential(*blocks)
-    parts["head"] = nn.Sequential(APSConv2d(in_widths, HEAD_WIDTH, 1, **aps), APSBatchNorm2d(HEAD_WIDTH, **bn),
+    parts["head"] = nn.Sequential(conv(in_widths, HEAD_WIDTH, 1), APSBatchNorm2d(HEAD_WIDTH, **bn),
                                   nn.ReLU6(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     parts["classifier"] = nn.Sequential(nn.Dropout(dropout),
                                         nn.Linear(HEAD_WIDTH, num_classes, device=device, dtype=dtype))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from apsfast import _checks
 from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
-from apsfast.models.registry import register
+from apsfast.models.registry import check_meta_width, meta_width_of, register
 from apsfast.models.static import HW, Part, Resolve, chain_shapes, export_chain, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 
@@ -86,19 +86,24 @@ def _resnet(name: str, *, depths: Sequence[int], stage_widths: Sequence[tuple[in
             standard: Sequence[int], stem_widths: tuple[int, ...], stem_standard: int,
             imagenet_stem: bool, residual: str, sharing: str, num_classes: int, input_size: int,
             transition_noise: float, layer_widths: Optional[Mapping[str, Sequence[int]]],
-            device, dtype) -> Supernet:
+            meta_width: Union[str, float], device, dtype) -> Supernet:
     residual = _checks.choice("residual", residual, RESIDUAL)
     num_classes = _checks.positive_int("num_classes", num_classes)
+    meta_width = check_meta_width(meta_width)
     aps = dict(sharing=sharing, transition_noise=transition_noise, device=device, dtype=dtype)
     bn = dict(device=device, dtype=dtype)
     space = DecisionSpace(layer_widths)
 
+    def conv(in_widths, out_widths, *args) -> APSConv2d:
+        return APSConv2d(in_widths, out_widths, *args, meta_in_width=meta_width_of(in_widths, sharing, meta_width),
+                         meta_out_width=meta_width_of(out_widths, sharing, meta_width), **aps)
+
     widths = space.add("stem", stem_widths, stem_standard)
     if imagenet_stem:
-        stem = nn.Sequential(APSConv2d(3, widths, 7, 2, 3, **aps), APSBatchNorm2d(widths, **bn),
+        stem = nn.Sequential(conv(3, widths, 7, 2, 3), APSBatchNorm2d(widths, **bn),
                              nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
     else:
-        stem = nn.Sequential(APSConv2d(3, widths, 3, 1, 1, **aps), APSBatchNorm2d(widths, **bn),
+        stem = nn.Sequential(conv(3, widths, 3, 1, 1), APSBatchNorm2d(widths, **bn),
                              nn.ReLU(inplace=True))
     space.drive("stem", "stem.0")
     parts = OrderedDict(stem=stem)
@@ -115,17 +120,17 @@ def _resnet(name: str, *, depths: Sequence[int], stage_widths: Sequence[tuple[in
             # A projection only where the block can change width or resolution.
             downsample = None
             if stride != 1 or target != source:
-                downsample = nn.Sequential(APSConv2d(widths, out, 1, stride, **aps), APSBatchNorm2d(out, **bn))
+                downsample = nn.Sequential(conv(widths, out, 1, stride), APSBatchNorm2d(out, **bn))
                 space.drive(target, f"{path}.downsample.0")
-            blocks.append(BasicBlock(APSConv2d(widths, mid, 3, stride, 1, **aps), APSBatchNorm2d(mid, **bn),
-                                     APSConv2d(mid, out, 3, 1, 1, **aps), APSBatchNorm2d(out, **bn),
+            blocks.append(BasicBlock(conv(widths, mid, 3, stride, 1), APSBatchNorm2d(mid, **bn),
+                                     conv(mid, out, 3, 1, 1), APSBatchNorm2d(out, **bn),
                                      downsample, stride))
             space.drive(f"{path}.conv1", f"{path}.conv1")
             space.drive(target, f"{path}.conv2")
             source, widths = target, out
         parts[f"layer{s}"] = nn.Sequential(*blocks)
-    parts["head"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  APSLinear(widths, num_classes, **aps))
+    classifier = APSLinear(widths, num_classes, meta_in_width=meta_width_of(widths, sharing, meta_width), **aps)
+    parts["head"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), classifier)
     return Supernet(name, parts, space, input_size)
 
 
@@ -138,13 +143,14 @@ def _cifar_widths(widths: Union[str, Sequence[int]]) -> tuple[int, ...]:
 
 
 def _cifar_resnet(name: str, depth: int, widths, residual, sharing, num_classes, input_size,
-                  transition_noise, layer_widths, device, dtype) -> Supernet:
+                  transition_noise, layer_widths, meta_width, device, dtype) -> Supernet:
     candidates = _cifar_widths(widths)
     # Every layer shares the candidate set: no per-stage expertise (paper §5.1).
     return _resnet(name, depths=(depth,) * 3, stage_widths=(candidates,) * 3, standard=(16, 32, 64),
                    stem_widths=candidates, stem_standard=16, imagenet_stem=False, residual=residual,
                    sharing=sharing, num_classes=num_classes, input_size=input_size,
-                   transition_noise=transition_noise, layer_widths=layer_widths, device=device, dtype=dtype)
+                   transition_noise=transition_noise, layer_widths=layer_widths, meta_width=meta_width,
+                   device=device, dtype=dtype)
 
 
 @register("resnet20_cifar")
@@ -152,7 +158,7 @@ def resnet20_cifar(widths: Union[str, Sequence[int]] = "paper", residual: str = 
                    sharing: str = "transitional", num_classes: int = 10, input_size: int = 32,
                    transition_noise: float = 1e-3,
                    layer_widths: Optional[Mapping[str, Sequence[int]]] = None,
-                   device=None, dtype=None) -> Supernet:
+                   meta_width: Union[str, float] = "sum", device=None, dtype=None) -> Supernet:
     """CIFAR ResNet-20 (3 stages of 3 basic blocks, standard widths 16/32/64).
 
     Args:
@@ -164,9 +170,17 @@ def resnet20_cifar(widths: Union[str, Sequence[int]] = "paper", residual: str = 
         num_classes, input_size: classifier outputs; resolution FLOPs are counted at.
         transition_noise: APS-T's perturbation of the ordinal start (the authors' CIFAR value).
         layer_widths: ``{decision name: widths}`` replacing the candidates of those decisions.
+        meta_width: the meta width of every searched side of an APS layer (rows of its
+            meta-weight and transforms) under transitional and independent sharing: ``"sum"``
+            of the side's candidates (full independence reachable), ``"widest"`` candidate, or
+            a number ``k ≥ 1``: ``k`` times the widest, rounded, at most the sum. Narrower
+            meta-weights cost less memory and a cheaper transition, but the candidates can no
+            longer be made fully independent (Φ's reachable minimum rises). Independent
+            sharing needs ``"sum"`` (disjoint candidates); ordinal sharing ignores it (always
+            the widest, the only rows it reads).
     """
     return _cifar_resnet("resnet20_cifar", 3, widths, residual, sharing, num_classes, input_size,
-                         transition_noise, layer_widths, device, dtype)
+                         transition_noise, layer_widths, meta_width, device, dtype)
 
 
 @register("resnet56_cifar")
@@ -174,11 +188,11 @@ def resnet56_cifar(widths: Union[str, Sequence[int]] = "paper", residual: str = 
                    sharing: str = "transitional", num_classes: int = 10, input_size: int = 32,
                    transition_noise: float = 1e-3,
                    layer_widths: Optional[Mapping[str, Sequence[int]]] = None,
-                   device=None, dtype=None) -> Supernet:
+                   meta_width: Union[str, float] = "sum", device=None, dtype=None) -> Supernet:
     """CIFAR ResNet-56 (3 stages of 9 basic blocks); options as :func:`resnet20_cifar`
     (55 decisions with ``residual="block"``, 31 with ``"stage"``)."""
     return _cifar_resnet("resnet56_cifar", 9, widths, residual, sharing, num_classes, input_size,
-                         transition_noise, layer_widths, device, dtype)
+                         transition_noise, layer_widths, meta_width, device, dtype)
 
 
 @register("resnet18_imagenet")
@@ -186,7 +200,7 @@ def resnet18_imagenet(widths: Sequence[int] = RESNET18_WIDTHS, residual: str = "
                       sharing: str = "transitional", num_classes: int = 1000, input_size: int = 224,
                       transition_noise: float = 1e-2,
                       layer_widths: Optional[Mapping[str, Sequence[int]]] = None,
-                      device=None, dtype=None) -> Supernet:
+                      meta_width: Union[str, float] = "sum", device=None, dtype=None) -> Supernet:
     """ImageNet ResNet-18 (4 stages of 2 basic blocks, standard widths 64/128/256/512).
 
     Args:
@@ -203,4 +217,5 @@ def resnet18_imagenet(widths: Sequence[int] = RESNET18_WIDTHS, residual: str = "
                    stage_widths=[scaled(base, s, 64) for s in standard], standard=standard,
                    stem_widths=base, stem_standard=64, imagenet_stem=True, residual=residual,
                    sharing=sharing, num_classes=num_classes, input_size=input_size,
-                   transition_noise=transition_noise, layer_widths=layer_widths, device=device, dtype=dtype)
+                   transition_noise=transition_noise, layer_widths=layer_widths, meta_width=meta_width,
+                   device=device, dtype=dtype)

@@ -24,6 +24,7 @@ from apsfast.models.converter.channels import ChannelAnalyser
 from apsfast.models.converter.layers import GroupedAPSConv2d
 from apsfast.models.converter.supernet import ConvertedSupernet, build_supernet
 from apsfast.models.converter.trace import trace
+from apsfast.models.registry import check_meta_width
 from apsfast.nn import SHARING
 
 __all__ = ["ConvertedSupernet", "GroupedAPSConv2d", "convert"]
@@ -66,7 +67,8 @@ def _example(example_input: object) -> torch.Tensor:
 
 def convert(model: nn.Module, example_input: torch.Tensor, *,
             widths: Sequence[float] = (0.5, 0.75, 1.0), round_to: int = 8,
-            sharing: str = "transitional", exclude: Union[str, Sequence[str]] = ()) -> ConvertedSupernet:
+            sharing: str = "transitional", exclude: Union[str, Sequence[str]] = (),
+            meta_width: Union[str, float] = "sum") -> ConvertedSupernet:
     """A supernet searching the channel widths of ``model`` (which is left untouched).
 
     Args:
@@ -84,6 +86,10 @@ def convert(model: nn.Module, example_input: torch.Tensor, *,
             ``"transitional"``.
         exclude: qualified names of submodules kept fixed and opaque: not traced into, and the
             widths they read and write are not searched (the way past an op convert refuses).
+        meta_width: the meta width of every searched side: ``"sum"`` of its candidates,
+            ``"widest"``, or ``k ≥ 1`` times the widest (at most the sum), as the registered
+            spaces' option (:func:`apsfast.models.resnet.resnet20_cifar`); independent sharing
+            needs ``"sum"``, ordinal ignores it.
 
     Returns:
         A :class:`ConvertedSupernet` named ``"converted:<class name>"``: the interface of
@@ -100,12 +106,15 @@ def convert(model: nn.Module, example_input: torch.Tensor, *,
     ratios = _ratios(widths)
     round_to = _checks.positive_int("round_to", round_to)
     sharing = _checks.choice("sharing", sharing, SHARING)
+    meta_width = check_meta_width(meta_width)
     names = _exclude(model, exclude)
     # Trace a copy: the supernet takes its layers over, the user's model stays as it was.
     traced = trace(copy.deepcopy(model), example_input, names)
     analysis = ChannelAnalyser(traced.module, names).run()
     net = build_supernet(f"converted:{type(model).__name__}", traced, analysis, ratios, round_to, sharing,
-                         tuple(example_input.shape[2:]), example_input.shape[1])
+                         tuple(example_input.shape[2:]), example_input.shape[1], meta_width)
     net.options = {"widths": list(ratios), "round_to": round_to, "sharing": sharing, "exclude": list(names)}
+    if meta_width != "sum":  # recorded where it differs from the default, which rebuilds without it
+        net.options["meta_width"] = meta_width
     net.train(model.training)
     return net

@@ -1,10 +1,11 @@
 """APS layers made from a model's own layers, and the pieces a converted graph needs.
 
-The meta-weight of each APS layer has the library's default meta widths for the chosen
-sharing (``Σ`` candidates per searched side for APS-T and APS-I, the widest for APS-O) and
-is initialised as :class:`~apsfast.nn.APSConv2d` does (He-normal); the original weight is
-then copied into the block that the widest candidate's transforms select (rows and columns
-``0 … C-1`` for ordinal and transitional sharing, the last disjoint block for independent).
+The meta-weight of each APS layer has the meta widths that ``meta_width`` gives for the
+chosen sharing (by default ``Σ`` candidates per searched side for APS-T and APS-I; always the
+widest for APS-O; see :func:`apsfast.models.registry.meta_width_of`) and is initialised as
+:class:`~apsfast.nn.APSConv2d` does (He-normal); the original weight is then copied into the
+block that the widest candidate's transforms select (rows and columns ``0 … C-1`` for
+ordinal and transitional sharing, the last disjoint block for independent).
 The widest candidate is the original width, so the standard architecture computes exactly
 what the original model computes, while the extra rows leave APS-T room to move its
 transforms apart.
@@ -12,12 +13,13 @@ transforms apart.
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from apsfast.models.registry import meta_width_of
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 from apsfast.nn.base import CandidateTransforms
 
@@ -57,11 +59,13 @@ def _embed(layer: APSConv2d, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 
 def aps_conv(conv: nn.Conv2d, in_widths: Sequence[int], out_widths: Sequence[int], depthwise: bool,
-             sharing: str) -> APSConv2d:
+             sharing: str, meta_width: Union[str, float] = "sum") -> APSConv2d:
     """An :class:`APSConv2d` over the candidate widths whose widest kernel is ``conv``'s."""
     weight = conv.weight
     layer = APSConv2d(tuple(in_widths), tuple(out_widths), conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, "depthwise" if depthwise else 1, conv.bias is not None, sharing,
+                      meta_in_width=None if depthwise else meta_width_of(in_widths, sharing, meta_width),
+                      meta_out_width=meta_width_of(out_widths, sharing, meta_width),
                       device=weight.device, dtype=weight.dtype)
     _embed(layer, weight, conv.bias)
     return layer
@@ -77,7 +81,7 @@ class GroupedAPSConv2d(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, in_widths: Sequence[int], out_widths: Sequence[int],
-                 sharing: str) -> None:
+                 sharing: str, meta_width: Union[str, float] = "sum") -> None:
         super().__init__()
         g = conv.groups
         self.groups = g
@@ -85,11 +89,12 @@ class GroupedAPSConv2d(nn.Module):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         rows = conv.out_channels // g
         self.parts = nn.ModuleList()
+        ins, outs = tuple(w // g for w in in_widths), tuple(w // g for w in out_widths)
         for j in range(g):
-            part = APSConv2d(tuple(w // g for w in in_widths), tuple(w // g for w in out_widths),
-                             conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1,
-                             conv.bias is not None, sharing, device=conv.weight.device,
-                             dtype=conv.weight.dtype)
+            part = APSConv2d(ins, outs, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1,
+                             conv.bias is not None, sharing, meta_in_width=meta_width_of(ins, sharing, meta_width),
+                             meta_out_width=meta_width_of(outs, sharing, meta_width),
+                             device=conv.weight.device, dtype=conv.weight.dtype)
             _embed(part, conv.weight[j * rows:(j + 1) * rows],
                    None if conv.bias is None else conv.bias[j * rows:(j + 1) * rows])
             self.parts.append(part)
@@ -158,10 +163,12 @@ def aps_batch_norm(bn: nn.BatchNorm2d, widths: Sequence[int]) -> APSBatchNorm2d:
 
 
 @torch.no_grad()
-def aps_linear(linear: nn.Linear, in_widths: Sequence[int], sharing: str) -> APSLinear:
+def aps_linear(linear: nn.Linear, in_widths: Sequence[int], sharing: str,
+               meta_width: Union[str, float] = "sum") -> APSLinear:
     """An :class:`APSLinear` over the candidate input widths whose widest weight is ``linear``'s."""
     weight = linear.weight
     layer = APSLinear(tuple(in_widths), linear.out_features, linear.bias is not None, sharing,
+                      meta_in_width=meta_width_of(in_widths, sharing, meta_width),
                       device=weight.device, dtype=weight.dtype)
     cols = _start(layer.in_transforms)
     layer.weight[:, cols:cols + linear.in_features].copy_(weight)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from torch import fx, nn
 
@@ -26,7 +26,8 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _searched_layer(plan: LayerPlan, plain: nn.Module, analysis: Analysis,
-                    candidates: dict[int, tuple[int, ...]], sharing: str) -> Optional[nn.Module]:
+                    candidates: dict[int, tuple[int, ...]], sharing: str,
+                    meta_width: Union[str, float]) -> Optional[nn.Module]:
     """The APS layer replacing ``plain``, or ``None`` where every width it sees is fixed."""
     groups = analysis.groups
     ins = layout_widths(plan.inputs, groups, candidates)
@@ -36,14 +37,15 @@ def _searched_layer(plan: LayerPlan, plain: nn.Module, analysis: Analysis,
     if plan.kind == "bn":
         return aps_batch_norm(plain, ins)
     if plan.kind == "linear":
-        return aps_linear(plain, ins, sharing)
+        return aps_linear(plain, ins, sharing, meta_width)
     if plan.kind == "grouped":
-        return GroupedAPSConv2d(plain, ins, outs, sharing)
-    return aps_conv(plain, ins, outs, plan.kind == "depthwise", sharing)
+        return GroupedAPSConv2d(plain, ins, outs, sharing, meta_width)
+    return aps_conv(plain, ins, outs, plan.kind == "depthwise", sharing, meta_width)
 
 
 def build_supernet(name: str, traced: Traced, analysis: Analysis, ratios: Sequence[float], round_to: int,
-                   sharing: str, input_hw: tuple[int, int], in_channels: int) -> "ConvertedSupernet":
+                   sharing: str, input_hw: tuple[int, int], in_channels: int,
+                   meta_width: Union[str, float] = "sum") -> "ConvertedSupernet":
     """Replace the searched layers of ``traced.module`` (in place) and wrap it as a supernet."""
     module, groups = traced.module, analysis.groups
     candidates = {root: groups.candidates(root, ratios, round_to) for root in groups.roots()}
@@ -53,7 +55,7 @@ def build_supernet(name: str, traced: Traced, analysis: Analysis, ratios: Sequen
     for root in searched:
         space.add(groups.name(root), candidates[root], groups.width(root))
     for plan in analysis.layers:
-        layer = _searched_layer(plan, module.get_submodule(plan.path), analysis, candidates, sharing)
+        layer = _searched_layer(plan, module.get_submodule(plan.path), analysis, candidates, sharing, meta_width)
         if layer is None:
             continue
         _set_module(module, plan.path, layer)
