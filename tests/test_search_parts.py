@@ -73,6 +73,7 @@ def test_overrides_are_typed_and_win_over_the_preset(tmp_path):
     ("controller.baseline=mean", "controller.baseline must be one of moving_average, leave_one_out, got 'mean'"),
     ("controller.baseline=leave_one_out", "controller.samples must be ≥ 2, got 1"),
     ("train.widest_every=-2", "train.widest_every must be an integer ≥ 0 (0: never), got -2"),
+    ("sharing.transition_precision=low", "sharing.transition_precision must be null or one of highest, high, medium, got 'low'"),
     ("sharing.transition_every=0", "sharing.transition_every must be an integer ≥ 1 (1: a transition step after every weight step), got 0"),
     ("reward.flops_target=lots", "reward.flops_target must be a finite number, got 'lots'"),
     ("run.device=tpu", "run.device must be one of auto, cpu, cuda"),
@@ -144,6 +145,17 @@ def test_transition_every_k_steps_takes_k_tau_once():
     torch.manual_seed(3)
     for _ in range(2):
         strategies.transition(twin, 0.03)
+    assert all(torch.equal(a, b) for a, b in zip(matrices(net), matrices(twin)))
+
+
+def test_the_transition_precision_holds_for_the_step_only():
+    net, twin = tiny("transitional"), tiny("transitional")
+    before = torch.get_float32_matmul_precision()
+    torch.manual_seed(3)
+    strategies.after_weight_step(net, "transitional", 0.01, 1, precision="highest")
+    assert torch.get_float32_matmul_precision() == before
+    torch.manual_seed(3)
+    strategies.transition(twin, 0.01)
     assert all(torch.equal(a, b) for a, b in zip(matrices(net), matrices(twin)))
 
 

@@ -92,13 +92,16 @@ class SharingConfig:
     spans the whole search phase, whatever its length; a number fixes it.
     ``transforms_lr`` is the SGD rate of P, Q under ``learned`` (default: ``train.lr``).
     ``transition_every`` = k > 1 takes one step of k·τ every k weight steps instead of one of τ
-    after each: a k-th of the transition's cost, for a coarser path of P, Q (README, the
-    transition's cost)."""
+    after each: a k-th of the transition's cost, for a coarser path of P, Q.
+    ``transition_precision``: torch's float32 matmul precision for the transition's products
+    (``highest``, ``high``: TF32 on GPUs, ``medium``: bf16 gradient products); ``null`` leaves
+    the process's setting (README, the transition's cost)."""
 
     strategy: str = "transitional"
     tau: Optional[float] = None
     transforms_lr: Optional[float] = None
     transition_every: int = 1
+    transition_precision: Optional[str] = None
 
 
 @dataclass

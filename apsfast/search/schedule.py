@@ -215,7 +215,8 @@ class Search:
         searched = self.step + 1 - self.config.train.warmup_epochs * self.steps_per_epoch
         every = self.config.sharing.transition_every
         phi = strategies.after_weight_step(self.net, self.strategy, self.rate.tau,
-                                           searched if phase == "search" else None, every)
+                                           searched if phase == "search" else None, every,
+                                           self.config.sharing.transition_precision)
         self.rate.observe(searched, phi, every)
         self.sums["loss"] = self.sums["loss"] + stats.loss_sum
         self.sums["correct"] = self.sums["correct"] + stats.correct

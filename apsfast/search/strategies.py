@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from apsfast.nn.network import aps_layers, network_sharing_level, network_transition_step
 from apsfast.search.readback import Readback
+from apsfast.sharing import matmul_precision
 
 STRATEGIES = ("ordinal", "independent", "transitional", "learned")
 
@@ -44,18 +45,20 @@ def begin_search(net: nn.Module, strategy: str) -> None:
             matrix.requires_grad_(True)
 
 
-def transition(net: nn.Module, tau: float) -> Tensor:
-    """APS-T's step: eq. 5 at the width-free rate on every layer in one batched call."""
-    return network_transition_step(net, tau, relative=True)
+def transition(net: nn.Module, tau: float, precision: Optional[str] = None) -> Tensor:
+    """APS-T's step: eq. 5 at the width-free rate on every layer in one batched call (its
+    products at the float32 matmul ``precision``, see :func:`apsfast.transition_step_all`)."""
+    with matmul_precision(precision):
+        return network_transition_step(net, tau, relative=True)
 
 
-def after_weight_step(net: nn.Module, strategy: str, tau: float, step: Optional[int], every: int = 1
-                      ) -> Optional[Tensor]:
+def after_weight_step(net: nn.Module, strategy: str, tau: float, step: Optional[int], every: int = 1,
+                      precision: Optional[str] = None) -> Optional[Tensor]:
     """APS-T's transition after the ``step``-th weight step of the search phase (1-based;
-    ``None`` outside it): one step of ``every``·τ after every ``every``-th. Returns Φ before
-    it, or ``None`` where no transition runs."""
+    ``None`` outside it): one step of ``every``·τ after every ``every``-th, its products at
+    ``precision``. Returns Φ before it, or ``None`` where no transition runs."""
     if strategy == "transitional" and step is not None and step % every == 0:
-        return transition(net, tau * every)
+        return transition(net, tau * every, precision)
     return None
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 from apsfast.search.config import AMP, DEVICES, DIST_BACKENDS, SEARCHER_KINDS, ConfigError
 from apsfast.search.controller import BASELINES
 from apsfast.search.strategies import STRATEGIES, supernet_sharing
+from apsfast.sharing import PRECISIONS
 
 if TYPE_CHECKING:
     from apsfast.search.config import Config
@@ -41,6 +42,9 @@ def _check_model(config: Config) -> None:
         raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
     _positive("sharing.tau", sharing.tau, allow_none=True)
     _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
+    if sharing.transition_precision is not None and sharing.transition_precision not in PRECISIONS:
+        raise ConfigError(f"sharing.transition_precision must be null or one of {', '.join(PRECISIONS)}, "
+                          f"got {sharing.transition_precision!r}")
     every = sharing.transition_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError(f"sharing.transition_every must be an integer ≥ 1 (1: a transition step after every "
