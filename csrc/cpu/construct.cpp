@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -110,13 +109,13 @@ namespace {
 // when the cores are busy with other work (waiting threads spin).
 constexpr int64_t kParallelMacs = 20'000'000;
 
-// Multiply-adds of building one layer's kernel (the order rule's cheaper order).
+// Multiply-adds of building one layer's kernel.
 int64_t build_macs(const Tensor& weight, const std::optional<Tensor>& P, const std::optional<Tensor>& Q) {
   const int64_t C_out = weight.size(0), C_in = weight.size(1);
   int64_t S = 1;
   for (int64_t d = 2; d < weight.dim(); ++d) S *= weight.size(d);
   const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
-  return S * std::min(c_o * C_out * C_in + c_o * C_in * c_i, C_out * C_in * c_i + c_o * C_out * c_i);
+  return S * apsfast::construct_macs(C_out, c_o, C_in, c_i);
 }
 
 }  // namespace
