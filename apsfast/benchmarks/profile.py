@@ -19,8 +19,8 @@ import torch
 
 import apsfast
 from apsfast.benchmarks.common import forced_backend, median_times
-from apsfast.benchmarks.search import Case, make_search, providers, synchronised, using
-from apsfast.search import steps, strategies
+from apsfast.benchmarks.search import Case, make_search, providers, synchronised
+from apsfast.search import strategies
 
 CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128))
 
@@ -29,17 +29,11 @@ def profile_case(case: Case, args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as out:
         search = make_search(case, args.device, args.amp, args.channels_last, Path(out))
         step_fns, parts = providers(search, args.backend)
-        x, y = search.session.local(*next(search.w_train.batches(case.batch, seed=0, epoch=0, drop_last=True)))
-
-        def weight_only():
-            with using(args.backend):
-                search.net.train()
-                steps.weight_step(search.net, search.optimizer, search.session.precision, x, y)
 
         def sample_only():
             search.searcher.sample_train_arch()
 
-        fns = {"apsfast step": step_fns["apsfast"], "limit step": step_fns["limit"], "weight step": weight_only,
+        fns = {"apsfast step": step_fns["apsfast"], "limit step": step_fns["limit"], "weight step": parts["weight"],
                "controller sample": sample_only, "controller step": parts["controller"]}
         runs_here = {"reference"} | ({"cpu"} if args.device == "cpu" else {"triton", "cuda"})
         for name in (n for n in apsfast.backends() if n in runs_here):
