@@ -1,11 +1,10 @@
 """The meta width of the transitional spaces (``model.options.meta_width``): memory of the
 meta-weights and transforms, the transition's ms per step, Φ at the ordinal start and Φ's
-floor, for the MobileNet-v2 and ResNet-18 ImageNet supernets.
+floor (:func:`apsfast.nn.network_sharing_floor`), for the MobileNet-v2 and ResNet-18 ImageNet
+supernets.
 
 ``python bench/meta_width.py [THREADS [REPS [MODEL,MODEL]]]`` prints one markdown row per
-(space, meta width). Memory counts float32 parameters at 1,000 classes; the floor is
-``S ≥ max(n, ½(n²/C + n))`` per side (README, the meta width), multiplied over a layer's sides
-and summed over its layers.
+(space, meta width). Memory counts float32 parameters at 1,000 classes.
 """
 from __future__ import annotations
 
@@ -16,21 +15,8 @@ import time
 import torch
 
 from apsfast import models
-from apsfast.nn import aps_layers, network_sharing_level
+from apsfast.nn import aps_layers, network_sharing_floor, network_sharing_level
 from apsfast.search import strategies
-
-
-def floor_phi(net: torch.nn.Module) -> float:
-    total = 0.0
-    for layer in aps_layers(net):
-        factor = 1.0
-        for widths, meta, side in ((layer.out_widths, layer.meta_out_width, layer.out_transforms),
-                                   (layer.in_widths, layer.meta_in_width, layer.in_transforms)):
-            if side is not None:
-                n = sum(widths)
-                factor *= max(n, 0.5 * (n * n / meta + n))
-        total += factor
-    return total
 
 
 def main() -> None:
@@ -48,7 +34,7 @@ def main() -> None:
                              if s is not None)
             torch.manual_seed(0)
             net = models.build(name, meta_width=meta_width, num_classes=10)
-            start, floor = float(network_sharing_level(net)), floor_phi(net)
+            start, floor = float(network_sharing_level(net)), network_sharing_floor(net)
             strategies.transition(net, 1e-3)  # leaves the exact start
             times = []
             for _ in range(reps):

@@ -10,7 +10,8 @@ from torch import nn
 import apsfast
 from apsfast import models
 from apsfast.models import BasicBlock, InvertedResidual
-from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLayer, network_sharing_level, network_transition_step
+from apsfast.nn import (APSBatchNorm2d, APSConv2d, APSLayer, network_sharing_floor, network_sharing_level,
+                        network_transition_step)
 from conftest import assert_close
 
 F64 = torch.float64
@@ -507,28 +508,13 @@ def test_meta_width_errors():
     assert all(meta == sum(widths) for _, _, widths, meta, _ in _sides(net))
 
 
-def _phi_floor(net: nn.Module) -> float:
-    """Σ over layers of Π over sides of S's floor ½(n²/C + n) (C: meta width, n = Σ c_a): ‖MᵀM‖² ≥
-    (tr MMᵀ)²/C = n²/C for unit columns and ‖M_aᵀM_a‖² ≥ c_a; with C = n it is Theorem 3.1's Σ c_a."""
-    total = 0.0
-    for layer in (m for m in net.modules() if isinstance(m, APSLayer)):
-        factor = 1.0
-        for widths, meta, side in ((layer.out_widths, layer.meta_out_width, layer.out_transforms),
-                                   (layer.in_widths, layer.meta_in_width, layer.in_transforms)):
-            if side is not None:
-                n = sum(widths)
-                factor *= max(n, 0.5 * (n * n / meta + n))
-        total += factor
-    return total
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_narrow_meta_width_raises_the_floor_of_phi_and_still_exports():
     floors, starts = {}, {}
     for meta_width in ("sum", 1.5, "widest"):
         torch.manual_seed(5)
         net = models.build("resnet20_cifar", widths=(4, 8, 12), meta_width=meta_width, dtype=F64)
-        floors[meta_width], starts[meta_width] = _phi_floor(net), float(network_sharing_level(net))
+        floors[meta_width], starts[meta_width] = network_sharing_floor(net), float(network_sharing_level(net))
         phis = [float(network_transition_step(net, 1e-2)) for _ in range(200)]
         assert min(phis) >= floors[meta_width] * (1 - 1e-9)  # the floor is a theorem
         assert phis[-1] < 1.1 * floors[meta_width]  # and the transition nearly reaches it

@@ -27,6 +27,24 @@ def network_sharing_level(module: nn.Module) -> Tensor:
     return torch.stack([layer.sharing_level() for layer in layers]).sum()
 
 
+def network_sharing_floor(module: nn.Module) -> float:
+    """A lower bound of the network's Φ over all semi-orthogonal transforms of its meta widths:
+    per side ``S ≥ max(n, ½(n²/C + n))`` (``n = Σ c_a``, ``C`` the meta width; ``‖MᵀM‖² ≥ n²/C``
+    for unit columns and ``‖M_aᵀM_a‖² ≥ c_a``), multiplied over a layer's sides and summed over
+    its layers. With ``C = n`` it is Theorem 3.1's minimum ``Σ c_a``; with a narrower meta width
+    the transition lands within about 1% of it (README, the meta width)."""
+    total = 0.0
+    for layer in aps_layers(module):
+        factor = 1.0
+        for widths, meta, side in ((layer.out_widths, layer.meta_out_width, layer.out_transforms),
+                                   (layer.in_widths, layer.meta_in_width, layer.in_transforms)):
+            if side is not None:
+                n = sum(widths)
+                factor *= max(n, 0.5 * (n * n / meta + n))
+        total += factor
+    return total
+
+
 class _TransitionPlan:
     """A network's transform sides packed once for the batched transition: each side's
     ``matrix`` parameter (its candidates side by side, the layout the op steps in place), its
