@@ -13,7 +13,7 @@ from apsfast.search import strategies
 from apsfast.search.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, presets
 from apsfast.search.result import select_arch
-from apsfast.search.steps import batch_statistics
+from apsfast.search.steps import batch_statistics, sgd
 from apsfast.search.metrics import MetricsLog, read_metrics
 
 PAPER_PRESETS = ("resnet20_cifar", "resnet56_cifar", "resnet18_imagenet", "mobilenetv2_imagenet")
@@ -195,6 +195,45 @@ def test_batch_statistics_leaves_running_statistics_alone():
 
 def cand(flops, loglik):
     return {"flops": flops, "loglik": loglik}
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy-ball", "nesterov"])
+def test_the_fused_sgd_takes_the_loops_steps_when_parameters_join_late(nesterov):
+    # A supernet's parameter may get its first gradient long after the others (an arch that
+    # first uses it), where torch's fused SGD alone would refuse a mix of buffers.
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
+    grads = [[torch.randn(t.shape, generator=generator) for t in start] for _ in range(4)]
+    settings = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
+    finals = []
+    for make in (lambda ps: sgd(ps, **settings), lambda ps: torch.optim.SGD(ps, foreach=False, **settings)):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = make(params)
+        for step, g in enumerate(grads):
+            optimizer.zero_grad(set_to_none=True)
+            for i, (p, gi) in enumerate(zip(params, g)):
+                if i == 0 or step >= 2:  # the second parameter joins at step 2
+                    p.grad = gi.clone()
+            optimizer.step()
+        finals.append([p.detach() for p in params])
+    assert sgd([torch.nn.Parameter(start[0])], **settings).param_groups[0]["fused"]
+    for fused, loop in zip(*finals):
+        torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_of_the_loop_sgd_goes_on_with_the_loop():
+    # It holds buffers only for the parameters that had a gradient, which the fused SGD refuses.
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    loop = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    params[0].grad = torch.ones(3)
+    loop.step()
+    optimizer = sgd(params, lr=0.1, momentum=0.9, weight_decay=0.0)
+    optimizer.load_state_dict(loop.state_dict())
+    assert not optimizer.param_groups[0]["fused"]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    torch.testing.assert_close(params[1].detach(), torch.full((2,), 0.9))
 
 
 def test_select_arch_takes_the_closest_to_the_target_without_exceeding_it():

@@ -165,8 +165,8 @@ def static_step(search: Search, data: StepData, compiled: bool = False) -> Calla
     static = search.net.export(data.arch).to(session.device)
     if search.config.run.channels_last:
         static.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(static.parameters(), lr=train.lr, momentum=train.momentum,
-                                weight_decay=train.weight_decay)
+    optimizer = steps.sgd(static.parameters(), lr=train.lr, momentum=train.momentum,
+                          weight_decay=train.weight_decay, nesterov=train.nesterov)
     model = torch.compile(static) if compiled else static
 
     def step() -> None:

@@ -75,8 +75,8 @@ class Retrain:
         if config.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.teacher = self._teacher(cfg.distill, session.device) if cfg.distill else None
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.optimizer = steps.sgd(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         for group in self.optimizer.param_groups:
             group["initial_lr"] = cfg.lr
         batches = self.train_set.num_batches(cfg.batch_size, drop_last=True)

@@ -44,8 +44,8 @@ def make_optimizer(net: torch.nn.Module, config: Config) -> torch.optim.SGD:
                        "lr": config.sharing.transforms_lr or train.lr})
     for group in groups:
         group["initial_lr"] = group.get("lr", train.lr)
-    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-                           nesterov=train.nesterov)
+    return steps.sgd(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+                     nesterov=train.nesterov)
 
 
 class Search:

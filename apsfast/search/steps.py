@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,36 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Every parameter group's learning rate at ``factor`` times its initial one."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
+
+
+def sgd(params: Iterable, *, lr: float, momentum: float, weight_decay: float,
+        nesterov: bool = False) -> torch.optim.SGD:
+    """SGD over ``params`` (tensors or parameter groups), fused where torch has a fused SGD for
+    every parameter (floating point, on a CPU or a CUDA device): one kernel over all of them
+    instead of a loop over tensors (half the time of the loop on the CPU for a supernet's
+    meta-weights; the same update up to the rounding of a fused multiply-add)."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                fused=fused or None)
+    if fused and momentum:
+        _zero_momentum(optimizer)
+    return optimizer
+
+
+def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """A zero momentum buffer for every parameter. Torch's fused SGD takes a step only where
+    every parameter with a gradient has a buffer or none has one, and in a supernet a parameter
+    may see its first gradient (an arch that first uses it) long after the others. With no
+    dampening, a zero buffer takes the same first step as a new one: ``0.9·0 + g = g``. (A
+    state loaded from a checkpoint of the loop SGD brings its groups' ``fused=None`` with it,
+    so such a run goes on with the loop, as it began.)"""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def weight_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, x: Tensor, y: Tensor,
