@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from apsfast.data import (DATASETS, FolderImageSet, ImageSet, TensorImageSet, cifar10, embedded, image_folder, load,
-                          split)
+from apsfast.data import (DATASETS, FolderImageSet, ImageSet, TensorImageSet, balanced_subset, cifar10, embedded,
+                          image_folder, load, split)
 from apsfast.data.cifar import RestrictedUnpickler
 
 
@@ -171,6 +171,48 @@ def test_split_is_a_deterministic_disjoint_partition():
             split(data, fraction)
     with pytest.raises(ValueError, match="both parts must be non-empty"):
         split(data, 0.01)
+
+
+# A pass of every kind: shuffled or not, augmented or not, resumed, with a last partial batch.
+PASSES = [dict(seed=3, epoch=1, augment=True, drop_last=True, start=2),
+          dict(seed=5, epoch=0, augment=True, shuffle=False),
+          dict(seed=0, epoch=2, augment=False, start=1)]
+
+
+def test_to_the_sets_own_device_is_the_set_itself():
+    data = tensor_set(n=23)
+    assert data.to("cpu") is data and data.to(torch.device("cpu")) is data and data.device == torch.device("cpu")
+
+
+def test_a_set_on_another_device_makes_its_batches_there_without_reading_back():
+    # A meta tensor has no values: a batch made on "meta" proves that every tensor of the
+    # pass is on the set's device and that nothing is read back to the host per batch.
+    data = tensor_set(n=23, pad=2)
+    placed = data.to("meta")
+    assert placed.device.type == "meta" and data.device.type == "cpu"  # the original stays
+    assert (len(placed), placed.num_classes, placed.pad) == (len(data), data.num_classes, data.pad)
+    for run in PASSES:
+        expected, got = collect(data, 5, **run), collect(placed, 5, **run)
+        assert len(got) == len(expected)
+        for (x, y), (ex, ey) in zip(got, expected):
+            assert x.device.type == y.device.type == "meta"
+            assert (x.shape, x.dtype, y.shape, y.dtype) == (ex.shape, ex.dtype, ey.shape, ey.dtype)
+
+
+@pytest.mark.gpu
+def test_a_set_on_the_gpu_gives_the_cpu_batches_bit_for_bit():
+    data = tensor_set(n=23, pad=2, mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1))
+    placed = data.to("cuda")
+    assert placed.images.is_cuda and placed.labels.is_cuda
+    assert torch.equal(placed.targets(), data.targets()) and not placed.targets().is_cuda
+    for run in PASSES:
+        got = [(x.cpu(), y.cpu()) for x, y in collect(placed, 5, **run)]
+        assert_same_batches(got, collect(data, 5, **run))
+    part = split(placed, 0.5, seed=1)[0]
+    assert part.images.is_cuda
+    assert_same_batches([(x.cpu(), y.cpu()) for x, y in collect(part, 4, seed=1, epoch=0, augment=True)],
+                        collect(split(data, 0.5, seed=1)[0], 4, seed=1, epoch=0, augment=True))
+    assert torch.equal(balanced_subset(placed, 10, seed=2).labels.cpu(), balanced_subset(data, 10, seed=2).labels)
 
 
 # --- CIFAR-10 -------------------------------------------------------------------------------
@@ -492,6 +534,40 @@ def test_prefetch_keeps_the_order_and_only_reads_ahead_on_a_gpu():
     expected = collect(data, 8, seed=3, epoch=1, augment=True)
     assert_same_batches(list(prefetch(data.batches(8, seed=3, epoch=1, augment=True), torch.device("cpu"))),
                         expected)
+
+
+def test_prefetch_pins_only_cpu_batches_bound_for_a_gpu(monkeypatch):
+    import importlib
+    prefetch_module = importlib.import_module("apsfast.data.prefetch")  # the package exports the function
+    pinned = []
+
+    def read_ahead(batches, depth, *, pin):  # stands in for the thread (no CUDA here to pin for)
+        pinned.append(pin)
+        yield from batches
+    monkeypatch.setattr(prefetch_module, "read_ahead", read_ahead)
+    cpu = collect(tensor_set(20), 8, seed=0, epoch=0)
+    on_device = [(torch.empty(8, 3, 8, 8, device="meta"), torch.empty(8, dtype=torch.int64, device="meta"))] * 3
+    cuda = torch.device("cuda")
+    # Made on the device (a placed set): yielded as they come, no thread.
+    assert all(a is b for a, b in zip(prefetch_module.prefetch(iter(on_device), cuda), on_device)) and not pinned
+    assert list(prefetch_module.prefetch(iter([]), cuda)) == [] and not pinned
+    assert_same_batches(list(prefetch_module.prefetch(cpu, torch.device("cpu"))), cpu) and not pinned
+    # Made on the CPU for a GPU: read ahead into pinned memory, in order.
+    assert_same_batches(list(prefetch_module.prefetch(cpu, cuda)), cpu)
+    assert pinned == [True]
+
+
+def test_session_places_only_in_memory_sets_and_only_on_a_gpu(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+    from apsfast.search.session import Session
+    moved = []
+    monkeypatch.setattr(TensorImageSet, "to", lambda self, device: moved.append(device) or self)
+    data = tensor_set(20)
+    cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    assert Session.place(cuda, data) is data and moved == [torch.device("cuda", 0)]
+    assert Session.place(SimpleNamespace(device=torch.device("cpu")), data) is data and len(moved) == 1
+    folder = FolderImageSet([(str(tmp_path / "a.png"), 0)], ["a"], image_size=8, num_workers=0)
+    assert Session.place(cuda, folder) is folder and len(moved) == 1  # keeps its loader processes
 
 
 def test_read_ahead_in_order_with_errors_raised_and_early_stop():

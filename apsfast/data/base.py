@@ -8,6 +8,7 @@ resumable exactly: ``batches(..., start=k)`` yields what a full pass yields from
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import Iterator, Optional, Sequence, Union
 
@@ -115,7 +116,7 @@ class ImageSet:
         raise NotImplementedError
 
     def targets(self) -> Tensor:
-        """The label of every sample, ``int64 [len(self)]``."""
+        """The label of every sample, ``int64 [len(self)]`` on the CPU (subsets are picked with them)."""
         raise NotImplementedError
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
@@ -166,8 +167,8 @@ class TensorImageSet(ImageSet):
     ``pad`` on each side, then a random horizontal flip, with per-sample offsets and flips.
 
     Args:
-        images: ``uint8 [N, 3, S, S]``.
-        labels: ``int64 [N]`` in ``0..num_classes-1``.
+        images: ``uint8 [N, 3, S, S]``; the set lives on their device (see :meth:`to`).
+        labels: ``int64 [N]`` in ``0..num_classes-1`` (moved to the images' device).
         num_classes: the number of classes (default: ``labels.max() + 1``).
         mean, std: per-channel normalisation in 0..1 pixel units.
         pad: the crop padding (default ``S // 8``, i.e. 4 for 32×32 images).
@@ -191,13 +192,13 @@ class TensorImageSet(ImageSet):
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1} (num_classes={self.num_classes}), "
                              f"got {int(labels.min())}..{int(labels.max())}")
-        self.images = images.detach().cpu().contiguous()
-        self.labels = labels.detach().cpu().contiguous()
+        self.images = images.detach().contiguous()
+        self.labels = labels.detach().to(images.device).contiguous()
         self.image_size = int(images.shape[-1])
         self.mean, self.std = check_color("mean", mean, spread=False), check_color("std", std, spread=True)
         self.pad = self.image_size // 8 if pad is None else check_int("pad", pad, minimum=0)
-        self._scale = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        self._shift = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._scale = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+        self._shift = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -211,8 +212,31 @@ class TensorImageSet(ImageSet):
         return TensorImageSet(self.images[index], self.labels[index], self.num_classes, mean=self.mean,
                               std=self.std, pad=self.pad)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the images are kept and the batches are made."""
+        return self.images.device
+
+    def to(self, device: Union[str, torch.device]) -> "TensorImageSet":
+        """This set with its images and labels on ``device`` (itself if they are there already).
+
+        Its batches are then cropped, flipped and normalised on ``device``: on a GPU a step
+        neither copies a batch from the host nor waits for the CPU to prepare it. The order and
+        the augmentation are still drawn on the CPU, once per epoch, so every batch is the same
+        as the CPU set's, bit for bit.
+        """
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        # A copy with its tensors moved, not a new set: this one was checked when it was made,
+        # and checking again would read the labels back from the device.
+        placed = copy.copy(self)
+        placed.images, placed.labels = self.images.to(device), self.labels.to(device)
+        placed._scale, placed._shift = self._scale.to(device), self._shift.to(device)
+        return placed
+
     def targets(self) -> Tensor:
-        return self.labels
+        return self.labels.cpu()
 
     def normalise(self, images: Tensor) -> Tensor:
         """``uint8`` images as ``(x / 255 - mean) / std`` in float32."""
@@ -232,19 +256,21 @@ class TensorImageSet(ImageSet):
     def crop_flip(self, images: Tensor, dy: Tensor, dx: Tensor, flips: Tensor) -> Tensor:
         """Crop ``images`` (``uint8 [B, 3, S, S]``) at offsets ``dy, dx`` of the zero-padded
         image and mirror where ``flips``: one gather for the whole batch."""
-        size, pad = self.image_size, self.pad
+        size, pad, device = self.image_size, self.pad, images.device
         padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
-        steps = torch.arange(size)
+        steps = torch.arange(size, device=device)
         rows = dy[:, None] + steps
         # A flipped sample reads its columns right to left.
         cols = dx[:, None] + torch.where(flips[:, None], steps.flip(0), steps)
-        batch = torch.arange(images.shape[0])[:, None, None, None]
-        channel = torch.arange(3)[None, :, None, None]
+        batch = torch.arange(images.shape[0], device=device)[:, None, None, None]
+        channel = torch.arange(3, device=device)[None, :, None, None]
         return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
     def _batches(self, order: Tensor, batch_size: int, *, seed: int, epoch: int, augment: bool, first: int,
                  stop: int) -> Iterator[Batch]:
-        params = self.augmentation(seed, epoch) if augment else None
+        # Drawn on the CPU as everywhere, moved once per epoch: a batch only slices them.
+        order = order.to(self.device)
+        params = tuple(p.to(self.device) for p in self.augmentation(seed, epoch)) if augment else None
         for begin in range(first, stop, batch_size):
             positions = slice(begin, min(begin + batch_size, stop))
             index = order[positions]

@@ -1,6 +1,7 @@
 """Keeping an accelerator fed: batches prepared and pinned ahead of the step that needs them."""
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from typing import Iterable, Iterator
@@ -13,18 +14,26 @@ _DONE = object()
 
 
 def prefetch(batches: Iterable[Batch], device: torch.device, depth: int = 2) -> Iterator[Batch]:
-    """Yield ``batches`` as they are, while for a CUDA ``device`` a background thread already
-    produces the next ``depth`` ones (augmentation and normalisation are torch ops, which
-    release the interpreter) into pinned memory, so the copy to the GPU can be asynchronous
-    and overlap the step.
+    """Yield ``batches`` as they are, while for CPU batches bound for a CUDA ``device`` a
+    background thread already produces the next ``depth`` ones (augmentation and
+    normalisation are torch ops, which release the interpreter) into pinned memory, so the
+    copy to the GPU can be asynchronous and overlap the step.
 
-    On other devices the batches are yielded as they come: there a second thread would
-    compete with the step for the same cores. The order of the batches never changes, so a
-    run is the same with and without prefetching.
+    Batches already on a device (a set placed there with
+    :meth:`~apsfast.data.TensorImageSet.to`) are yielded as they come: there is nothing to
+    copy, and the device queues their preparation behind the step. So are the batches for any
+    other device: there a second thread would compete with the step for the same cores. The
+    order of the batches never changes, so a run is the same with and without prefetching.
     """
-    if device.type != "cuda":
-        return iter(batches)
-    return read_ahead(batches, depth, pin=True)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return
+    batches = itertools.chain([first], batches)
+    if device.type == "cuda" and first[0].device.type == "cpu":
+        yield from read_ahead(batches, depth, pin=True)
+    else:
+        yield from batches
 
 
 def read_ahead(batches: Iterable[Batch], depth: int, *, pin: bool) -> Iterator[Batch]:

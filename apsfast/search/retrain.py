@@ -66,6 +66,8 @@ class Retrain:
         self.arch = list(self.candidate["arch"])
         self.session = session = Session(out, config.run, log=log, expect={
             "kind": "retrain", "model": self.result["model"], "arch": self.arch})
+        # Once, on a GPU: an in-memory set's batches are then made there (Session.place).
+        self.train_set, self.test_set = session.place(self.train_set), session.place(self.test_set)
         self.log, cfg = session.log, config.retrain
         if cfg.batch_size % session.processes.world:
             raise ConfigError(f"retrain.batch_size = {cfg.batch_size} must be divisible by the number of processes "

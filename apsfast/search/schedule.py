@@ -85,6 +85,9 @@ class Search:
         count = run.eval_batches * train.batch_size
         self.eval_set = datasets.balanced_subset(self.val, max(count // train.batch_size, 1) * train.batch_size,
                                                  seed=run.seed)
+        # Once, on a GPU: an in-memory set's batches are then made there (Session.place).
+        self.w_train, self.val, self.eval_set = (session.place(part)
+                                                 for part in (self.w_train, self.val, self.eval_set))
 
         torch.manual_seed(run.seed)  # the supernet's and the searcher's initialisation
         self.net = model.to(session.device) if model is not None else \
