@@ -85,11 +85,12 @@ def search_cli(out, *extra: str, launcher=()) -> subprocess.CompletedProcess:
                            "--out", str(out)], capture_output=True, text=True, timeout=600, check=False, env=env)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    single = search_cli(tmp_path / "one")
+@pytest.mark.parametrize("kind", ["reinforce", "tas", "ista"])
+def test_two_processes_equal_one_with_the_same_global_batch(kind, tmp_path):
+    single = search_cli(tmp_path / "one", "-s", f"controller.kind={kind}")
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    double = search_cli(tmp_path / "two", launcher=torchrun)
+    double = search_cli(tmp_path / "two", "-s", f"controller.kind={kind}", launcher=torchrun)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "2 processes on cpu" in double.stdout
     one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))

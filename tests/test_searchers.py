@@ -17,7 +17,8 @@ from apsfast.search.searchers import (SEARCHERS, IstaSearcher, ReinforceSearcher
                                       distillation_loss)
 from apsfast.search.searchers.ista import dictionary, ista, one_per_decision, per_decision_probs
 from apsfast.search.searchers.tas import gumbel_pairs
-from apsfast.search.searchers.widths import ExpectedMacs, Groups, channel_interpolate, flops_loss, product_beam
+from apsfast.search.searchers.widths import (ExpectedMacs, Groups, channel_interpolate, flops_loss, product_beam,
+                                             validation_mode)
 from apsfast.search.strategies import STRATEGIES, begin_search, supernet_sharing
 
 from test_search import TINY  # 3 epochs (1 warm-up) of 3 steps of 32 images
@@ -221,11 +222,64 @@ def test_every_kind_steps_under_every_strategy(kind, strategy):
     net.set_arch(searcher.sample_train_arch())
     with searcher.train_forward():
         F.cross_entropy(net(x), y).backward()
-    out = searcher.step(lambda archs: [0.0] * len(archs), batch=(x, y))
+    assert searcher.step(lambda archs: [0.0] * len(archs), batch=(x, y)) == {}  # finished at the next step
+    out = searcher.flush()
     assert math.isfinite(out["reward"]) and math.isfinite(out["entropy"])
     after = searcher.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in before.items())  # the policy moved
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def whole_loss_gradient(searcher, kind, x, y):
+    """The gradient of the whole validation loss with respect to the policy parameter (θ or
+    b), computed the direct way: the task loss differentiated through the forward."""
+    param = (searcher.theta if kind == "tas" else searcher.b).detach().clone().requires_grad_(True)
+    net, settings = searcher.net, searcher.settings
+    if kind == "tas":
+        generator = torch.Generator()
+        generator.set_state(searcher.generator.get_state())
+        log_probs = searcher.groups.log_probs(param)
+        pairs = gumbel_pairs(log_probs, searcher.groups.sizes, searcher.tau(), generator)
+        net.set_arch([wide for _, wide, _, _ in pairs])
+        with validation_mode(net), searcher.mixture.active(pairs):
+            task = F.cross_entropy(net(x), y)
+        arch = log_probs.detach().argmax(dim=1).tolist()
+        expected = searcher.expected_macs(searcher.groups.rows(log_probs.exp()))
+    else:
+        z = ista(searcher.a, param, settings.sparsity, settings.iterations)
+        kept, arch = one_per_decision(z, searcher.sizes)
+        chosen = torch.stack([kept[start + a] for start, a in zip(searcher._starts(), arch)])
+        net.set_arch(arch)
+        with validation_mode(net), searcher.gates.active((chosen / chosen.detach().clamp_min(1e-12)).float()):
+            task = F.cross_entropy(net(x), y)
+        expected = searcher.expected_macs(per_decision_probs(z, searcher.sizes))
+    cost = flops_loss(expected, searcher.flops(arch), searcher.target, settings.flops_tolerance)
+    (param.grad,) = torch.autograd.grad(task.double() + settings.flops_weight * cost, [param])
+    return param.grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_step_finished_later_takes_the_step_of_the_whole_loss(kind, one_thread):
+    # The device sends the gradient at the mixture weights or gates; the host finishes the
+    # chain to the policy and adds the FLOPs loss at the next step.
+    config = tiny(f"controller.kind={kind}", "reward.flops_target=20K")
+    torch.manual_seed(0)
+    net = supernet(config)
+    begin_search(net, "transitional")
+    searcher = build_searcher(net.decisions(), config, net.flops, net=net, search_steps=4)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    param = searcher.theta if kind == "tas" else searcher.b
+    momentum = torch.zeros_like(param)
+    beta = searcher.optimizer.param_groups[0]["betas"][0]
+    for _ in range(2):  # the second from a moved policy
+        grad = whole_loss_gradient(searcher, kind, x, y)
+        momentum = beta * momentum + (1 - beta) * grad
+        searcher.step(lambda archs: [0.0] * len(archs), batch=(x, y))
+        searcher.flush()
+        # Adam's first moment holds the gradients it was given.
+        torch.testing.assert_close(searcher.optimizer.state[param]["exp_avg"], momentum, rtol=1e-4,
+                                   atol=1e-6 * float(momentum.abs().max()))
+        assert float(grad.abs().max()) > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from apsfast.search import Search, load_config, readback, steps
 from apsfast.search.session import Session
 
-READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "numpy")
+READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "numpy", "cpu")
 DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "unique",
                   "_unique2", "allclose"}
 # Where a search may read values back: its log points, epoch ends, checkpoints and the end.
@@ -35,6 +35,7 @@ class DeviceValues(TorchDispatchMode):
         # id → weak reference: a tensor's identity, never its (elementwise) equality.
         self.marked: dict[int, weakref.ref] = {}
         self.reads: list[tuple[str, list[str]]] = []
+        self.exempt = False  # inside readback.to_host: its copy does not wait
 
     def mark(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -82,6 +83,14 @@ def tracked(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, method)
     for name in READS:
         watch(name)
+    to = torch.Tensor.to
+
+    def to_device(self, *args, **kwargs):  # .to("cpu"): a copy the host waits for
+        target = [a for a in (*args, kwargs.get("device")) if isinstance(a, (str, torch.device))]
+        if mode.is_marked(self) and not mode.exempt and any(torch.device(t).type == "cpu" for t in target):
+            mode.read("to(cpu)")
+        return to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to_device)
 
     local = Session.local
 
@@ -94,9 +103,13 @@ def tracked(monkeypatch):
     to_host = readback.to_host
 
     def copied(values):  # the asynchronous copy: what it returns is on the host
-        with _disable_current_modes():
-            host, event = to_host(values)
-            return host.clone(), event
+        mode.exempt = True
+        try:
+            with _disable_current_modes():
+                host, event = to_host(values)
+                return host.clone(), event
+        finally:
+            mode.exempt = False
     monkeypatch.setattr(readback, "to_host", copied)
     return mode
 
@@ -109,8 +122,9 @@ def tiny_search(tmp_path, **extra):
     return Search(load_config("demo", overrides=overrides), tmp_path / "run", log=lambda text: None)
 
 
-def test_search_steps_read_nothing_back(tmp_path, tracked, one_thread):
-    search = tiny_search(tmp_path, **{"run.log_every": 1000})
+@pytest.mark.parametrize("kind", ["reinforce", "tas", "ista"])
+def test_search_steps_read_nothing_back(kind, tmp_path, tracked, one_thread):
+    search = tiny_search(tmp_path, **{"run.log_every": 1000, "controller.kind": kind})
     search.epoch = 1  # the search phase: REINFORCE, APS-T's transition, the steered rate
     batches = search.w_train.batches(8, seed=0, epoch=0, shuffle=True, augment=True, drop_last=True)
     with tracked:
@@ -133,12 +147,14 @@ def test_the_tracker_sees_reads_of_device_values(tmp_path, tracked, one_thread):
         archs = [search.net.max_arch(), search.net.min_arch()]
         steps.count_correct(search.net, archs, *search.session.local(x, y), search.session.precision).tolist()
         bool(next(search.net.parameters()).isfinite().all())
+        stats.correct.cpu(), stats.loss_sum.to("cpu")
     assert [what for what, _ in tracked.reads][:2] == ["__float__", "aten._local_scalar_dense"]
-    assert "tolist" in [what for what, _ in tracked.reads] and "__bool__" in [what for what, _ in tracked.reads]
+    assert {"tolist", "__bool__", "cpu", "to(cpu)"} <= {what for what, _ in tracked.reads}
 
 
-def test_a_search_reads_back_only_at_log_points(tmp_path, tracked, one_thread):
-    search = tiny_search(tmp_path, **{"run.log_every": 3})
+@pytest.mark.parametrize("kind", ["reinforce", "tas", "ista"])
+def test_a_search_reads_back_only_at_log_points(kind, tmp_path, tracked, one_thread):
+    search = tiny_search(tmp_path, **{"run.log_every": 3, "controller.kind": kind})
     with tracked:
         tracked.mark(*search.net.parameters(), *search.net.buffers())
         search.run()
@@ -149,8 +165,9 @@ def test_a_search_reads_back_only_at_log_points(tmp_path, tracked, one_thread):
 
 
 @pytest.mark.gpu
-def test_search_steps_do_not_synchronise_the_gpu(tmp_path):
-    search = tiny_search(tmp_path, **{"run.log_every": 1000, "run.device": "cuda"})
+@pytest.mark.parametrize("kind", ["reinforce", "tas", "ista"])
+def test_search_steps_do_not_synchronise_the_gpu(kind, tmp_path):
+    search = tiny_search(tmp_path, **{"run.log_every": 1000, "run.device": "cuda", "controller.kind": kind})
     search.epoch = 1
     batches = search.w_train.batches(8, seed=0, epoch=0, shuffle=True, augment=True, drop_last=True)
     x0, y0 = next(batches)

@@ -21,7 +21,9 @@ and moves ``b`` by the gradient of the validation loss. Here:
   selected network; the gradient is that of the log of its coefficient), adds
   ``ista.flops_weight`` times TAS's FLOPs loss on the expected MACs of ``p_d = z_d / Σ z_d``
   (the recovered code before the one-per-decision cut, normalised per decision), and takes
-  an Adam step (``ista.lr``) on ``b`` through the unrolled recovery;
+  an Adam step (``ista.lr``) on ``b`` through the unrolled recovery (``b`` lives on the
+  host; the device returns the cross-entropy's gradient at the gates without being waited
+  for, and the step lands at the next search step: :meth:`IstaSearcher.step`);
 * the result is ``z`` at the end: its beam is ranked by ``p``, whose argmax is ``z``'s.
 
 **Left out.** The LASSO solved by a commercial solver, and ISTA-NAS's closed-form correction
@@ -45,6 +47,7 @@ from apsfast.models import Decision
 from apsfast.nn import APSBatchNorm2d
 from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
+from apsfast.search.readback import Readback
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_batch
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, average_gradient, driven_layers, flops_loss,
                                              product_beam, validation_mode)
@@ -151,6 +154,9 @@ class IstaSearcher(Searcher):
         self.optimizer = torch.optim.Adam([self.b], lr=settings.lr, betas=tuple(settings.betas))
         self.expected_macs = ExpectedMacs(net, budget.layer_costs, budget.layer_keys)
         self.gates = BatchNormGates(net)
+        # The last step's device values on their way to the host (the gates' gradient, the
+        # loss, the accuracy): see step.
+        self._pending: Optional[Readback] = None
 
     def recover(self, b: Optional[Tensor] = None) -> Tensor:
         """The code ``z`` recovered from ``b`` (default: the current one), before the cut."""
@@ -162,28 +168,57 @@ class IstaSearcher(Searcher):
             return one_per_decision(self.recover(), self.sizes)[1]
 
     def step(self, score: Score, batch: Optional[Batch] = None) -> dict[str, float]:
+        """Run the gated arch on the validation batch, and update ``b`` with the previous step's.
+
+        The device computes the gradient of the cross-entropy with respect to the gates
+        (averaged over the processes) and sends it to the host without waiting; the host
+        finishes the chain through the recovery to ``b``, adds the FLOPs loss and takes the
+        Adam step at the next search step (or :meth:`flush`), recovering the same ``z`` from
+        the same ``b``. The update is the one the whole loss gives; only the weight steps in
+        between train the arch of ``b`` before it.
+        """
+        out = self.flush()
         x, y = require_batch("ista", batch)
+        with torch.no_grad():
+            gates, arch, _ = self._gates()
+        gates = gates.to(x.device, torch.float32).requires_grad_(True)
+        self.net.set_arch(arch)
+        with validation_mode(self.net), self.gates.active(gates):
+            logits = self.net(x)
+        task = F.cross_entropy(logits.float(), y)
+        (grad,) = torch.autograd.grad(task, [gates], allow_unused=True)
+        grad = average_gradient(torch.zeros_like(gates) if grad is None else grad)
+        accuracy = (logits.detach().argmax(1) == y).float().mean()
+        self._pending = Readback(torch.cat([grad.double(), torch.stack([task.detach(), accuracy]).double()]))
+        return out
+
+    def flush(self) -> dict[str, float]:
+        if self._pending is None:
+            return {}
+        *grad, task, accuracy = self._pending.tolist()
+        self._pending = None
+        gates, arch, z = self._gates()
+        expected = self.expected_macs(per_decision_probs(z, self.sizes))
+        cost = flops_loss(expected, self.flops(arch), self.target, self.settings.flops_tolerance)
+        # The task loss through the gates (its gradient there came from the device) plus the FLOPs loss.
+        surrogate = (gates * torch.tensor(grad, dtype=gates.dtype)).sum() + self.settings.flops_weight * cost
+        (self.b.grad,) = torch.autograd.grad(surrogate, [self.b])
+        self.optimizer.step()
+        self.b.grad = None
+        entropy, _ = self.policy_entropy()
+        return {"reward": accuracy, "entropy": entropy, "loss": task,
+                "flops_loss": float(cost.detach()), f"expected_{self.key}": float(expected.detach()),
+                "nonzeros": int((z.detach() > 0).sum())}
+
+    def _gates(self) -> tuple[Tensor, Arch, Tensor]:
+        """Every decision's gate ``z_d / stopgrad(z_d)`` (value 1, or 0 where the recovery left
+        the decision empty; differentiable in ``b``), the arch they gate and the recovered
+        code ``z``, from ``b`` as it is."""
         z = self.recover()
         kept, arch = one_per_decision(z, self.sizes)
         chosen = torch.stack([kept[start + a] for start, a in zip(self._starts(), arch)])
-        gates = (chosen / chosen.detach().clamp_min(1e-12)).to(x.device)
-        self.net.set_arch(arch)
-        with validation_mode(self.net), self.gates.active(gates.float()):
-            logits = self.net(x)
-        task = F.cross_entropy(logits.float(), y)
-        expected = self.expected_macs(per_decision_probs(z, self.sizes))
-        cost = flops_loss(expected, self.flops(arch), self.target, self.settings.flops_tolerance)
-        loss = task.double().cpu() + self.settings.flops_weight * cost
-        (grad,) = torch.autograd.grad(loss, [self.b])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.b.grad = average_gradient(grad)
-        self.optimizer.step()
-        self.b.grad = None
-        accuracy = float((logits.detach().argmax(1) == y).float().mean())
-        entropy, _ = self.policy_entropy()
-        return {"reward": accuracy, "entropy": entropy, "loss": float(task.detach()),
-                "flops_loss": float(cost.detach()), f"expected_{self.key}": float(expected.detach()),
-                "nonzeros": int((z.detach() > 0).sum())}
+        gates = chosen / chosen.detach().clamp_min(1e-12)
+        return gates, arch, z
 
     def _starts(self) -> list[int]:
         return [sum(self.sizes[:d]) for d in range(len(self.sizes))]
@@ -203,9 +238,13 @@ class IstaSearcher(Searcher):
         return entropy, self.groups.max_entropy()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"b": self.b.detach().clone(), "optimizer": self.optimizer.state_dict()}
+        # A pending step needs only its device values: its z is recovered again from b.
+        return {"b": self.b.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "pending": None if self._pending is None else self._pending.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             self.b.copy_(state["b"])
         self.optimizer.load_state_dict(state["optimizer"])
+        pending = state.get("pending")
+        self._pending = None if pending is None else Readback(torch.tensor(pending, dtype=torch.float64))

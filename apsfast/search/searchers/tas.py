@@ -21,7 +21,9 @@ over an APS supernet's width decisions.
   ``tas.flops_weight`` times the FLOPs loss on the exact expected MACs with the tolerance
   band ``[target·(1 − tas.flops_tolerance), target]`` (:mod:`.widths`), the target being
   ``reward.flops_target`` (with ``reward.latency_target``: the same loss on the expected
-  predicted latency, :mod:`apsfast.search.budget`).
+  predicted latency, :mod:`apsfast.search.budget`). ``θ`` lives on the host; the device
+  returns the cross-entropy's gradient at the mixture weights without being waited for, and
+  the Adam step lands at the next search step (:meth:`TasSearcher.step`).
 * **Distillation** for the retrain: ``retrain.distill`` (:func:`apsfast.search.steps.distillation_loss`,
   α = 0.9, T = 4 as TAS).
 
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from apsfast.models import Decision
 from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
+from apsfast.search.readback import Readback
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_batch
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, average_gradient, channel_interpolate,
                                              driven_layers, flops_loss, product_beam, validation_mode)
@@ -83,25 +86,47 @@ class WidthMixture:
             handle.remove()
 
 
-def gumbel_pairs(log_probs: Tensor, sizes: Sequence[int], tau: float, generator: torch.Generator) -> list[Pair]:
-    """Two candidates per decision by Gumbel-softmax at temperature ``tau`` and their mixture
-    weights (differentiable in ``log_probs`` ``[D, K]``, ``-inf`` on padding)."""
-    noise = torch.empty(log_probs.shape, dtype=torch.float64).exponential_(generator=generator)
-    gumbel = -noise.clamp_min(1e-30).log().to(log_probs)
-    perturbed = (log_probs + gumbel) / tau
-    probs = perturbed.detach().softmax(dim=1).cpu().double()
-    pairs = []
-    one = torch.ones((), dtype=log_probs.dtype, device=log_probs.device)
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator) -> Tensor:
+    """Standard Gumbel noise ``−log(Exp(1))`` (float64, CPU) of ``shape``."""
+    noise = torch.empty(tuple(shape), dtype=torch.float64).exponential_(generator=generator)
+    return -noise.clamp_min(1e-30).log()
+
+
+def choose_pairs(log_probs: Tensor, gumbel: Tensor, sizes: Sequence[int], tau: float,
+                 generator: torch.Generator) -> list[tuple[int, int]]:
+    """Two distinct candidates ``(narrow, wide)`` per decision, drawn from the Gumbel-softmax
+    ``softmax((log p + g)/τ)`` (a decision with one candidate: ``(0, 0)``)."""
+    probs = ((log_probs.detach() + gumbel.to(log_probs)) / tau).softmax(dim=1).cpu().double()
+    chosen = []
     for d, size in enumerate(sizes):
         if size == 1:
-            pairs.append((0, 0, one * 0, one))
+            chosen.append((0, 0))
             continue
-        row = probs[d, :size] + 1e-12
-        first, second = torch.multinomial(row, 2, replacement=False, generator=generator).tolist()
-        narrow, wide = min(first, second), max(first, second)
+        first, second = torch.multinomial(probs[d, :size] + 1e-12, 2, replacement=False, generator=generator).tolist()
+        chosen.append((min(first, second), max(first, second)))
+    return chosen
+
+
+def mixture_weights(log_probs: Tensor, gumbel: Tensor, tau: float, chosen: Sequence[tuple[int, int]]) -> list[Pair]:
+    """The pairs with their mixture weights: the softmax of the two perturbed logits
+    (differentiable in ``log_probs`` ``[D, K]``; ``(0, 1)`` for a decision of one candidate)."""
+    perturbed = (log_probs + gumbel.to(log_probs)) / tau
+    one = torch.ones((), dtype=log_probs.dtype, device=log_probs.device)
+    pairs = []
+    for d, (narrow, wide) in enumerate(chosen):
+        if narrow == wide:
+            pairs.append((narrow, wide, one * 0, one))
+            continue
         weights = torch.stack([perturbed[d, narrow], perturbed[d, wide]]).softmax(dim=0)
         pairs.append((narrow, wide, weights[0], weights[1]))
     return pairs
+
+
+def gumbel_pairs(log_probs: Tensor, sizes: Sequence[int], tau: float, generator: torch.Generator) -> list[Pair]:
+    """Two candidates per decision by Gumbel-softmax at temperature ``tau`` and their mixture
+    weights (differentiable in ``log_probs`` ``[D, K]``, ``-inf`` on padding)."""
+    gumbel = gumbel_noise(log_probs.shape, generator)
+    return mixture_weights(log_probs, gumbel, tau, choose_pairs(log_probs, gumbel, sizes, tau, generator))
 
 
 class TasSearcher(Searcher):
@@ -125,8 +150,8 @@ class TasSearcher(Searcher):
         self.net, self.flops, self.settings, self.key = net, budget.cost, settings, budget.key
         self.target = budget.target
         self.groups = Groups(decisions)
-        device = next(net.parameters()).device
-        self.theta = torch.zeros(self.groups.mask.shape, device=device, requires_grad=True)
+        # θ is tiny and lives on the host: sampling an arch never waits for the device.
+        self.theta = torch.zeros(self.groups.mask.shape, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.theta], lr=settings.lr, betas=tuple(settings.betas),
                                           weight_decay=settings.weight_decay)
         self.generator = torch.Generator().manual_seed(config.run.seed + 2)
@@ -134,6 +159,9 @@ class TasSearcher(Searcher):
         self.expected_macs = ExpectedMacs(net, budget.layer_costs, budget.layer_keys)
         self.mixture = WidthMixture(net)
         self._train_pairs: Optional[list[Pair]] = None
+        # The last step's Gumbel noise, pairs and τ, and its device values on their way to
+        # the host (the mixture weights' gradient, the loss, the accuracy): see step.
+        self._pending: Optional[tuple[Tensor, list[tuple[int, int]], float, Readback]] = None
 
     def tau(self) -> float:
         """The Gumbel-softmax temperature after the weight steps taken so far."""
@@ -158,25 +186,55 @@ class TasSearcher(Searcher):
         return self.mixture.active(pairs) if pairs is not None else contextlib.nullcontext()
 
     def step(self, score: Score, batch: Optional[Batch] = None) -> dict[str, float]:
+        """Run the mixture on the validation batch, and update θ with the previous step's.
+
+        The device computes the gradient of the cross-entropy with respect to the mixture
+        weights (averaged over the processes) and sends it to the host without waiting; the
+        host finishes the chain to θ, adds the FLOPs loss and takes the Adam step at the
+        next search step (or :meth:`flush`). The update is the one the whole loss gives;
+        only the weight steps in between sample from θ before it.
+        """
+        out = self.flush()
         x, y = require_batch("tas", batch)
-        pairs = self._pairs()
-        self.net.set_arch([wide for _, wide, _, _ in pairs])
+        tau = self.tau()
+        gumbel = gumbel_noise(self.theta.shape, self.generator)
+        with torch.no_grad():
+            log_probs = self.groups.log_probs(self.theta)
+            chosen = choose_pairs(log_probs, gumbel, self.groups.sizes, tau, self.generator)
+            host = mixture_weights(log_probs, gumbel, tau, chosen)
+        weights = torch.stack([w for *_, narrow, wide in host for w in (narrow, wide)]).to(x.device)
+        weights.requires_grad_(True)
+        pairs = [(narrow, wide, weights[2 * d], weights[2 * d + 1]) for d, (narrow, wide) in enumerate(chosen)]
+        self.net.set_arch([wide for _, wide in chosen])
         with validation_mode(self.net), self.mixture.active(pairs):
             logits = self.net(x)
         task = F.cross_entropy(logits.float(), y)
+        (grad,) = torch.autograd.grad(task, [weights], allow_unused=True)
+        grad = average_gradient(torch.zeros_like(weights) if grad is None else grad)
+        accuracy = (logits.detach().argmax(1) == y).float().mean()
+        values = torch.cat([grad.double(), torch.stack([task.detach(), accuracy]).double()])
+        self._pending = (gumbel, chosen, tau, Readback(values))
+        return out
+
+    def flush(self) -> dict[str, float]:
+        if self._pending is None:
+            return {}
+        gumbel, chosen, tau, values = self._pending
+        self._pending = None
+        *grad, task, accuracy = values.tolist()
         log_probs = self.groups.log_probs(self.theta)
+        weights = torch.stack([w for *_, narrow, wide in mixture_weights(log_probs, gumbel, tau, chosen)
+                               for w in (narrow, wide)])
         expected = self.expected_macs(self.groups.rows(log_probs.exp()))
-        argmax = self.groups.log_probs(self.theta.detach()).argmax(dim=1).tolist()
+        argmax = log_probs.detach().argmax(dim=1).tolist()
         cost = flops_loss(expected, self.flops(argmax), self.target, self.settings.flops_tolerance)
-        loss = task + self.settings.flops_weight * cost.to(task)
-        (grad,) = torch.autograd.grad(loss, [self.theta])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.theta.grad = average_gradient(grad)
+        # The task loss through the weights (its gradient there came from the device) plus the FLOPs loss.
+        surrogate = (weights.double() * torch.tensor(grad, dtype=torch.float64)).sum() + self.settings.flops_weight * cost
+        (self.theta.grad,) = torch.autograd.grad(surrogate, [self.theta])
         self.optimizer.step()
         self.theta.grad = None
-        accuracy = float((logits.detach().argmax(1) == y).float().mean())
-        return {"reward": accuracy, "entropy": self.groups.entropy(log_probs), "loss": float(task.detach()),
-                "flops_loss": float(cost.detach()), f"expected_{self.key}": float(expected.detach()), "tau": self.tau()}
+        return {"reward": accuracy, "entropy": self.groups.entropy(log_probs), "loss": task,
+                "flops_loss": float(cost.detach()), f"expected_{self.key}": float(expected.detach()), "tau": tau}
 
     def beam(self, size: int) -> list[tuple[Arch, float]]:
         return product_beam(self.groups.rows(self.groups.log_probs(self.theta.detach()).cpu()), size)
@@ -188,8 +246,12 @@ class TasSearcher(Searcher):
         return self.groups.entropy(self.groups.log_probs(self.theta.detach())), self.groups.max_entropy()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta.detach().cpu().clone(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "steps": self.steps}
+        pending = None
+        if self._pending is not None:
+            gumbel, chosen, tau, values = self._pending
+            pending = {"gumbel": gumbel, "chosen": chosen, "tau": tau, "values": values.tolist()}
+        return {"theta": self.theta.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "steps": self.steps, "pending": pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -197,3 +259,7 @@ class TasSearcher(Searcher):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.steps = int(state["steps"])
+        pending = state.get("pending")
+        self._pending = None if pending is None else (
+            pending["gumbel"], [tuple(p) for p in pending["chosen"]], float(pending["tau"]),
+            Readback(torch.tensor(pending["values"], dtype=torch.float64)))
