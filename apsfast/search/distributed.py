@@ -31,6 +31,9 @@ class Processes:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    # A gloo group for values the hosts exchange (the arch of a step) where the main group is
+    # NCCL: a broadcast there would go through the GPU's stream and wait for it.
+    host_group: Optional[dist.ProcessGroup] = None
 
     @property
     def main(self) -> bool:
@@ -66,11 +69,12 @@ class Processes:
         return total.to(values.device)
 
     def same(self, values: list[int]) -> list[int]:
-        """Process 0's ``values`` on every process (a guard: all must run the same arch)."""
+        """Process 0's ``values`` on every process (a guard: all must run the same arch),
+        host to host: the device is never waited for."""
         if not self.distributed:
             return values
-        shared = torch.tensor(values, dtype=torch.int64, device=self._collective_device)
-        dist.broadcast(shared, 0)
+        shared = torch.tensor(values, dtype=torch.int64)
+        dist.broadcast(shared, 0, group=self.host_group)
         return shared.tolist()
 
     def barrier(self) -> None:
@@ -107,7 +111,10 @@ def setup(device: str, backend: str = "auto", timeout_minutes: float = 30.0) -> 
     if not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if where.type == "cuda" else "gloo")
         dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=timeout_minutes))
-    return Processes(rank=rank, world=world, device=where)
+    host_group = None
+    if dist.get_backend() != "gloo":  # every process creates it, in the same order
+        host_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    return Processes(rank=rank, world=world, device=where, host_group=host_group)
 
 
 def teardown(processes: Optional[Processes]) -> None:
