@@ -19,15 +19,17 @@ import apsfast
 from apsfast import _backends
 
 
-def median_times(fns: dict[str, Callable[[], object]], rounds: int, min_time: float) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so drift hits all alike."""
+def median_times(fns: dict[str, Callable[[], object]], rounds: int, min_time: float,
+                 long_rounds: Optional[int] = 3) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin so drift hits all alike.
+    Where a call takes over a second, ``long_rounds`` rounds at most (``None``: ``rounds``)."""
     timers = {name: Timer(stmt="fn()", globals={"fn": fn}) for name, fn in fns.items()}
     numbers, once = {}, {}
     for name, timer in timers.items():  # warm up, and size each round to about min_time
         once[name] = max(timer.timeit(1).mean, 1e-7)
         numbers[name] = max(1, int(min_time / once[name]))
-    if max(once.values()) > 1.0:  # calls of seconds: three rounds tell enough
-        rounds = min(rounds, 3)
+    if long_rounds is not None and max(once.values()) > 1.0:
+        rounds = min(rounds, long_rounds)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, timer in timers.items():

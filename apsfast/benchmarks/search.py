@@ -253,9 +253,11 @@ def synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[],
 
 
 def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: int, min_time: float,
-               backend: Optional[str] = None, compile_limit: bool = True, memory: bool = True) -> dict:
-    """One row: every provider and part timed interleaved; ``limit compiled`` with ``compile_limit``
-    (its time, or ``compile_error`` and no time); with ``memory``, each provider's peak memory."""
+               backend: Optional[str] = None, compile_limit: bool = True, memory: bool = True,
+               long_rounds: Optional[int] = 3) -> dict:
+    """One row: every provider and part timed interleaved (``rounds``, at most ``long_rounds``
+    where a step takes seconds); ``limit compiled`` with ``compile_limit`` (its time, or
+    ``compile_error`` and no time); with ``memory``, each provider's peak memory."""
     with tempfile.TemporaryDirectory() as out:
         search = make_search(case, device, amp, channels_last, Path(out))
         data = step_data(search)
@@ -264,7 +266,7 @@ def bench_case(case: Case, device: str, amp: str, channels_last: bool, rounds: i
                            else (None, "not timed (--no-compile, or --quick without --compile)"))
         timed = {**steps, **parts, **({"limit compiled": compiled} if compiled else {})}
         fns = {name: synchronised(fn, search.session.device) for name, fn in timed.items()}
-        t = median_times(fns, rounds, min_time)
+        t = median_times(fns, rounds, min_time, long_rounds)
         peaks = {name: peak_memory(steps[name], search.session.device) for name in PROVIDERS} if memory else {}
         macs = search.net.flops(data.arch)
     row = {"case": case.name, "model": case.model, "image_size": case.image_size, "batch": case.batch,
@@ -289,6 +291,8 @@ def run(quick: bool = False, device: str = "cpu", amp: str = "none", channels_la
     after each case (a long run interrupted keeps what it measured). ``compile_limit`` times
     ``limit compiled``, ``memory`` measures peak memory; both by default but not with ``quick``,
     where compiling, or on a CPU the profiler that measures memory, would take most of the time."""
+    # Rounds asked for are timed whatever a step takes; by default steps of seconds get three.
+    long_rounds = None if rounds else 3
     rounds = rounds or (1 if quick else 5)
     min_time = min_time if min_time is not None else (0.0 if quick else 0.2)
     compile_limit = (not quick) if compile_limit is None else compile_limit
@@ -298,7 +302,7 @@ def run(quick: bool = False, device: str = "cpu", amp: str = "none", channels_la
         for case in sweep(quick, device, models, batches):
             progress(f"search step {case.name}")
             rows.append(bench_case(case, device, amp, channels_last, rounds, min_time, backend, compile_limit,
-                                   memory))
+                                   memory, long_rounds))
             on_row(rows)
     return rows
 
@@ -394,7 +398,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench search
     parser.add_argument("--batches", type=batch_list, metavar="B1,B2,...",
                         help="batch sizes of both models' cases, width ×1 only (default: the sweep's, with the "
                              "width-multiplier cases)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per case, median (default: 5; 1 with --quick)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per case, median (default: 5, 3 where a step takes "
+                                                   "seconds; 1 with --quick)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time the static network under torch.compile (default: yes, but not with --quick)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
