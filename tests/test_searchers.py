@@ -15,6 +15,7 @@ from apsfast import models
 from apsfast.search import ConfigError, Search, load_config
 from apsfast.search.searchers import (SEARCHERS, IstaSearcher, ReinforceSearcher, TasSearcher, build_searcher,
                                       distillation_loss)
+from apsfast.search.deploy import program_entries
 from apsfast.search.searchers.ista import dictionary, ista, one_per_decision, per_decision_probs
 from apsfast.search.searchers.tas import gumbel_pairs
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, channel_interpolate, flops_loss, product_beam,
@@ -280,6 +281,19 @@ def test_a_step_finished_later_takes_the_step_of_the_whole_loss(kind, one_thread
         torch.testing.assert_close(searcher.optimizer.state[param]["exp_avg"], momentum, rtol=1e-4,
                                    atol=1e-6 * float(momentum.abs().max()))
         assert float(grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_export_carries_none_of_a_searchers_hooks(kind):
+    # TAS hooks the driven convs, ISTA their batch norms: the exported network must run
+    # without them (and torch.export must trace it for a portable model.pt).
+    config = tiny(f"controller.kind={kind}")
+    net = supernet(config)
+    build_searcher(net.decisions(), config, net.flops, net=net, search_steps=4)
+    assert any(m._forward_hooks for m in net.modules())
+    static = net.export(net.max_arch())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in static.modules())
+    assert "program" in program_entries(static, (3, 8, 8))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,7 +10,6 @@ counting MACs and parameters without building anything).
 """
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Iterable, Mapping
 
@@ -19,6 +18,7 @@ from torch.nn.modules.utils import _pair
 
 from apsfast.models.cost import LayerShape
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
+from apsfast.nn.base import copy_without_hooks
 
 #: ``resolve[path]``: the output width of the searchable APS conv at ``path`` under the
 #: architecture being walked.
@@ -71,9 +71,9 @@ def export_part(module: nn.Module, path: str, in_width: int, resolve: Resolve) -
     if isinstance(module, Part):
         return module.export(path, in_width, resolve)
     if isinstance(module, nn.Linear):
-        return copy.deepcopy(module), module.out_features
+        return copy_without_hooks(module), module.out_features
     if isinstance(module, WIDTH_PRESERVING):
-        return copy.deepcopy(module), in_width
+        return copy_without_hooks(module), in_width
     raise TypeError(f"cannot export {type(module).__name__} at {path!r}: a supernet part must be an "
                     f"APS layer, nn.Sequential, nn.Linear, a width-preserving module or a Part")
 

@@ -1,6 +1,7 @@
 """What every APS layer shares: the candidate transforms of each side and their sharing level."""
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import Optional, Sequence
 
@@ -17,6 +18,26 @@ SHARING = ("ordinal", "independent", "transitional")
 # it), so the first transition step perturbs it with this much Gaussian noise (the value the
 # authors used on CIFAR; 1e-2 on ImageNet).
 TRANSITION_NOISE = 1e-3
+
+
+# The hooks a module runs around its forward and backward; what registered them (a searcher on
+# a supernet, a profiler) owns them, not a copy of the module.
+_RUN_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (parameters, buffers, submodules) without the forward and
+    backward hooks registered on it or its submodules. An exported network must not carry a
+    search's hooks: they would run in its forward, drag the searcher into the copy, and keep
+    ``torch.export`` from tracing it."""
+    memo: dict[int, object] = {}
+    for m in module.modules():
+        for name in _RUN_HOOKS:
+            hooks = m.__dict__.get(name)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+    return copy.deepcopy(module, memo)
 
 
 def default_meta_width(widths: Sequence[int], sharing: str) -> int:

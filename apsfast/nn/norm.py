@@ -2,7 +2,6 @@
 optionally synchronised over the processes of a distributed run."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Sequence
 
 import torch
@@ -10,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from apsfast import _checks
+from apsfast.nn.base import copy_without_hooks
 
 
 class APSBatchNorm2d(nn.Module):
@@ -51,7 +51,7 @@ class APSBatchNorm2d(nn.Module):
 
     def to_static(self, width: int) -> nn.BatchNorm2d:
         """A copy of the batch norm of the ``width`` candidate."""
-        return copy.deepcopy(self.candidate(width))
+        return copy_without_hooks(self.candidate(width))
 
     def extra_repr(self) -> str:
         return f"widths={self.widths}" + (", synchronised" if self.process_group is not None else "")

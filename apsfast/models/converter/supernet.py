@@ -16,6 +16,7 @@ from apsfast.models.converter.trace import Traced
 from apsfast.models.cost import LayerShape
 from apsfast.models.static import reinitialise
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
+from apsfast.nn.base import copy_without_hooks
 
 PART = "net"  # the one part of a converted supernet: the graph module
 
@@ -166,7 +167,7 @@ class ConvertedSupernet(Supernet):
             elif node.op == "call_module":
                 layer = module.get_submodule(node.target)
                 plan = plans.get(node.target)
-                root[node.target] = copy.deepcopy(layer) if plan is None else \
+                root[node.target] = copy_without_hooks(layer) if plan is None else \
                     _static(layer, *self._widths_of(plan, chosen))
         static = fx.GraphModule(root, copy.deepcopy(module.graph), class_name=type(module).__name__)
         static.train(self.training)
@@ -187,4 +188,4 @@ def _static(layer: nn.Module, in_width: int, out_width: int) -> nn.Module:
         return layer.to_static(in_width, None if layer.depthwise else out_width)
     if isinstance(layer, (APSBatchNorm2d, APSLinear)):
         return layer.to_static(in_width)
-    return copy.deepcopy(layer)  # a plain layer whose widths are all fixed
+    return copy_without_hooks(layer)  # a plain layer whose widths are all fixed
