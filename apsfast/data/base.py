@@ -269,8 +269,9 @@ class TensorImageSet(ImageSet):
     def _batches(self, order: Tensor, batch_size: int, *, seed: int, epoch: int, augment: bool, first: int,
                  stop: int) -> Iterator[Batch]:
         # Drawn on the CPU as everywhere, moved once per epoch: a batch only slices them.
-        order = order.to(self.device)
-        params = tuple(p.to(self.device) for p in self.augmentation(seed, epoch)) if augment else None
+        order = order.to(self.device, non_blocking=True)  # pageable: copied at once, no wait for the device
+        params = (tuple(p.to(self.device, non_blocking=True) for p in self.augmentation(seed, epoch))
+                  if augment else None)
         for begin in range(first, stop, batch_size):
             positions = slice(begin, min(begin + batch_size, stop))
             index = order[positions]

@@ -181,7 +181,8 @@ class IstaSearcher(Searcher):
         x, y = require_batch("ista", batch)
         with torch.no_grad():
             gates, arch, _ = self._gates()
-        gates = gates.to(x.device, torch.float32).requires_grad_(True)
+        # non_blocking: a copy from pageable memory that does not wait for the device's queue.
+        gates = gates.to(x.device, torch.float32, non_blocking=True).requires_grad_(True)
         self.net.set_arch(arch)
         with validation_mode(self.net), self.gates.active(gates):
             logits = self.net(x)

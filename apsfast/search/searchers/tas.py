@@ -202,7 +202,8 @@ class TasSearcher(Searcher):
             log_probs = self.groups.log_probs(self.theta)
             chosen = choose_pairs(log_probs, gumbel, self.groups.sizes, tau, self.generator)
             host = mixture_weights(log_probs, gumbel, tau, chosen)
-        weights = torch.stack([w for *_, narrow, wide in host for w in (narrow, wide)]).to(x.device)
+        # non_blocking: a copy from pageable memory that does not wait for the device's queue.
+        weights = torch.stack([w for *_, narrow, wide in host for w in (narrow, wide)]).to(x.device, non_blocking=True)
         weights.requires_grad_(True)
         pairs = [(narrow, wide, weights[2 * d], weights[2 * d + 1]) for d, (narrow, wide) in enumerate(chosen)]
         self.net.set_arch([wide for _, wide in chosen])
@@ -229,7 +230,8 @@ class TasSearcher(Searcher):
         argmax = log_probs.detach().argmax(dim=1).tolist()
         cost = flops_loss(expected, self.flops(argmax), self.target, self.settings.flops_tolerance)
         # The task loss through the weights (its gradient there came from the device) plus the FLOPs loss.
-        surrogate = (weights.double() * torch.tensor(grad, dtype=torch.float64)).sum() + self.settings.flops_weight * cost
+        task_part = (weights.double() * torch.tensor(grad, dtype=torch.float64)).sum()
+        surrogate = task_part + self.settings.flops_weight * cost
         (self.theta.grad,) = torch.autograd.grad(surrogate, [self.theta])
         self.optimizer.step()
         self.theta.grad = None
