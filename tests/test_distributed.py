@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from apsfast.nn import APSBatchNorm2d, sync_batch_norm
 from apsfast.search.checkpoint import load_checkpoint
+from apsfast.search.distributed import Processes
 from test_search import TINY
 
 WIDTHS = (3, 5)
@@ -68,6 +69,23 @@ def test_synchronised_batch_norm_equals_one_process_on_the_whole_batch(tmp_path)
         torch.testing.assert_close((parts[0][3] + parts[1][3]) / 2, db)
         torch.testing.assert_close(part[4], mean)
         torch.testing.assert_close(part[5], var)
+
+
+def _same_worker(rank: int, world: int, store: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        # The group NCCL runs would use for host values (here over gloo as well).
+        processes = Processes(rank=rank, world=world, host_group=dist.new_group(backend="gloo"))
+        results[rank] = processes.same([rank + 1, 7 * rank, 3])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_takes_process_0s_arch_over_the_host_group(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_same_worker, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        assert [results[r] for r in range(2)] == [[1, 0, 3], [1, 0, 3]]
 
 
 def test_without_a_process_group_batch_norm_is_unchanged():
