@@ -87,7 +87,8 @@ def test_search_benchmark_quick(tmp_path, monkeypatch, one_thread):
     def failing_compile(model, *args, **kwargs):
         def call(*a, **k):
             raise RuntimeError("no compiler here\nmore")
-        return type("Failing", (), {"train": lambda self: None, "__call__": lambda self, *a, **k: call()})()
+        return type("Failing", (), {"training": False, "train": lambda self: None,
+                                    "__call__": lambda self, *a, **k: call()})()
     monkeypatch.setattr(torch, "compile", failing_compile)
     out = tmp_path / "search"
     assert search.main(["--quick", "--models", "resnet20_cifar", "--batches", "2", "--rounds", "1", "--compile",
