@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from apsfast import models
 from apsfast.search import compare
@@ -48,6 +49,12 @@ def test_the_table_holds_means_and_deviations_over_seeds():
     assert rows[0]["chosen_flops_std"] == pytest.approx(2 ** 0.5 * 1e6) and rows[1]["test_acc_std"] == 0.0
     table = compare.markdown(rows, ["# title"])
     assert "| none | transitional | tas | 3.00M ± 1.41 | 60.00% ± 14.14% | 2.0 ± 0.0 | 100 |" in table
+
+
+def test_runs_at_a_time_share_the_threads(monkeypatch):
+    # Oversubscribed cores make waiting OpenMP threads spin: each run gets its share.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert [compare.threads_per_run(w) for w in (1, 2, 3, 16)] == [8, 4, 2, 1]
 
 
 def test_a_cut_comparison_keeps_the_runs_it_finished(tmp_path):

@@ -63,12 +63,25 @@ def half_standard_macs(preset: str, overrides: Sequence[str]) -> float:
     return net.flops(net.standard_arch()) / 2
 
 
+def threads_per_run(workers: int) -> int:
+    """Intra-op threads for each of ``workers`` runs at a time: this process's share of its
+    threads (the cores, or ``OMP_NUM_THREADS``). More threads than cores in all make waiting
+    OpenMP threads spin against each other: two 2-thread runs on 2 cores took 3 to 75 s for a
+    demo warm-up epoch, against 1.7 to 2.0 s with one thread each."""
+    import torch
+    return max(1, torch.get_num_threads() // workers)
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One search and its retrain (in a fresh process); what the table needs of it."""
+    """One search and its retrain (in a fresh process, on ``job["threads"]`` intra-op threads
+    where given); what the table needs of it."""
     import torch
 
     from apsfast.search import Search, load_config, retrain
     from apsfast.search.metrics import read_metrics
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
 
     quiet = (lambda text: None)
     config = load_config(job["preset"], overrides=job["overrides"])
@@ -152,8 +165,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") ->
                                  "preset": args.preset, "out": str(out / f"{kind}-{strategy}-{target}-{seed}"),
                                  "overrides": [*args.overrides, f"controller.kind={kind}", f"sharing.strategy={strategy}",
                                                f"run.seed={seed}", flops, "run.progress=false"]})
+    threads = threads_per_run(args.workers)
     for job in jobs:
         job["digest"] = load_config(args.preset, overrides=job["overrides"]).digest()
+        job["threads"] = threads
     runs = finished(out / "compare.jsonl", jobs)
     done = {(r["kind"], r["strategy"], r["target"], r["seed"]) for r in runs}
     todo = [j for j in jobs if (j["kind"], j["strategy"], j["target"], j["seed"]) not in done]
@@ -172,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") ->
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     header = [f"# Searchers compared on `{args.preset}`", "",
               f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.processor() or ''}".rstrip() + ", "
-              f"{torch.get_num_threads()} threads per run, {args.workers} run(s) at a time; "
+              f"{threads} thread(s) per run, {args.workers} run(s) at a time; "
               f"settings: {' '.join(args.overrides) or 'the preset'}; seeds {args.seeds}; mean ± std over seeds."]
     (out / "compare.md").write_text(markdown(rows, header))
     print(markdown(rows, header))
