@@ -157,15 +157,6 @@ def step_data(search: Search) -> StepData:
     return StepData(x, y, val_x, val_y, search.net.sample_uniform(torch.Generator().manual_seed(0)))
 
 
-def train_mode(model: nn.Module) -> None:
-    """``model`` in training mode as the search loop sets it: walked only when it is not
-    (``Module.train`` visits every submodule: 280 of them on ResNet-20's supernet, 0.6 ms of
-    host time a call on a CPU core, against 0.25 ms for the static network's 78, which the
-    loop does not spend per step)."""
-    if not model.training:
-        model.train()
-
-
 def static_step(search: Search, data: StepData, compiled: bool = False) -> Callable[[], object]:
     """The limit's weight step: ``export(arch)`` on the device (channels_last as the run is) with
     its own SGD of the search's settings, under ``torch.compile`` with ``compiled`` (the model
@@ -179,7 +170,7 @@ def static_step(search: Search, data: StepData, compiled: bool = False) -> Calla
     model = torch.compile(static) if compiled else static
 
     def step() -> None:
-        train_mode(model)
+        steps.train_mode(model)
         steps.weight_step(model, optimizer, session.precision, data.x, data.y)
     return step
 
@@ -212,7 +203,7 @@ def providers(search: Search, backend: Optional[str] = None, data: Optional[Step
     limit_step = static_step(search, data)
 
     def weight_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        train_mode(model)
+        steps.train_mode(model)
         steps.weight_step(model, opt, precision, x, y)
 
     def controller() -> None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from apsfast import _checks
 from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
-from apsfast.models.registry import check_meta_width, meta_width_of, register
+from apsfast.models.registry import check_meta_width, conv_meta_widths, register
 from apsfast.models.static import HW, Part, Resolve, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d
 
@@ -81,10 +81,8 @@ def mobilenetv2_imagenet(widths: Sequence[int] = MOBILENETV2_WIDTHS, sharing: st
     space = DecisionSpace(layer_widths)
 
     def conv(in_widths, out_widths, *args, depthwise: bool = False) -> APSConv2d:
-        # A depthwise conv's input mode has one channel: its one side is the output's.
-        meta_in = None if depthwise else meta_width_of(in_widths, sharing, meta_width)
         return APSConv2d(in_widths, out_widths, *args, groups="depthwise" if depthwise else 1,
-                         meta_in_width=meta_in, meta_out_width=meta_width_of(out_widths, sharing, meta_width), **aps)
+                         **conv_meta_widths(in_widths, out_widths, sharing, meta_width, depthwise), **aps)
 
     in_widths = space.add("stem", scaled(base, STEM_WIDTH, 16), STEM_WIDTH)
     space.drive("stem", "stem.0")

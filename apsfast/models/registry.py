@@ -64,6 +64,15 @@ def meta_width_of(widths: Union[int, Sequence[int]], sharing: str, meta_width: U
     return size
 
 
+def conv_meta_widths(in_widths: Union[int, Sequence[int]], out_widths: Union[int, Sequence[int]], sharing: str,
+                     meta_width: Union[str, float], depthwise: bool = False) -> dict[str, Optional[int]]:
+    """``meta_in_width`` and ``meta_out_width`` of an :class:`~apsfast.nn.APSConv2d` under the
+    build option ``meta_width`` (:func:`meta_width_of` per side; a depthwise conv's input mode
+    has one channel, so its only side is the output's)."""
+    return {"meta_in_width": None if depthwise else meta_width_of(in_widths, sharing, meta_width),
+            "meta_out_width": meta_width_of(out_widths, sharing, meta_width)}
+
+
 def register(name: str) -> Callable[[Callable[..., Supernet]], Callable[..., Supernet]]:
     """Register a supernet builder under ``name``; its keyword arguments are its options."""
     def add(builder: Callable[..., Supernet]) -> Callable[..., Supernet]:

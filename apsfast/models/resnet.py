@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from apsfast import _checks
 from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
-from apsfast.models.registry import check_meta_width, meta_width_of, register
+from apsfast.models.registry import check_meta_width, conv_meta_widths, meta_width_of, register
 from apsfast.models.static import HW, Part, Resolve, chain_shapes, export_chain, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 
@@ -95,8 +95,8 @@ def _resnet(name: str, *, depths: Sequence[int], stage_widths: Sequence[tuple[in
     space = DecisionSpace(layer_widths)
 
     def conv(in_widths, out_widths, *args) -> APSConv2d:
-        return APSConv2d(in_widths, out_widths, *args, meta_in_width=meta_width_of(in_widths, sharing, meta_width),
-                         meta_out_width=meta_width_of(out_widths, sharing, meta_width), **aps)
+        return APSConv2d(in_widths, out_widths, *args, **conv_meta_widths(in_widths, out_widths, sharing, meta_width),
+                         **aps)
 
     widths = space.add("stem", stem_widths, stem_standard)
     if imagenet_stem:

@@ -7,5 +7,5 @@ from apsfast.nn.network import (aps_layers, network_sharing_floor, network_shari
 from apsfast.nn.norm import APSBatchNorm2d, sync_batch_norm
 
 __all__ = ["APSConv2d", "APSBatchNorm2d", "APSLinear", "APSLayer", "CandidateTransforms",
-           "SHARING", "TRANSITION_NOISE", "default_meta_width", "aps_layers", "network_sharing_floor", "network_sharing_level",
-           "network_transition_step", "prebuild_kernels", "sync_batch_norm"]
+           "SHARING", "TRANSITION_NOISE", "default_meta_width", "aps_layers", "network_sharing_floor",
+           "network_sharing_level", "network_transition_step", "prebuild_kernels", "sync_batch_norm"]

@@ -186,7 +186,7 @@ class Retrain:
         bar = self.session.progress(self.steps_per_epoch, self.batch, f"retrain {self.epoch + 1}/{cfg.epochs}")
         model = self.session.parallel(self.model)
         for x, y in self.session.feed(islice(batches, self.steps_per_epoch - self.batch)):
-            self.model.train()
+            steps.train_mode(self.model)
             steps.set_lr(self.optimizer, steps.cosine(self.step, total))
             stats = steps.weight_step(model, self.optimizer, self.session.precision, *self.session.local(x, y),
                                       grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,

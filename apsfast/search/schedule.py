@@ -207,8 +207,7 @@ class Search:
     def train_step(self, x: Tensor, y: Tensor, phase: str) -> tuple[steps.StepStats, Optional[Tensor]]:
         """One weight step on a global batch for a sampled arch, then APS-T's transition
         (returns the step's statistics and Φ before the transition, or ``None``)."""
-        if not self.net.training:  # every step of the loop leaves it training: no module walk
-            self.net.train()
+        steps.train_mode(self.net)
         self.net.set_arch(self.processes.same(self.train_arch(phase)))
         steps.set_lr(self.optimizer, steps.cosine(self.step, self.total_steps))
         shaped = contextlib.nullcontext() if self.widest_step() else self.searcher.train_forward()

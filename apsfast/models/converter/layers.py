@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from apsfast.models.registry import meta_width_of
+from apsfast.models.registry import conv_meta_widths, meta_width_of
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 from apsfast.nn.base import CandidateTransforms
 
@@ -64,8 +64,7 @@ def aps_conv(conv: nn.Conv2d, in_widths: Sequence[int], out_widths: Sequence[int
     weight = conv.weight
     layer = APSConv2d(tuple(in_widths), tuple(out_widths), conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, "depthwise" if depthwise else 1, conv.bias is not None, sharing,
-                      meta_in_width=None if depthwise else meta_width_of(in_widths, sharing, meta_width),
-                      meta_out_width=meta_width_of(out_widths, sharing, meta_width),
+                      **conv_meta_widths(in_widths, out_widths, sharing, meta_width, depthwise),
                       device=weight.device, dtype=weight.dtype)
     _embed(layer, weight, conv.bias)
     return layer
@@ -92,8 +91,7 @@ class GroupedAPSConv2d(nn.Module):
         ins, outs = tuple(w // g for w in in_widths), tuple(w // g for w in out_widths)
         for j in range(g):
             part = APSConv2d(ins, outs, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1,
-                             conv.bias is not None, sharing, meta_in_width=meta_width_of(ins, sharing, meta_width),
-                             meta_out_width=meta_width_of(outs, sharing, meta_width),
+                             conv.bias is not None, sharing, **conv_meta_widths(ins, outs, sharing, meta_width),
                              device=conv.weight.device, dtype=conv.weight.dtype)
             _embed(part, conv.weight[j * rows:(j + 1) * rows],
                    None if conv.bias is None else conv.bias[j * rows:(j + 1) * rows])
