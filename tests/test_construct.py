@@ -49,6 +49,8 @@ CONSTRUCT = [
     case("1x3-channels_last-f32", (9, 17, (1, 3), 9, 5), layout="channels_last", dtype=F32),
     case("5x5-thin-P-f32", (16, 3, (5, 5), 11, 3), "P", dtype=F32),
     case("1x1-multi-tile-f32", (72, 130, (1, 1), 65, 17), dtype=F32),
+    # Above the C++ kernel's batched input-mode size (64k multiply-adds per GEMM): its copy path.
+    case("3x3-large-in-mode-f32", (40, 100, (3, 3), 30, 80), dtype=F32),
     case("linear-multi-tile-Q-transposed-f32", (70, 90, (), 5, 80), "Q", "transposed", F32),
     case("3x3-multi-tile-bf16", (37, 21, (3, 3), 19, 13), dtype=BF16),
     case("linear-transposed-bf16", (70, 90, (), 5, 80), layout="transposed", dtype=BF16),
@@ -81,6 +83,7 @@ BACKWARD = [
     pytest.param((9, 17, (1, 3), 9, 5), "transposed", "Q", F32, id="1x3-transposed-Q-f32"),
     pytest.param((37, 21, (3, 3), 19, 13), "channels_last", "WPQ", F32, id="3x3-multi-tile-channels_last-WPQ-f32"),
     pytest.param((72, 130, (1, 1), 65, 17), "contiguous", "WP", F32, id="1x1-multi-tile-WP-f32"),
+    pytest.param((40, 100, (3, 3), 30, 80), "contiguous", "WPQ", F64, id="3x3-large-in-mode-WPQ"),
     pytest.param((8, 6, (3, 3), 5, 4), "contiguous", "WPQ", BF16, id="3x3-WPQ-bf16"),
     pytest.param((33, 70, (5, 5), 31, 66), "transposed", "W", BF16, id="5x5-multi-tile-transposed-W-bf16"),
 ]
