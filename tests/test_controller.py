@@ -38,15 +38,69 @@ def test_sampling_is_reproducible_and_in_range():
     assert a.entropy.mean().item() == pytest.approx(sum(math.log(n) for n in CHOICES), rel=0.05)
 
 
-def test_sample_log_prob_matches_evaluate():
-    policy = controller()
-    rollout = policy.sample(8, torch.Generator().manual_seed(2))
-    again = policy.evaluate(rollout.archs)
-    torch.testing.assert_close(again.log_prob, rollout.log_prob)
-    torch.testing.assert_close(again.entropy, rollout.entropy)
-    # The likelihoods of all architectures form a distribution.
-    every = torch.tensor(list(itertools.product(*(range(n) for n in CHOICES))))
-    assert policy.evaluate(every).log_prob.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+def unrolled(policy: Controller, archs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The policy's definition, one decision at a time with its modules: log-probabilities,
+    entropies and probabilities of ``archs`` — what the one-call scoring must equal."""
+    batch = archs.shape[0]
+    state = [(torch.zeros(batch, policy.hidden_size, dtype=policy.start.dtype),) * 2] * (1 + len(policy.upper))
+    x, log_prob, entropy, probs = policy.start.expand(batch, -1), 0.0, 0.0, []
+    for k, head in enumerate(policy.heads):
+        if policy.positions is not None:
+            x = x + policy.positions.weight[k]
+        if policy.budget_in is not None:
+            x = x + policy.budget_in(policy.budget(archs[:, :k]).to(x)[:, None])
+        new = []
+        for cell, hc in zip([policy.lstm, *policy.upper], state):
+            new.append(cell(x, hc))
+            x = new[-1][0]
+        state = new
+        logp = torch.log_softmax(head(x), -1)
+        log_prob = log_prob + logp.gather(1, archs[:, k:k + 1]).squeeze(1)
+        entropy = entropy - (logp.exp() * logp).sum(-1)
+        probs.append(logp.exp())
+        x = policy.embeddings[k](archs[:, k])
+    return log_prob, entropy, probs
+
+
+@pytest.mark.parametrize("options", [{}, {"layers": 2, "layer_input": True,
+                                          "budget": lambda prefix: 1 - prefix.sum(1) / 10}])
+def test_scoring_in_one_call_equals_the_unrolled_policy(options):
+    # float64: the sequence LSTM and the cell loop sum in different orders.
+    torch.manual_seed(0)
+    policy = Controller(CHOICES, hidden_size=16, **options).double()
+    archs = policy.sample_archs(6, torch.Generator().manual_seed(2))
+    rollout = policy.evaluate(archs)
+    log_prob, entropy, probs = unrolled(policy, archs)
+    torch.testing.assert_close(rollout.log_prob, log_prob)
+    torch.testing.assert_close(rollout.entropy, entropy)
+    for got, want in zip(rollout.probs, probs, strict=True):
+        torch.testing.assert_close(got, want)
+    weights = torch.tensor([0.3, -1.0, 0.5, 2.0, 0.1, -0.4], dtype=torch.float64)
+    params = [p for p in policy.parameters()]
+    got = torch.autograd.grad((weights * rollout.log_prob).sum() + rollout.entropy.sum(), params, allow_unused=True)
+    want = torch.autograd.grad((weights * log_prob).sum() + entropy.sum(), params, allow_unused=True)
+    for name, g, w in zip([n for n, _ in policy.named_parameters()], got, want, strict=True):
+        assert (g is None) == (w is None), name  # the last decision's embedding is never read
+        if g is not None:
+            torch.testing.assert_close(g, w, msg=name)
+
+
+def test_sampling_draws_from_the_policy():
+    # Gumbel-max per decision, fed back autoregressively: the frequencies of whole archs match
+    # their likelihoods (a policy made far from uniform, so a wrong feed or draw shows).
+    policy = controller(1, choices=(3, 2, 3))
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(param.numel()))
+    draws = 40_000
+    archs = policy.sample_archs(draws, torch.Generator().manual_seed(3))
+    every = torch.tensor(list(itertools.product(range(3), range(2), range(3))))
+    expected = policy.evaluate(every).log_prob.exp().detach()
+    assert expected.max() > 0.2 and expected.min() < 0.02  # far from uniform
+    seen = (archs[:, None, :] == every[None]).all(-1).float().mean(0)
+    # Within 5 standard errors of each arch's frequency.
+    assert ((seen - expected).abs() <= 5 * (expected * (1 - expected) / draws).sqrt() + 1e-4).all()
+    assert torch.equal(archs, policy.sample_archs(draws, torch.Generator().manual_seed(3)))
 
 
 def test_evaluate_errors():

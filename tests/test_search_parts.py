@@ -191,6 +191,23 @@ def test_batch_statistics_leaves_running_statistics_alone():
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
 
+def test_batch_statistics_turns_dropout_off_and_restores_every_module_as_it_was():
+    untracked = torch.nn.BatchNorm1d(4, track_running_stats=False)
+    frozen = torch.nn.BatchNorm1d(4).eval()  # a module the user left in eval mode
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), frozen, untracked)
+    net.train()
+    frozen.eval()
+    x = torch.randn(16, 4)
+    with batch_statistics(net):
+        assert not net[1].training  # dropout off: two passes agree
+        torch.testing.assert_close(net(x), net(x))
+        assert frozen.training and not frozen.track_running_stats  # batch statistics, nothing tracked
+        batch_mean = net[0](x).mean(0)
+    assert [m.training for m in net] == [True, True, False, True] and net.training
+    assert frozen.track_running_stats and not untracked.track_running_stats
+    assert torch.equal(frozen.running_mean, torch.zeros(4)) and batch_mean.abs().sum() > 0
+
+
 # --- arch selection ------------------------------------------------------------------------
 
 def cand(flops, loglik):

@@ -110,6 +110,7 @@ class Supernet(nn.Sequential):
         self._check_wiring()
         self._costs: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
         self._plans: dict[tuple[int, ...], list[tuple[APSLayer, int]]] = {}
+        self._aps_paths: Optional[dict[str, APSLayer]] = None
         self.grouped_kernels = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,9 @@ class Supernet(nn.Sequential):
         if plan is None:
             if len(self._plans) >= COST_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))  # the oldest
-            layers = {path: m for path, m in self.named_modules() if isinstance(m, APSLayer)}
+            if self._aps_paths is None:  # once: a walk of every module is half a plan's cost
+                self._aps_paths = {path: m for path, m in self.named_modules() if isinstance(m, APSLayer)}
+            layers = self._aps_paths
             plan = [(layers[s.name], s.in_channels) for s in self.layer_shapes(key) if s.name in layers]
             self._plans[key] = plan
         return plan

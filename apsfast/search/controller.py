@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast import _checks
+from apsfast.search import steps
 
 
 class Rollout(NamedTuple):
@@ -88,10 +89,13 @@ class Controller(nn.Module):
             x = x + self.budget_in(self.budget(prefix).to(x)[:, None])
         return x
 
+    def _cells(self) -> list[nn.LSTMCell]:
+        return [self.lstm, *self.upper]
+
     def _cell(self, x: Tensor, state: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """One step of the stacked LSTM; returns the top layer's output and the new states."""
         new = []
-        for cell, (h, c) in zip([self.lstm, *self.upper], state):
+        for cell, (h, c) in zip(self._cells(), state):
             h, c = cell(x, (h, c))
             new.append((h, c))
             x = h
@@ -101,28 +105,84 @@ class Controller(nn.Module):
         zero = self.start.new_zeros(batch, self.hidden_size)
         return [(zero, zero)] * (1 + len(self.upper))
 
-    def _unroll(self, batch: int, archs: Optional[Tensor], generator: Optional[torch.Generator]) -> Rollout:
+    def _layout(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Where each decision's candidates sit among all heads' outputs: the offset of each
+        decision ``[D]``, a gather index ``[D, max n]`` onto them (repeating the last candidate
+        past ``n_k``), and the mask of real candidates ``[D, max n]``."""
+        if getattr(self, "_layout_cache", (None,))[0] != device:
+            counts = torch.tensor(self.num_choices, device=device)
+            offsets = counts.cumsum(0) - counts
+            column = torch.arange(max(self.num_choices), device=device)
+            index = offsets[:, None] + torch.minimum(column[None], counts[:, None] - 1)
+            self._layout_cache = (device, (offsets, index, column[None] < counts[:, None]))
+        return self._layout_cache[1]
+
+    def _teacher_inputs(self, archs: Tensor) -> Tensor:
+        """Every decision's input ``[D, B, H]`` for known ``archs`` ``[B, D]``: the start vector,
+        then the embedding of each previous choice (one lookup in all tables at once), plus the
+        optional features — what :meth:`sample_archs` feeds its LSTM one decision at a time."""
+        batch, count = archs.shape
+        first = self.start.expand(batch, -1)[None]
+        if count > 1:
+            offsets = self._layout(archs.device)[0]
+            table = torch.cat([e.weight for e in self.embeddings[:-1]])
+            x = torch.cat([first, F.embedding((archs[:, :-1] + offsets[:-1]).t(), table)])
+        else:
+            x = first
+        if self.positions is not None:
+            x = x + self.positions.weight[:, None]
+        if self.budget_in is not None:
+            left = torch.stack([self.budget(archs[:, :k]).to(x) for k in range(count)])
+            x = x + self.budget_in(left[..., None])
+        return x
+
+    def _score(self, archs: Tensor) -> Rollout:
+        """Log-probabilities, entropies and probabilities of known ``archs`` ``[B, D]``: the
+        whole decision sequence in one LSTM call and one product with every head, instead of a
+        Python step per decision (a controller step's host cost)."""
+        batch = archs.shape[0]
+        layers = 1 + len(self.upper)
+        zero = self.start.new_zeros(layers, batch, self.hidden_size)
+        weights = [w for cell in self._cells() for w in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
+        out, _, _ = torch.lstm(self._teacher_inputs(archs), (zero, zero), weights, True, layers, 0.0,
+                               self.training, False, False)
+        logits = F.linear(out, torch.cat([h.weight for h in self.heads]), torch.cat([h.bias for h in self.heads]))
+        _, index, real = self._layout(archs.device)
+        # Each decision's logits side by side [D, B, max n], the padding at −∞: one softmax
+        # for all decisions, with zero probability (and a zero gradient) past n_k.
+        padded = logits.gather(2, index[:, None].expand(-1, batch, -1)).masked_fill(~real[:, None], -math.inf)
+        logp = F.log_softmax(padded, dim=-1)
+        p = logp.exp()
+        log_prob = logp.gather(2, archs.t()[..., None]).squeeze(2).sum(0)
+        entropy = -(p * logp.masked_fill(~real[:, None], 0.0)).sum(-1).sum(0)
+        return Rollout(archs, log_prob, entropy, [p[k, :, :n] for k, n in enumerate(self.num_choices)])
+
+    @torch.no_grad()
+    def sample_archs(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Draw ``batch`` architectures ``[batch, D]`` (no likelihoods, no graph): per decision
+        one LSTM step and the Gumbel-max choice ``argmax(logits + G)``, which is a draw from the
+        softmax; the noise of all decisions is drawn at once."""
+        batch = _checks.positive_int("batch", batch)
+        noise = torch.empty(batch, len(self.num_choices), max(self.num_choices), device=self.start.device)
+        gumbel = -noise.exponential_(generator=generator).log()
         state = self._zero_state(batch)
+        cells = [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in self._cells()]
         x = self.start.expand(batch, -1)
-        chosen, log_prob, entropy, probs = [], 0.0, 0.0, []
-        for k, head in enumerate(self.heads):
-            h, state = self._cell(self._input(x, k, chosen), state)
-            logp = F.log_softmax(head(h), dim=-1)
-            if archs is None:
-                with torch.no_grad():
-                    choice = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
-            else:
-                choice = archs[:, k]
-            log_prob = log_prob + logp.gather(1, choice[:, None]).squeeze(1)
-            entropy = entropy - (logp.exp() * logp).sum(-1)
-            probs.append(logp.exp())
-            chosen.append(choice)
-            x = self.embeddings[k](choice)
-        return Rollout(torch.stack(chosen, 1), log_prob, entropy, probs)
+        chosen: list[Tensor] = []
+        # The modules' functions called directly: a module call's own overhead is about half
+        # of this loop's time.
+        for k, (head, n) in enumerate(zip(self.heads, self.num_choices)):
+            x = self._input(x, k, chosen)
+            for layer, weights in enumerate(cells):
+                state[layer] = torch.lstm_cell(x, state[layer], *weights)
+                x = state[layer][0]
+            chosen.append(torch.addmm(head.bias, x, head.weight.t()).add_(gumbel[:, k, :n]).argmax(-1))
+            x = F.embedding(chosen[-1], self.embeddings[k].weight)
+        return torch.stack(chosen, 1)
 
     def sample(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Rollout:
         """Draw ``batch`` architectures; their log-probabilities carry gradients."""
-        return self._unroll(_checks.positive_int("batch", batch), None, generator)
+        return self._score(self.sample_archs(batch, generator))
 
     def evaluate(self, archs: Sequence[Sequence[int]] | Tensor) -> Rollout:
         """Log-probabilities, entropies and per-decision probabilities of given architectures."""
@@ -137,7 +197,7 @@ class Controller(nn.Module):
             b, k = bad[0].tolist()
             raise ValueError(f"archs[{b}, {k}] = {int(archs[b, k])} is out of range: decision {k} has "
                              f"{self.num_choices[k]} candidates")
-        return self._unroll(archs.shape[0], archs, None)
+        return self._score(archs)
 
     @torch.no_grad()
     def beam_search(self, beam_size: int) -> list[tuple[list[int], float]]:
@@ -180,9 +240,9 @@ class Reinforce:
                  baseline_decay: float = 0.99, entropy_weight: float = 4e-3, weight_decay: float = 0.0,
                  baseline: str = "moving_average") -> None:
         self.controller = controller
-        self.optimizer = torch.optim.Adam(controller.parameters(), lr=_checks.finite_float("lr", lr, positive=True),
-                                          betas=betas,
-                                          weight_decay=_checks.finite_float("weight_decay", weight_decay, positive=False))
+        self.optimizer = steps.adam(controller.parameters(), lr=_checks.finite_float("lr", lr, positive=True),
+                                    betas=betas,
+                                    weight_decay=_checks.finite_float("weight_decay", weight_decay, positive=False))
         self.baseline_decay = _checks.finite_float("baseline_decay", baseline_decay, positive=False)
         if self.baseline_decay >= 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay!r}")

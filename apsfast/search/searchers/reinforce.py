@@ -51,8 +51,7 @@ class ReinforceSearcher(Searcher):
         self._pending: Optional[tuple[list[Arch], Readback]] = None
 
     def sample_train_arch(self) -> Arch:
-        with torch.no_grad():
-            return self.controller.sample(1, self.generator).archs[0].tolist()
+        return self.controller.sample_archs(1, self.generator)[0].tolist()
 
     def step(self, score: Score, batch: Optional[Batch] = None) -> dict[str, float]:
         """Score this step's archs, and train the policy on the previous step's.
@@ -65,8 +64,7 @@ class ReinforceSearcher(Searcher):
         Only the weight steps in between sample their archs from the policy before it.
         """
         out = self.flush()
-        with torch.no_grad():
-            archs = self.controller.sample(self.samples, self.generator).archs.tolist()
+        archs = self.controller.sample_archs(self.samples, self.generator).tolist()
         accuracies = score(archs)
         self._pending = (archs, Readback(accuracies if isinstance(accuracies, torch.Tensor)
                                          else torch.as_tensor(accuracies, dtype=torch.float64)))
