@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -93,18 +94,24 @@ def aps_conv2d(input: Tensor, weight: Tensor, P: Optional[Tensor], Q: Optional[T
 
 
 def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
-                      Qs: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
+                      Qs: Optional[Sequence[Optional[Tensor]]] = None, *,
+                      dtype: Optional[torch.dtype] = None) -> list[Tensor]:
     """The candidate kernels of many layers in one call: ``[construct(w, P, Q) …]``.
 
     One op call for a whole network instead of one per layer; the backward scatters every
     layer's weight gradient in one call too. Layers whose ``P`` or ``Q`` requires grad go
-    through :func:`construct` (the grouped op does not differentiate the transforms).
+    through :func:`construct` (the grouped op does not differentiate the transforms). A
+    kernel is channels_last where its meta-weight is (4-D, channels innermost, not 1×1), as
+    a slice of that meta-weight would be.
 
     Args:
         weights: meta-weights ``[C_out, C_in, *kernel]``, one per layer, all of one dtype and
             device.
         Ps: output-side transforms (or ``None``), one per layer.
         Qs: input-side transforms (or ``None``), one per layer; ``None`` for all-identity.
+        dtype: the kernels' floating dtype (default: the weights'). They are built in the
+            weights' dtype and then cast, inside the op: under autocast, the dtype the
+            convolutions would cast them to, without a cast and an autograd node per layer.
     """
     if isinstance(weights, Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
         raise TypeError(f"weights must be a non-empty sequence of tensors, got {type(weights).__name__}")
@@ -120,14 +127,18 @@ def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
             _check_transforms(w, P, Q)
         except (TypeError, ValueError) as err:
             raise type(err)(f"layer {l}: {err}") from None
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    dtype = None if dtype == weights[0].dtype else dtype
     trained = [any(M is not None and M.requires_grad for M in (P, Q)) for P, Q in zip(Ps, Qs)]
     if not any(trained):
-        return ops.construct_grouped(list(weights), list(Ps), list(Qs))
+        return ops.construct_grouped(list(weights), list(Ps), list(Qs), dtype)
     grouped = [l for l, t in enumerate(trained) if not t]
-    kernels = [ops.construct(w, P, Q) if t else None for w, P, Q, t in zip(weights, Ps, Qs, trained)]
+    kernels = [(ops.construct(w, P, Q) if dtype is None else ops.construct(w, P, Q).to(dtype)) if t else None
+               for w, P, Q, t in zip(weights, Ps, Qs, trained)]
     if grouped:
         built = ops.construct_grouped([weights[l] for l in grouped], [Ps[l] for l in grouped],
-                                      [Qs[l] for l in grouped])
+                                      [Qs[l] for l in grouped], dtype)
         for l, kernel in zip(grouped, built):
             kernels[l] = kernel
     return kernels

@@ -15,6 +15,23 @@ import torch
 from torch import Tensor
 
 from apsfast import _backends
+from apsfast.reference import channels_last_kernel
+
+
+def _emitted(kernel: Tensor, weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A backend's kernel in the memory format of its meta-weight (channels_last where
+    :func:`~apsfast.reference.channels_last_kernel`; a view where the backend built it so) and
+    in ``dtype`` (default: its own)."""
+    if channels_last_kernel(weight):
+        kernel = kernel.contiguous(memory_format=torch.channels_last)
+    return kernel if dtype is None or dtype == kernel.dtype else kernel.to(dtype)
+
+
+def _empty_kernel(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor],
+                  dtype: Optional[torch.dtype] = None) -> Tensor:
+    """What :func:`_emitted` returns, uninitialised: the fake implementations' output."""
+    kernel = weight.new_empty(_out_shape(weight, P, Q), dtype=dtype)
+    return kernel.contiguous(memory_format=torch.channels_last) if channels_last_kernel(weight) else kernel
 
 
 def _out_shape(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> tuple[int, ...]:
@@ -25,12 +42,14 @@ def _out_shape(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> tupl
 
 @torch.library.custom_op("apsfast::construct", mutates_args=())
 def construct(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) -> Tensor:
-    """Candidate kernel ``einsum('ao,bi,abhw->oihw', P, Q, weight)`` (paper eq. 2), contiguous.
+    """Candidate kernel ``einsum('ao,bi,abhw->oihw', P, Q, weight)`` (paper eq. 2): dense, with
+    standard strides, or channels_last where the meta-weight has its channels innermost
+    (:func:`~apsfast.reference.channels_last_kernel`).
 
     weight ``[C_out, C_in, *kernel]``, P ``[C_out, c_o]`` or None, Q ``[C_in, c_i]`` or None
     → ``[c_o, c_i, *kernel]``.
     """
-    return _backends.select("construct", weight.device, weight.dtype).construct(weight, P, Q)
+    return _emitted(_backends.select("construct", weight.device, weight.dtype).construct(weight, P, Q), weight)
 
 
 @construct.register_fake
@@ -40,7 +59,7 @@ def _construct_fake(weight: Tensor, P: Optional[Tensor], Q: Optional[Tensor]) ->
             torch._check(M.dim() == 2, lambda: f"{name} must be 2-D")
             torch._check(M.shape[0] == weight.shape[dim],
                          lambda: f"{name}.shape[0] must equal weight.shape[{dim}]")
-    return weight.new_empty(_out_shape(weight, P, Q))
+    return _empty_kernel(weight, P, Q)
 
 
 @torch.library.custom_op("apsfast::construct_backward", mutates_args=())
@@ -73,34 +92,49 @@ construct.register_autograd(_construct_backward, setup_context=_construct_setup_
 
 
 @torch.library.custom_op("apsfast::construct_grouped", mutates_args=())
-def construct_grouped(weights: list[Tensor], Ps: list[Optional[Tensor]],
-                      Qs: list[Optional[Tensor]]) -> list[Tensor]:
+def construct_grouped(weights: list[Tensor], Ps: list[Optional[Tensor]], Qs: list[Optional[Tensor]],
+                      dtype: Optional[torch.dtype] = None) -> list[Tensor]:
     """The candidate kernels of many layers in one call (one launch per mode product on the
-    compiled backends). All tensors share one device and dtype."""
+    compiled backends), each laid out as :func:`construct`'s. All tensors share one device and
+    dtype; the kernels are built in it and emitted in ``dtype`` (default: the same), e.g. the
+    autocast dtype their convolutions would cast them to one by one."""
     backend = _backends.select("construct_grouped", weights[0].device, weights[0].dtype)
-    return backend.construct_grouped(weights, Ps, Qs)
+    return [_emitted(k, w, dtype) for k, w in zip(backend.construct_grouped(weights, Ps, Qs), weights)]
 
 
 @construct_grouped.register_fake
-def _construct_grouped_fake(weights, Ps, Qs) -> list[Tensor]:
-    return [w.new_empty(_out_shape(w, P, Q)) for w, P, Q in zip(weights, Ps, Qs)]
+def _construct_grouped_fake(weights, Ps, Qs, dtype=None) -> list[Tensor]:
+    return [_empty_kernel(w, P, Q, dtype) for w, P, Q in zip(weights, Ps, Qs)]
 
 
 def _construct_grouped_setup_context(ctx, inputs, output) -> None:
-    _, Ps, Qs = inputs
+    weights, Ps, Qs, dtype = inputs
     ctx.transforms = (Ps, Qs)
+    ctx.dtype = weights[0].dtype
+    # torch.library hands the backward's result the structure of the arguments given, and a
+    # dtype left at its default is not among them.
+    ctx.dtype_given = dtype is not None
+
+
+def _dense(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad`` in ``dtype`` over dense memory, keeping a channels_last layout (which gives a
+    channels_last meta-weight its gradient in its own layout)."""
+    if not (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)):
+        grad = grad.contiguous()
+    return grad.to(dtype)
 
 
 def _construct_grouped_backward(ctx, grads: list[Tensor]):
-    # dW_l = P_l · g_l · Q_lᵀ is a grouped construction with the transposed transforms.
-    # The transforms get no gradient here: apsfast.construct_grouped sends layers whose
-    # transforms require grad through the per-layer op instead.
+    # dW_l = P_l · g_l · Q_lᵀ is a grouped construction with the transposed transforms, in the
+    # weights' dtype. The transforms get no gradient here: apsfast.construct_grouped sends
+    # layers whose transforms require grad through the per-layer op instead.
     Ps, Qs = ctx.transforms
     transpose = [None if M is None else M.t() for M in Ps], [None if M is None else M.t() for M in Qs]
-    dweights = construct_grouped([g.contiguous() for g in grads], *transpose)
+    dweights = construct_grouped([_dense(g, ctx.dtype) for g in grads], *transpose)
     # The gradient of a list argument mirrors its structure: torch.library treats a list that
     # holds a None as one leaf, and a list of tensors as a list.
-    return dweights, *(None if any(M is None for M in Ms) else [None] * len(Ms) for Ms in (Ps, Qs))
+    transforms = (None if any(M is None for M in Ms) else [None] * len(Ms) for Ms in (Ps, Qs))
+    return (dweights, *transforms, *((None,) if ctx.dtype_given else ()))
 
 
 construct_grouped.register_autograd(_construct_grouped_backward, setup_context=_construct_grouped_setup_context)

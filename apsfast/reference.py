@@ -42,6 +42,16 @@ def standard_strides(t: Tensor) -> Tensor:
     return dense.view(-1).view(dense.shape)
 
 
+def channels_last_kernel(weight: Tensor) -> bool:
+    """Whether the candidate kernels of ``weight`` are channels_last (every backend's rule; the
+    twin of ``csrc/common/layout.h``): a 4-D weight with its channels innermost (a
+    channels_last meta-weight, or a channel slice of one) and a spatial extent, so that a
+    channels_last run's convolutions take its kernels as they are. 1×1 kernels keep
+    :func:`standard_strides`."""
+    return (weight.dim() == 4 and weight.shape[1] > 1 and weight.shape[2] * weight.shape[3] > 1
+            and weight.stride(1) == 1)
+
+
 def _mode_product(weight: Tensor, M: Tensor, mode: int) -> Tensor:
     """``weight ×_mode Mᵀ``: contract dim ``mode`` (0 or 1) of ``weight`` with the rows of ``M``."""
     # S computed, not inferred, so that an empty candidate (a zero-size mode) reshapes too.

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from apsfast import reference
 from conftest import assert_close
 
 gpu = pytest.mark.gpu
@@ -93,6 +94,14 @@ def einsum_kernel(weight: torch.Tensor, P: Optional[torch.Tensor], Q: Optional[t
 
 def standard_strides(shape) -> tuple[int, ...]:
     return torch.empty(shape).stride()
+
+
+def kernel_strides(shape, weight: torch.Tensor) -> tuple[int, ...]:
+    """The strides every backend gives a candidate kernel of ``weight``: channels_last where
+    the meta-weight has its channels innermost and a spatial extent, else standard."""
+    if reference.channels_last_kernel(weight):
+        return torch.empty(shape).contiguous(memory_format=torch.channels_last).stride()
+    return standard_strides(shape)
 
 
 # --- comparisons --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 import apsfast
 from apsfast import reference
 from cases import (nan_filled_empty, ALL, COMPILE, CPU, CPU_FAST, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
-                   meta_weight, randn, standard_strides, to, transform, with_layout)
+                   kernel_strides, meta_weight, randn, standard_strides, to, transform, with_layout)
 from conftest import assert_close
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
@@ -69,8 +69,9 @@ def test_construct_values(target, shape, sides, layout, dtype):
     assert out.device.type == target.device.type and out.dtype == dtype
     # conv2d reads a kernel's memory format from its strides, unit dims included: a 1×1 kernel
     # with einsum's strides (c_i, 1, c_i, c_i) reads as channels_last, and PyTorch's CPU conv
-    # backward at stride 2 then corrupts the heap (see test_nn's regression test).
-    assert out.stride() == standard_strides(out.shape)
+    # backward at stride 2 then corrupts the heap (see test_nn's regression test). A
+    # channels_last meta-weight with a spatial kernel gives a channels_last kernel.
+    assert out.stride() == kernel_strides(out.shape, weight)
     assert_matches(out, einsum_kernel(*exact(weight, P, Q)), reference.construct(weight, P, Q))
 
 

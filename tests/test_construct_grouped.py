@@ -9,18 +9,20 @@ import torch
 import apsfast
 from apsfast import reference
 from cases import (CountLaunches, nan_filled_empty, ALL, COMPILE, CPU, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
-                   meta_weight, randn, standard_strides, to, transform)
+                   kernel_strides, meta_weight, randn, standard_strides, to, transform)
 from conftest import assert_close
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
 # Heterogeneous layers: (C_out, C_in, kernel, c_o or None, c_i or None, layout): both
-# transforms, P only, Q only, none, transposed transforms, a channels_last weight and layers
-# over several 64-wide tiles.
+# transforms, P only, Q only, none, transposed transforms, channels_last weights (1×1: a
+# standard kernel; 3×3: a channels_last one, also from a channel slice of a wider meta-weight,
+# as an exact-selection input side gives) and layers over several 64-wide tiles.
 LAYERS = [(37, 21, (3, 3), 19, 13, "transposed"), (7, 1, (3, 3), 3, None, "contiguous"),
           (12, 70, (1, 1), None, 66, "channels_last"), (5, 5, (), 2, 3, "contiguous"),
           (9, 4, (1, 3), None, None, "contiguous"), (80, 6, (), 70, 5, "contiguous"),
-          (8, 6, (3, 3), 5, 4, "contiguous")]
+          (10, 6, (3, 3), 4, 5, "channels_last"), (10, 6, (3, 3), 4, None, "channels_last_slice"),
+          (9, 4, (2, 2), None, None, "channels_last"), (8, 6, (3, 3), 5, 4, "contiguous")]
 
 
 def make_layers(dtype=F64, layers=LAYERS, seed=0):
@@ -33,6 +35,9 @@ def make_layers(dtype=F64, layers=LAYERS, seed=0):
             P, Q = (None if M is None else M.t().contiguous().t() for M in (P, Q))
         elif layout == "channels_last":
             w = w.to(memory_format=torch.channels_last)
+        elif layout == "channels_last_slice":
+            wider = meta_weight(C_out, C_in + 3, kernel, seed + 10 * l, dtype).to(memory_format=torch.channels_last)
+            w = wider[:, 2:2 + C_in]
         weights.append(w)
         Ps.append(P)
         Qs.append(Q)
@@ -47,7 +52,7 @@ def test_grouped_values(target, dtype):
     kernels = apsfast.construct_grouped(*(to(target.device, *ts) for ts in (weights, Ps, Qs)))
     assert len(kernels) == len(weights)
     for k, w, P, Q in zip(kernels, weights, Ps, Qs):
-        assert k.dtype == dtype and k.stride() == standard_strides(k.shape)
+        assert k.dtype == dtype and k.stride() == kernel_strides(k.shape, w)
         assert_matches(k, einsum_kernel(*exact(w, P, Q)), reference.construct(w, P, Q))
 
 
@@ -94,6 +99,29 @@ def test_grouped_edge_cases(target):
     assert_close(outs[1], einsum_kernel(w, P, Q))
 
 
+@pytest.mark.parametrize("target", ALL, indirect=True)
+def test_grouped_emits_the_requested_dtype(target):
+    # float32 meta-weights, bfloat16 kernels (an autocast run's): the float32 kernels rounded
+    # once, in their layout, as a cast per layer gives; the gradients reach the float32
+    # weights as through that cast.
+    target.require(BF16)
+    weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(F32))
+    leaves, twins = ([w.detach().requires_grad_() for w in weights] for _ in range(2))
+    kernels = apsfast.construct_grouped(leaves, Ps, Qs, dtype=BF16)
+    cast = [k.to(BF16) for k in apsfast.construct_grouped(twins, Ps, Qs)]
+    for k, c, w in zip(kernels, cast, weights):
+        assert k.dtype == BF16 and k.stride() == c.stride() == kernel_strides(k.shape, w)
+        assert torch.equal(k, c)
+    grads = to(target.device, *(randn(*k.shape, seed=l, dtype=BF16) for l, k in enumerate(kernels)))
+    torch.autograd.backward(kernels, grads)
+    torch.autograd.backward(cast, grads)
+    for ours, theirs in zip(leaves, twins):
+        assert ours.grad.dtype == F32
+        assert_close(ours.grad, theirs.grad)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype or None, got torch.int32"):
+        apsfast.construct_grouped(weights, Ps, Qs, dtype=torch.int32)
+
+
 @pytest.mark.parametrize("target", NO_INTERPRETER, indirect=True)
 def test_grouped_gradcheck(target):
     weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(layers=[
@@ -105,8 +133,9 @@ def test_grouped_gradcheck(target):
 @pytest.mark.parametrize("target", NO_INTERPRETER, indirect=True)
 def test_grouped_opcheck(target):
     weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(layers=LAYERS[-3:]))
-    torch.library.opcheck(torch.ops.apsfast.construct_grouped.default,
-                          ([w.requires_grad_() for w in weights], Ps, Qs))
+    for dtype in (None, F32):  # built in float64, emitted in float64 or float32
+        torch.library.opcheck(torch.ops.apsfast.construct_grouped.default,
+                              ([w.detach().requires_grad_() for w in weights], Ps, Qs, dtype))
 
 
 @pytest.mark.parametrize("target", COMPILE, indirect=True)

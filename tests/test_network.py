@@ -151,3 +151,60 @@ def test_a_supernet_builds_its_kernels_grouped_with_the_same_values_and_grads(ba
             assert (a.grad is None) == (b.grad is None), path
             if a.grad is not None:
                 assert_close(a.grad, b.grad)
+
+
+def autograd_nodes(root: torch.Tensor, name: str) -> int:
+    """How many nodes called ``name`` the graph of ``root`` holds."""
+    seen, stack, count = set(), [root.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+def test_under_autocast_a_channels_last_supernet_gets_its_kernels_in_the_autocast_dtype_and_format():
+    # bfloat16 autocast on the CPU, channels_last as a GPU run has it: the grouped build emits
+    # every kernel in bfloat16 and channels_last (no cast node per layer, no layout copy),
+    # with the losses and gradients of layers that build their own kernels and let each
+    # convolution cast it.
+    torch.manual_seed(0)
+    net = apsfast.models.build("resnet20_cifar", widths=[2, 3, 5], input_size=16, num_classes=4)
+    apsfast.nn.network_transition_step(net, 1e-2)
+    net.to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(net)
+    twin.grouped_kernels = False
+    x = torch.randn(3, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 3, 1])
+    arch = net.sample_uniform(torch.Generator().manual_seed(1))
+    net.set_arch(arch)
+    built = [layer for layer, width in net.kernel_plan() if layer.prebuild_operands(width) is not None]
+    assert len(built) >= 10
+    kernels, losses, casts = [], [], []
+    for supernet in (net, twin):
+        supernet.set_arch(arch)
+        seen = []
+        hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(m._prebuilt)) for layer in built]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(nn.functional.cross_entropy(supernet(x), y))
+        for hook in hooks:
+            hook.remove()
+        kernels.append(seen)
+        casts.append(autograd_nodes(losses[-1], "ToCopyBackward0"))
+        losses[-1].backward()
+    for prebuilt in kernels[0]:
+        kernel = prebuilt[1]
+        assert kernel.dtype == torch.bfloat16
+        assert kernel.dim() == 2 or kernel.shape[-2:] == (1, 1) or kernel.is_contiguous(memory_format=torch.channels_last)
+    assert all(prebuilt is None for prebuilt in kernels[1])
+    assert casts[1] - casts[0] == len(built)  # one cast per layer less
+    assert_close(losses[0], losses[1], torch.bfloat16)
+    for (path, a), b in zip(net.named_parameters(), twin.parameters()):
+        assert (a.grad is None) == (b.grad is None), path
+        if a.grad is not None:
+            if a.dim() == 4:  # the gradient in its parameter's layout: no copy by the optimizer
+                assert a.grad.is_contiguous(memory_format=torch.channels_last), path
+            assert_close(a.grad, b.grad, torch.bfloat16)

@@ -15,7 +15,10 @@ the same uniformly sampled arch (seed 0):
 * ``weight``: the supernet's weight step (set the arch, forward, backward, SGD);
 * ``weight+transition``: that and APS-T's transition step of every layer (the search's step
   but the controller's);
-* ``transition``: the transition step alone.
+* ``transition``: the transition step alone;
+* ``controller``: the controller's step alone (sample an arch, score it on a validation
+  batch of the same size, REINFORCE), and ``search step``: the whole step as the loop takes
+  it (the weight step, the transition and the controller's step).
 
 Rows: width multipliers ×1 (candidates 16/32/64/96) and ×0.25 (4/8/16/24, where the
 construction's arithmetic is negligible). Per row also the construction's arithmetic: the
@@ -44,7 +47,7 @@ from apsfast.nn.base import APSLayer
 
 MODEL, IMAGE_SIZE, BATCH = "resnet20_cifar", 8, 2
 WIDTHS = (1.0, 0.25)
-PROVIDERS = ("static", "static compiled", "weight", "weight+transition", "transition")
+PROVIDERS = ("static", "static compiled", "weight", "weight+transition", "transition", "controller", "search step")
 TARGET = "(weight+transition)/static ≤ 1.3 at width ×1 (host cost)"
 GEMM_N = 1024
 
@@ -106,7 +109,8 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
 
         fns: dict[str, Callable[[], object]] = {"static": steps["limit"], "weight": parts["weight"],
                                                 "weight+transition": weight_and_transition,
-                                                "transition": parts["transition"]}
+                                                "transition": parts["transition"], "controller": parts["controller"],
+                                                "search step": steps["apsfast"]}
         compiled, error = (compiled_static_step(search, data) if compile_static
                            else (None, "not timed (--no-compile, or --quick without --compile)"))
         if compiled:
@@ -118,6 +122,7 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
            "arch": data.arch, **{f"t_{name}": t[name] for name in PROVIDERS if name in t},
            "weight/static": t["weight"] / t["static"],
            "(weight+transition)/static": t["weight+transition"] / t["static"],
+           "(search step)/static": t["search step"] / t["static"],
            "construction_macs": macs, "construction_layers": layers, "t_construction_at_gemm": 2 * macs / flops,
            "static_macs": static_macs, "t_static_at_gemm": 2 * static_macs / flops, "gemm_flops": flops}
     if error:
@@ -149,14 +154,16 @@ def _ms(seconds: Optional[float]) -> str:
 def markdown(rows: list[dict]) -> str:
     """The table, the target line, the GEMM rate and any compilation failure."""
     out = ["| width× | candidates | static ms | static compiled ms | weight ms | weight+transition ms | transition ms | "
-           "weight/static | (weight+transition)/static | construction MMAC / step | construction ms at GEMM rate | "
-           "static MMAC / step | static ms at GEMM rate | weight − static − construction ms |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "controller ms | search step ms | weight/static | (weight+transition)/static | (search step)/static | "
+           "construction MMAC / step | construction ms at GEMM rate | static MMAC / step | static ms at GEMM rate | "
+           "weight − static − construction ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         beyond = r["t_weight"] - r["t_static"] - r["t_construction_at_gemm"]
         out.append(f"| {r['width']:g} | {'/'.join(map(str, r['candidates']))} | {_ms(r['t_static'])} | "
                    f"{_ms(r.get('t_static compiled'))} | {_ms(r['t_weight'])} | {_ms(r['t_weight+transition'])} | "
-                   f"{_ms(r['t_transition'])} | {r['weight/static']:.2f} | {r['(weight+transition)/static']:.2f} | "
+                   f"{_ms(r['t_transition'])} | {_ms(r['t_controller'])} | {_ms(r['t_search step'])} | "
+                   f"{r['weight/static']:.2f} | {r['(weight+transition)/static']:.2f} | {r['(search step)/static']:.2f} | "
                    f"{r['construction_macs'] / 1e6:.2f} | {_ms(r['t_construction_at_gemm'])} | "
                    f"{r['static_macs'] / 1e6:.2f} | {_ms(r['t_static_at_gemm'])} | {_ms(beyond)} |")
     at_one = [r for r in rows if r["width"] == 1.0]

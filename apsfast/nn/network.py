@@ -108,6 +108,15 @@ def network_transition_step(module: nn.Module, tau: float, *, relative: bool = T
     return phi
 
 
+def autocast_dtype(device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype autocast would cast a ``dtype`` convolution weight on ``device`` to, or
+    ``None`` where it would not (autocast off there, or not a float32 weight)."""
+    if dtype != torch.float32 or not torch.amp.is_autocast_available(device.type) \
+            or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def prebuild_kernels(items: Sequence[tuple[APSLayer, int]]) -> None:
     """Build the candidate weights of many layers in one grouped call, for their next forward.
 
@@ -119,18 +128,23 @@ def prebuild_kernels(items: Sequence[tuple[APSLayer, int]]) -> None:
     Each prebuilt weight serves the next forward of its layer only, and only if the input and
     output candidates match and the meta-weight has not changed since; otherwise it is
     discarded and the layer builds its own. Gradients reach the meta-weights through the
-    grouped backward.
+    grouped backward. Under autocast the kernels are emitted in its dtype (:func:`autocast_dtype`),
+    and a channels_last meta-weight gives channels_last kernels: the convolutions take them as
+    they are, with no cast or layout copy per layer.
     """
     groups: dict[tuple[torch.dtype, torch.device], list] = {}
     for layer, in_width in items:
         operands = layer.prebuild_operands(in_width)
         if operands is not None:
             groups.setdefault((layer.weight.dtype, layer.weight.device), []).append((layer, operands))
-    for entries in groups.values():
+    for (dtype, device), entries in groups.items():
         weights, Ps, Qs = ([op[k] for _, op in entries] for k in (1, 2, 3))
         trained = any(M is not None and M.requires_grad for M in (*Ps, *Qs))
+        # Under autocast the kernels come out in its dtype: the convolutions would cast each.
+        emit = autocast_dtype(device, dtype)
         # The operands are the layers' own, consistent by construction: the unchecked op,
         # unless a transform is trained (the checked entry sends those layers per layer).
-        kernels = (construct_grouped if trained else ops.construct_grouped)(weights, Ps, Qs)
+        kernels = (construct_grouped(weights, Ps, Qs, dtype=emit) if trained
+                   else ops.construct_grouped(weights, Ps, Qs, emit))
         for (layer, (key, *_)), kernel in zip(entries, kernels):
             layer._prebuilt = ((key, layer.weight._version), kernel)

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 #include "../common/order.h"
 
 namespace apsfast_cpu {
@@ -20,10 +21,22 @@ namespace {
 
 using at::Tensor;
 
+// Whether w3 [A, B, S] has its channels innermost (B with stride 1, S > 1): the 3-D view of a
+// channels_last kernel, or a channel slice of one. Such a view is contracted in its memory
+// order, [A, S, B], so neither mode product copies it, and the result keeps that order.
+bool channels_innermost(const Tensor& w3) {
+  return w3.size(1) > 1 && w3.size(2) > 1 && w3.stride(1) == 1;
+}
+
 // out[o, b, s] = sum_a M[a, o] W[a, b, s]: contract the output mode with the rows of M.
 Tensor out_mode(const Tensor& w3, const Tensor& M) {
+  const int64_t B = w3.size(1), S = w3.size(2);
+  if (channels_innermost(w3)) {
+    auto flat = w3.transpose(1, 2).reshape({w3.size(0), S * B});
+    return at::matmul(M.t(), flat).view({M.size(1), S, B}).transpose(1, 2);
+  }
   auto flat = w3.reshape({w3.size(0), -1});
-  return at::matmul(M.t(), flat).reshape({M.size(1), w3.size(1), w3.size(2)});
+  return at::matmul(M.t(), flat).reshape({M.size(1), B, S});
 }
 
 // Up to this many multiply-adds per GEMM of the batch, the input mode is contracted as a batch
@@ -34,11 +47,12 @@ constexpr int64_t kBatchedInModeMacs = 65536;
 
 // out[a, i, s] = sum_b M[b, i] W[a, b, s]: contract the input mode with the rows of M, as a
 // batch M^T [c_i, B] x W[a] [B, S] for small products (the result is contiguous), else as one
-// GEMM [A*S, B] x [B, c_i] between two layout copies (a batch of A large GEMMs is slower).
+// GEMM [A*S, B] x [B, c_i] between two layout copies (a batch of A large GEMMs is slower);
+// channels innermost, that GEMM needs no copies and its result keeps the order.
 Tensor in_mode(const Tensor& w3, const Tensor& M) {
   const int64_t A = w3.size(0), B = w3.size(1), S = w3.size(2);
   if (S == 1) return w3.reshape({A, B}).mm(M).reshape({A, M.size(1), 1});
-  if (B * M.size(1) * S <= kBatchedInModeMacs) return at::matmul(M.t(), w3);
+  if (!channels_innermost(w3) && B * M.size(1) * S <= kBatchedInModeMacs) return at::matmul(M.t(), w3);
   return w3.transpose(1, 2).reshape({A * S, B}).mm(M).reshape({A, S, M.size(1)}).transpose(1, 2);
 }
 
@@ -51,7 +65,9 @@ Tensor standard_strides(const Tensor& t) {
   return dense.view({-1}).view(dense.sizes());
 }
 
-// The candidate kernel of checked arguments.
+// The candidate kernel of checked arguments, channels_last where the weight has its channels
+// innermost (apsfast::channels_last_kernel; a channels_last run's meta-weights), else with
+// standard strides.
 Tensor build(const Tensor& weight, const std::optional<Tensor>& P, const std::optional<Tensor>& Q) {
   const int64_t C_out = weight.size(0), C_in = weight.size(1);
   const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
@@ -68,7 +84,9 @@ Tensor build(const Tensor& weight, const std::optional<Tensor>& P, const std::op
   } else {
     out = out_mode(in_mode(w3, *Q), *P);
   }
-  return standard_strides(out.reshape(apsfast::candidate_shape(weight, c_o, c_i)));
+  out = out.reshape(apsfast::candidate_shape(weight, c_o, c_i));
+  return apsfast::channels_last_kernel(weight) ? out.contiguous(at::MemoryFormat::ChannelsLast)
+                                               : standard_strides(out);
 }
 
 }  // namespace

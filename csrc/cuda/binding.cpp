@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/layout.h"
 #include "../common/order.h"
 #include "aps_kernels.h"
 
@@ -76,10 +77,17 @@ std::vector<int64_t> mode_product_shape(const Tensor& w3, const Tensor& M, int m
   return shape;
 }
 
+// An uninitialised [D0, D1, S] result; with `channels_inner`, laid out as [D0, S, D1] (the 3-D
+// view of a channels_last kernel). The mode-product kernels write through any strides.
+Tensor empty_3d(const std::vector<int64_t>& shape, bool channels_inner, const at::TensorOptions& options) {
+  if (!channels_inner) return at::empty(shape, options);
+  return at::empty({shape[0], shape[2], shape[1]}, options).transpose(1, 2);
+}
+
 // out[o, b, s] = sum_a M[a, o] W[a, b, s] (mode 0) or out[a, i, s] = sum_b M[b, i] W[a, b, s]
-// (mode 1), contiguous.
-Tensor mode_product(const Tensor& w3, const Tensor& M, int mode) {
-  Tensor out = at::empty(mode_product_shape(w3, M, mode), w3.options());
+// (mode 1), contiguous, or channels innermost (see empty_3d).
+Tensor mode_product(const Tensor& w3, const Tensor& M, int mode, bool channels_inner = false) {
+  Tensor out = empty_3d(mode_product_shape(w3, M, mode), channels_inner, w3.options());
   const ModeProductParams p = mode_product_params(w3, M, mode, out);
   check_launch(launch_mode_product(p, dtype_of(w3, "weight"), c10::cuda::getCurrentCUDAStream()),
                "mode product");
@@ -115,22 +123,24 @@ Tensor construct(const Tensor& weight, const std::optional<Tensor>& P,
   const int64_t C_out = weight.size(0), C_in = weight.size(1);
   const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
   const Tensor w3 = as_3d(weight);
+  const bool channels_last = apsfast::channels_last_kernel(weight);
   Tensor out;
   if (!P && !Q) {
-    out = w3.clone(at::MemoryFormat::Contiguous);
+    out = empty_3d({C_out, C_in, w3.size(2)}, channels_last, w3.options()).copy_(w3);
   } else if (!Q) {
-    out = mode_product(w3, *P, 0);
+    out = mode_product(w3, *P, 0, channels_last);
   } else if (!P) {
-    out = mode_product(w3, *Q, 1);
+    out = mode_product(w3, *Q, 1, channels_last);
   } else if (apsfast::p_first(C_out, c_o, C_in, c_i)) {
-    out = mode_product(mode_product(w3, *P, 0), *Q, 1);
+    out = mode_product(mode_product(w3, *P, 0), *Q, 1, channels_last);
   } else {
-    out = mode_product(mode_product(w3, *Q, 1), *P, 0);
+    out = mode_product(mode_product(w3, *Q, 1), *P, 0, channels_last);
   }
   return out.view(apsfast::candidate_shape(weight, c_o, c_i));
 }
 
-// Gradients for the inputs flagged need_*, in the order W, P, Q (contiguous).
+// Gradients for the inputs flagged need_*, in the order W, P, Q (contiguous; dW channels_last
+// where grad is, as a construction of it).
 //   dW = P . g . Q^T over the channel modes: a construction with the transposed transforms,
 //        read through strides (no transposed copy);
 //   dP[a, o] = sum_{i,s} (W x2 Q^T)[a, i, s] g[o, i, s],
@@ -187,7 +197,7 @@ std::vector<Tensor> construct_grouped(at::TensorList weights,
     const int64_t c_o = P ? P->size(1) : C_out, c_i = Q ? Q->size(1) : C_in;
     const Tensor w3 = as_3d(w);
     keep.push_back(w3);
-    Tensor result = at::empty({c_o, c_i, w3.size(2)}, w3.options());
+    Tensor result = empty_3d({c_o, c_i, w3.size(2)}, apsfast::channels_last_kernel(w), w3.options());
     if (!P && !Q) {
       result.copy_(w3);
     } else if (!P || !Q) {
