@@ -73,6 +73,7 @@ class Controller(nn.Module):
         self.positions = nn.Embedding(len(self.num_choices), hidden_size) if layer_input else None
         self.budget = budget
         self.budget_in = nn.Linear(1, hidden_size) if budget is not None else None
+        self._layout_cache: Optional[tuple[torch.device, tuple[Tensor, Tensor, Tensor]]] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,6 +91,7 @@ class Controller(nn.Module):
         return x
 
     def _cells(self) -> list[nn.LSTMCell]:
+        """The stacked LSTM's cells, bottom first."""
         return [self.lstm, *self.upper]
 
     def _cell(self, x: Tensor, state: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
@@ -109,7 +111,7 @@ class Controller(nn.Module):
         """Where each decision's candidates sit among all heads' outputs: the offset of each
         decision ``[D]``, a gather index ``[D, max n]`` onto them (repeating the last candidate
         past ``n_k``), and the mask of real candidates ``[D, max n]``."""
-        if getattr(self, "_layout_cache", (None,))[0] != device:
+        if self._layout_cache is None or self._layout_cache[0] != device:
             counts = torch.tensor(self.num_choices, device=device)
             offsets = counts.cumsum(0) - counts
             column = torch.arange(max(self.num_choices), device=device)
