@@ -134,7 +134,7 @@ def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
     if not any(trained):
         return ops.construct_grouped(list(weights), list(Ps), list(Qs), dtype)
     grouped = [l for l, t in enumerate(trained) if not t]
-    kernels = [(ops.construct(w, P, Q) if dtype is None else ops.construct(w, P, Q).to(dtype)) if t else None
+    kernels = [ops.construct(w, P, Q).to(dtype or w.dtype) if t else None
                for w, P, Q, t in zip(weights, Ps, Qs, trained)]
     if grouped:
         built = ops.construct_grouped([weights[l] for l in grouped], [Ps[l] for l in grouped],

@@ -46,8 +46,8 @@ def fusable(groups: Sequence) -> bool:
 
 def adam(params: Iterable, *, lr: float, betas: tuple[float, float], weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam over ``params``, fused where :func:`fusable`: one kernel for all of a controller's
-    few dozen small tensors instead of a dozen ops each (2.3 → 0.3 ms a step on a CPU core
-    for the default controller; the same update up to rounding)."""
+    few dozen small tensors instead of a loop over them (1.39 → 0.26 ms a step on a CPU core
+    for a 19-decision controller; the same update up to rounding)."""
     groups = list(params)
     return torch.optim.Adam(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fusable(groups) or None)
 
