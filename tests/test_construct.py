@@ -85,6 +85,9 @@ BACKWARD = [
     pytest.param((37, 21, (3, 3), 19, 13), "channels_last", "WPQ", F32, id="3x3-multi-tile-channels_last-WPQ-f32"),
     pytest.param((72, 130, (1, 1), 65, 17), "contiguous", "WP", F32, id="1x1-multi-tile-WP-f32"),
     pytest.param((40, 100, (3, 3), 30, 80), "contiguous", "WPQ", F64, id="3x3-large-in-mode-WPQ"),
+    # A tie of the two orders (square meta-weight, c_o = c_i): dW takes Q first, its input mode
+    # over 64k multiply-adds per GEMM but not last (the C++ kernel batches it).
+    pytest.param((100, 100, (3, 3), 80, 80), "contiguous", "W", F32, id="3x3-tie-W-f32"),
     pytest.param((8, 6, (3, 3), 5, 4), "contiguous", "WPQ", BF16, id="3x3-WPQ-bf16"),
     pytest.param((33, 70, (5, 5), 31, 66), "transposed", "W", BF16, id="5x5-multi-tile-transposed-W-bf16"),
 ]

@@ -52,7 +52,7 @@ needs_cxx = pytest.mark.skipif(CXX is None or NVCC is None, reason="a host C++ c
 
 # Shapes on both sides of the order rule's tie, and each order's cheaper side.
 ORDER_CASES = [(8, 5, 6, 4), (16, 3, 4, 4), (72, 65, 130, 17), (16, 16, 16, 16), (1, 1, 1, 1), (4, 3, 16, 11),
-               (208, 96, 208, 16), (3, 1, 40, 40)]
+               (208, 96, 208, 16), (3, 1, 40, 40), (208, 16, 208, 16), (16, 208, 16, 208)]
 ORDER_CHECK = "#include <cstdio>\n#include \"order.h\"\nint main() {\n" + "".join(
     f'  std::printf("%d\\n", apsfast::p_first({a}, {b}, {c}, {d}) ? 1 : 0);\n' for a, b, c, d in ORDER_CASES) + "}\n"
 

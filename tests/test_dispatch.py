@@ -175,15 +175,18 @@ def test_reference_and_sharing_import_no_backend():
 
 def test_order_rule_is_one_function():
     # The cheaper of the two mode-product orders (P first: c_o·C_out·C_in + c_o·C_in·c_i, Q first:
-    # C_out·C_in·c_i + c_o·C_out·c_i per kernel element), ties to P first.
+    # C_out·C_in·c_i + c_o·C_out·c_i per kernel element); on a tie P first where c_o ≤ C_out
+    # (a forward from a square meta-weight), else Q first (its backward).
     orders = set()
-    for C_out, c_o, C_in, c_i in [(8, 5, 6, 4), (16, 3, 4, 4), (72, 65, 130, 17), (16, 16, 16, 16), (1, 1, 1, 1)]:
+    for C_out, c_o, C_in, c_i in [(8, 5, 6, 4), (16, 3, 4, 4), (72, 65, 130, 17), (16, 16, 16, 16), (1, 1, 1, 1),
+                                  (208, 16, 208, 16), (16, 208, 16, 208)]:
         p_cost = c_o * C_out * C_in + c_o * C_in * c_i
         q_cost = C_out * C_in * c_i + c_o * C_out * c_i
-        assert _order.p_first(C_out, c_o, C_in, c_i) == (p_cost <= q_cost)
+        assert _order.p_first(C_out, c_o, C_in, c_i) == (p_cost < q_cost or (p_cost == q_cost and c_o <= C_out))
         assert _order.construct_macs(C_out, c_o, C_in, c_i) == min(p_cost, q_cost)
         orders.add(_order.p_first(C_out, c_o, C_in, c_i))
     assert orders == {True, False}
+    assert _order.p_first(208, 16, 208, 16) and not _order.p_first(16, 208, 16, 208)
     # Every Python user imports it rather than keeping a copy.
     for path in ("apsfast/reference.py", "kernels/construct.py", "apsfast/benchmarks/kernels.py"):
         source = (ROOT / path).read_text()
