@@ -45,22 +45,26 @@ Tensor out_mode(const Tensor& w3, const Tensor& M) {
 // between copies below wins: 208 -> 32 channels 390 vs 365 us, 96 -> 96 490 vs 310 us).
 constexpr int64_t kBatchedInModeMacs = 65536;
 
-// out[a, i, s] = sum_b M[b, i] W[a, b, s]: contract the input mode with the rows of M, as a
-// batch M^T [c_i, B] x W[a] [B, S] for small products; else as one GEMM M^T [c_i, B] x
-// W [B, A*S] (W's first two modes swapped by a copy) whose result [c_i, A, S] is swapped back
-// by a copy of S-long runs, so that the result has standard strides and the output mode, if it
-// follows, keeps them (a GEMM over [A*S, B] would leave the channels innermost and the whole
-// kernel, meta-sized in a backward, to a transposing copy). Channels innermost, W is
-// contracted in its memory order as [A*S, B] x [B, c_i], with no copies, and the result keeps
-// that order. A 208-wide layer's dW at candidates 96 -> 96 on a core: 2180 us with the
-// [A*S, B] GEMM and the copy of the kernel, 1000 us as a batch, 810 us so.
-Tensor in_mode(const Tensor& w3, const Tensor& M) {
+// out[a, i, s] = sum_b M[b, i] W[a, b, s]: contract the input mode with the rows of M.
+// * Channels innermost: W in its memory order, [A*S, B] x [B, c_i], with no copies; the result
+//   keeps that order.
+// * Small products, or not `last` (the output mode follows): a batch M^T [c_i, B] x W[a] [B, S]
+//   whose result is contiguous and needs no other buffer.
+// * Else one GEMM M^T [c_i, B] x W [B, A*S] (W's first two modes swapped by a copy), its result
+//   [c_i, A, S] swapped back by a copy of S-long runs into standard strides.
+// Followed by the output mode, the batch avoids the one-GEMM form's two result-sized buffers,
+// which in a backward are meta-sized: glibc's malloc hands such buffers back to the system
+// and faults them in again on every call (a 208-wide layer's dW at candidates 96 -> 96 on a
+// core: 1000 us as a batch; 810 us in one GEMM with the buffers kept, 1800 us without).
+// A GEMM over [A*S, B], as the channels-innermost case, would leave the whole kernel to a
+// transposing copy (2180 us there).
+Tensor in_mode(const Tensor& w3, const Tensor& M, bool last) {
   const int64_t A = w3.size(0), B = w3.size(1), S = w3.size(2), c_i = M.size(1);
   if (S == 1) return w3.reshape({A, B}).mm(M).reshape({A, c_i, 1});
   if (channels_innermost(w3)) {
     return w3.transpose(1, 2).reshape({A * S, B}).mm(M).reshape({A, S, c_i}).transpose(1, 2);
   }
-  if (B * c_i * S <= kBatchedInModeMacs) return at::matmul(M.t(), w3);
+  if (!last || B * c_i * S <= kBatchedInModeMacs) return at::matmul(M.t(), w3);
   return M.t().mm(w3.transpose(0, 1).reshape({B, A * S})).view({c_i, A, S}).transpose(0, 1).contiguous();
 }
 
@@ -86,11 +90,11 @@ Tensor build(const Tensor& weight, const std::optional<Tensor>& P, const std::op
   } else if (!Q) {
     out = out_mode(w3, *P);
   } else if (!P) {
-    out = in_mode(w3, *Q);
+    out = in_mode(w3, *Q, true);
   } else if (apsfast::p_first(C_out, c_o, C_in, c_i)) {
-    out = in_mode(out_mode(w3, *P), *Q);
+    out = in_mode(out_mode(w3, *P), *Q, true);
   } else {
-    out = out_mode(in_mode(w3, *Q), *P);
+    out = out_mode(in_mode(w3, *Q, false), *P);
   }
   out = out.reshape(apsfast::candidate_shape(weight, c_o, c_i));
   return apsfast::channels_last_kernel(weight) ? out.contiguous(at::MemoryFormat::ChannelsLast)
@@ -126,7 +130,7 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
     grads.push_back(build(grad, Pt, Qt).reshape(weight.sizes()));
   }
   if (need_P) {
-    auto wq = Q ? in_mode(w3, *Q) : w3;
+    auto wq = Q ? in_mode(w3, *Q, true) : w3;
     grads.push_back(standard_strides(at::matmul(wq.reshape({C_out, -1}), g3.reshape({c_o, -1}).t())));
   }
   if (need_Q) {
