@@ -1,7 +1,7 @@
 """Where a supernet's weight step goes on a CPU core: the construction of each layer shape, and
 the step split into its parts.
 
-``python bench/bench_weight_step_parts.py [--widths 1,0.25] [--steps N] [--out PATH]``
+``python bench/weight_step_parts.py [--widths 1,0.25] [--steps N] [--out PATH]``
 
 * construction: ``apsfast.construct`` forward and its meta-weight gradient (a construction
   with the transposed transforms) for the layer shapes of ResNet-20's APS-T space at the
