@@ -6,7 +6,7 @@ the step split into its parts.
 * construction: ``apsfast.construct`` forward and its meta-weight gradient (a construction
   with the transposed transforms) for the layer shapes of ResNet-20's APS-T space at the
   preset's widths: meta width 208 (the sum of 16/32/64/96), 3×3, candidate pairs
-  (c_o, c_i) as an arch meets them; µs, median of 40 calls after 3.
+  (c_o, c_i) as an arch meets them; µs, median of 40 calls, the two interleaved.
 * the weight step of ``apsfast bench host``'s case (ResNet-20 APS-T supernet in its
   transitional state, batch 2, 8×8, one thread), split: ``set_arch``, the forward with the
   loss (the grouped construction included), the backward, the SGD step; ms, median of N
@@ -23,26 +23,15 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from apsfast.benchmarks.common import median_times
 from apsfast.benchmarks.search import Case, make_search, step_data
 
 META, KERNEL = 208, (3, 3)
 PAIRS = ((16, 16), (96, 96), (32, 96), (96, 32), (16, 64), (64, 16), (64, 64), (32, 32))
-
-
-def median_us(fn: Callable[[], object], calls: int = 40) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def construction_rows() -> list[str]:
@@ -54,8 +43,9 @@ def construction_rows() -> list[str]:
         weight = torch.randn(META, META, *KERNEL, generator=generator)
         P, Q = (torch.randn(META, c, generator=generator) for c in (c_o, c_i))
         grad = torch.randn(c_o, c_i, *KERNEL, generator=generator)
-        forward = median_us(lambda: construct(weight, P, Q))
-        backward = median_us(lambda: construct(grad, P.t(), Q.t()))
+        t = median_times({"forward": lambda: construct(weight, P, Q),
+                          "backward": lambda: construct(grad, P.t(), Q.t())}, rounds=40, min_time=0.0)
+        forward, backward = t["forward"] * 1e6, t["backward"] * 1e6
         total[0] += forward
         total[1] += backward
         rows.append(f"| {c_o} → {c_i} | {forward:.0f} | {backward:.0f} |")
