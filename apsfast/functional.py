@@ -132,12 +132,12 @@ def construct_grouped(weights: Sequence[Tensor], Ps: Sequence[Optional[Tensor]],
     dtype = None if dtype == weights[0].dtype else dtype
     trained = [any(M is not None and M.requires_grad for M in (P, Q)) for P, Q in zip(Ps, Qs)]
     if not any(trained):
-        return ops.construct_grouped(list(weights), list(Ps), list(Qs), dtype)
+        return ops.build_grouped(list(weights), list(Ps), list(Qs), dtype)
     grouped = [l for l, t in enumerate(trained) if not t]
     kernels = [ops.construct(w, P, Q).to(dtype or w.dtype) if t else None
                for w, P, Q, t in zip(weights, Ps, Qs, trained)]
     if grouped:
-        built = ops.construct_grouped([weights[l] for l in grouped], [Ps[l] for l in grouped],
+        built = ops.build_grouped([weights[l] for l in grouped], [Ps[l] for l in grouped],
                                       [Qs[l] for l in grouped], dtype)
         for l, kernel in zip(grouped, built):
             kernels[l] = kernel

@@ -128,6 +128,29 @@ def test_grouped_gradcheck(target):
         (4, 3, (2, 2), 3, 2, "contiguous"), (3, 1, (3, 1), 2, None, "contiguous"), (5, 4, (), None, 3, "transposed")]))
     leaves = tuple(w.requires_grad_() for w in weights)
     assert torch.autograd.gradcheck(lambda *w: apsfast.construct_grouped(list(w), Ps, Qs), leaves)
+    # The backward is a grouped construction itself, so it is differentiable in turn.
+    assert torch.autograd.gradgradcheck(lambda *w: apsfast.construct_grouped(list(w), Ps, Qs), leaves)
+
+
+@pytest.mark.parametrize("target", NO_INTERPRETER, indirect=True)
+def test_grouped_eager_function_matches_the_op(target):
+    # Outside torch.compile the grouped construction runs as a plain autograd function (less
+    # host time than the custom op); both give the same kernels and meta-weight gradients,
+    # also when emitting another dtype.
+    weights, Ps, Qs = (to(target.device, *ts) for ts in make_layers(F32))
+    for dtype in (None, BF16):
+        results = []
+        for build in (apsfast.ops.build_grouped, torch.ops.apsfast.construct_grouped):
+            leaves = [w.detach().clone().requires_grad_() for w in weights]
+            kernels = build(leaves, Ps, Qs, dtype)
+            torch.autograd.backward([k.float().square().sum() for k in kernels])
+            results.append(([k.detach() for k in kernels], [w.grad for w in leaves],
+                            [k.grad_fn is not None for k in kernels]))
+        (k0, g0, f0), (k1, g1, f1) = results
+        assert f0 == f1 == [True] * len(weights)
+        for a, b in zip(k0 + g0, k1 + g1):
+            assert a.dtype == b.dtype and a.stride() == b.stride()
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("target", NO_INTERPRETER, indirect=True)

@@ -91,6 +91,33 @@ def test_prebuilt_kernel_for_another_arch_is_not_used():
     assert_close(net[3](x), nn.functional.conv2d(x, apsfast.construct(net[3].weight, net[3].P[1], net[3].Q[1])))
 
 
+def test_network_transition_step_moves_the_version_counters_and_notices_new_layers():
+    # The batched step writes the sides without ATen's in-place ops: their version counters
+    # still move, so autograd refuses a graph that saved a transform before the step.
+    net = model()
+    side = net[0].out_transforms
+    apsfast.nn.network_transition_step(net, 1e-3)
+    P = side.matrix.detach().requires_grad_()
+    kernel = apsfast.construct(net[0].weight.detach(), P[:, :4], None)
+    version = side.matrix._version
+    apsfast.nn.network_transition_step(net, 1e-3)
+    assert side.matrix._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        kernel.sum().backward()
+    # A plain module is walked at every step: a layer added since is stepped too.
+    net.append(APSConv2d(5, (2, 3), 1, dtype=F64))
+    before = net[-1].out_transforms.matrix.detach().clone()
+    apsfast.nn.network_transition_step(net, 1e-3)
+    assert not torch.equal(net[-1].out_transforms.matrix, before)
+
+
+def test_a_supernet_lists_its_aps_layers_once():
+    net = apsfast.models.build("resnet20_cifar", widths=[2, 3], input_size=8, num_classes=4)
+    layers = apsfast.nn.aps_layers(net)
+    assert layers is net.aps_layers() is apsfast.nn.aps_layers(net)
+    assert layers == [m for m in net.modules() if isinstance(m, apsfast.nn.APSLayer)]
+
+
 def test_errors():
     with pytest.raises(ValueError, match="Sequential has no APS layer"):
         apsfast.nn.network_sharing_level(nn.Sequential(nn.ReLU()))

@@ -111,6 +111,7 @@ class Supernet(nn.Sequential):
         self._costs: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
         self._plans: dict[tuple[int, ...], list[tuple[APSLayer, int]]] = {}
         self._aps_paths: Optional[dict[str, APSLayer]] = None
+        self._aps_list: list[APSLayer] = []
         self.grouped_kernels = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +127,24 @@ class Supernet(nn.Sequential):
         if plan is None:
             if len(self._plans) >= COST_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))  # the oldest
-            if self._aps_paths is None:  # once: a walk of every module is half a plan's cost
-                self._aps_paths = {path: m for path, m in self.named_modules() if isinstance(m, APSLayer)}
-            layers = self._aps_paths
+            layers = self._aps_by_path()
             plan = [(layers[s.name], s.in_channels) for s in self.layer_shapes(key) if s.name in layers]
             self._plans[key] = plan
         return plan
+
+    def _aps_by_path(self) -> dict[str, APSLayer]:
+        """Every APS layer by its path, found once (a walk of every module is half a plan's
+        cost): a supernet's structure is fixed once built."""
+        if self._aps_paths is None:
+            self._aps_paths = {path: m for path, m in self.named_modules() if isinstance(m, APSLayer)}
+            self._aps_list = list(self._aps_paths.values())
+        return self._aps_paths
+
+    def aps_layers(self) -> list[APSLayer]:
+        """Every APS layer, in ``modules()`` order (what :func:`apsfast.nn.aps_layers` gives for
+        this network): the same list, found once."""
+        self._aps_by_path()
+        return self._aps_list
 
     def _check_wiring(self) -> None:
         """Every searchable conv is set by exactly one decision, over that decision's widths."""

@@ -65,15 +65,16 @@ class CandidateTransforms(nn.Module):
         blocks = init_transforms(meta_width, self.widths, mode, noise=noise, dtype=dtype, device=device)
         self.matrix = nn.Parameter(torch.cat(blocks, dim=1), requires_grad=False)
         self._offsets = [sum(self.widths[:a]) for a in range(len(self.widths))]
+        self._no_selections = (None,) * len(self.widths)
         # The exact selections it starts as, known without reading them back from the device.
         starts = self._offsets if mode == "independent" else [0] * len(self.widths)
-        self._selections: tuple[object, list[Optional[int]]] = \
+        self._selections: tuple[object, Sequence[Optional[int]]] = \
             ((self.matrix.data_ptr(), self.matrix._version), list(starts) if not noise else [None] * len(starts))
 
     def __getitem__(self, index: int) -> Tensor:
         """The transform of candidate ``index``: a view of ``matrix``, ``[meta_width, c_index]``."""
         start = self._offsets[index]
-        return self.matrix[:, start:start + self.widths[index]]
+        return self._parameters["matrix"][:, start:start + self.widths[index]]
 
     def matrices(self) -> tuple[Tensor, ...]:
         """Every candidate's transform, as views of ``matrix``, in ascending width."""
@@ -90,24 +91,29 @@ class CandidateTransforms(nn.Module):
         Never a selection while ``matrix`` is trained, nor under ``torch.compile`` or on the
         meta device.
         """
-        if self.matrix.requires_grad or self.matrix.is_meta or torch.compiler.is_compiling():
+        matrix = self._parameters["matrix"]  # as self.matrix, without nn.Module's lookup (every forward)
+        if matrix.requires_grad or matrix.is_meta or torch.compiler.is_compiling():
             # A traced graph cannot branch on values, nor can a tensor without any: dense path.
             return None
-        key = (self.matrix.data_ptr(), self.matrix._version)
+        key = (matrix.data_ptr(), matrix._version)
         if self._selections[0] != key:
             # A selection's columns are basis vectors, whose largest entry is exactly 1; a unit
             # column with two nonzero entries has none. One reduction over the whole matrix
             # rules out the dense transforms (APS-T in transition: every step) cheaply.
-            ones = (self.matrix.abs().amax(0) == 1).tolist()
+            ones = (matrix.abs().amax(0) == 1).tolist()
             self._selections = (key, [self._find_selection(a) if all(ones[o:o + w]) else None
                                       for a, (o, w) in enumerate(zip(self._offsets, self.widths))])
         return self._selections[1][index]
 
-    def mark_transformed(self) -> None:
+    def mark_transformed(self) -> tuple[int, int]:
         """Record that a transition step has just moved ``matrix``: no transform is a selection
         until ``matrix`` changes again (checking would read it back to the host at every step).
-        Were a column still a basis vector, the dense path builds the same kernel, exactly."""
-        self._selections = ((self.matrix.data_ptr(), self.matrix._version), [None] * len(self.widths))
+        Were a column still a basis vector, the dense path builds the same kernel, exactly.
+        Returns ``matrix``'s state as recorded: its data pointer and version counter."""
+        matrix = self._parameters["matrix"]
+        key = (matrix.data_ptr(), matrix._version)
+        self._selections = (key, self._no_selections)
+        return key
 
     def _find_selection(self, index: int) -> Optional[int]:
         block = self[index]

@@ -15,7 +15,12 @@ from apsfast.sharing import transition_step_all
 
 
 def aps_layers(module: nn.Module) -> list[APSLayer]:
-    """Every APS layer of ``module``, in ``module.modules()`` order."""
+    """Every APS layer of ``module``, in ``module.modules()`` order. A module that lists its own
+    (:meth:`apsfast.models.Supernet.aps_layers`, found once: a walk of a ResNet-20's 280
+    modules costs more host time than its transition step) is asked instead of walked."""
+    own = getattr(type(module), "aps_layers", None)
+    if own is not None:
+        return own(module)
     return [m for m in module.modules() if isinstance(m, APSLayer)]
 
 
@@ -51,8 +56,10 @@ class _TransitionPlan:
     candidate widths and its partner. Checked when built (by :func:`apsfast.transition_step_all`
     on the first step); later steps call the op directly, with no per-layer work on the host."""
 
-    def __init__(self, layers: list[APSLayer]) -> None:
-        self.layers = layers
+    def __init__(self, found: list[APSLayer]) -> None:
+        self.found = found  # what aps_layers gave: the same list again means the same layers
+        self.layers = layers = [layer for layer in found
+                                if layer.out_transforms is not None or layer.in_transforms is not None]
         self.sides, self.widths, self.counts, self.partner = [], [], [], []
         for layer in layers:
             present = [s for s in (layer.out_transforms, layer.in_transforms) if s is not None]
@@ -64,10 +71,13 @@ class _TransitionPlan:
         self.stepped: Optional[list[tuple[int, int]]] = None  # the matrices after our last step
 
     def current(self) -> list[tuple[int, int]]:
-        return [(side.matrix.data_ptr(), side.matrix._version) for side in self.sides]
+        return [(m.data_ptr(), m._version) for m in self.matrices()]
 
-    def matches(self, layers: list[APSLayer]) -> bool:
-        return len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers))
+    def matrices(self) -> list[Tensor]:
+        return [side._parameters["matrix"] for side in self.sides]  # side.matrix, without the lookup
+
+    def matches(self, found: list[APSLayer]) -> bool:
+        return found is self.found or (len(found) == len(self.found) and all(a is b for a, b in zip(found, self.found)))
 
 
 _plans: "weakref.WeakKeyDictionary[nn.Module, _TransitionPlan]" = weakref.WeakKeyDictionary()
@@ -86,25 +96,22 @@ def network_transition_step(module: nn.Module, tau: float, *, relative: bool = T
     when something else has written a transform since the last step (a checkpoint loaded, a
     layer reset), which may have put it back at its exact start.
     """
-    layers = [layer for layer in aps_layers(module)
-              if layer.out_transforms is not None or layer.in_transforms is not None]
-    if not layers:
-        raise ValueError(f"{type(module).__name__} has no APS layer with candidate transforms")
+    found = aps_layers(module)
     plan = _plans.get(module)
-    if plan is None or not plan.matches(layers):
-        plan = _plans[module] = _TransitionPlan(layers)
+    if plan is None or not plan.matches(found):
+        plan = _TransitionPlan(found)
+        if not plan.layers:
+            raise ValueError(f"{type(module).__name__} has no APS layer with candidate transforms")
+        _plans[module] = plan
     if plan.stepped != plan.current():
-        for layer in layers:
+        for layer in plan.layers:
             layer.begin_transition()
-        phi = transition_step_all([(layer.P, layer.Q) for layer in layers], tau, relative=relative)
+        phi = transition_step_all([(layer.P, layer.Q) for layer in plan.layers], tau, relative=relative)
     else:
         tau = _checks.finite_float("tau", tau, positive=True)
-        with torch.no_grad():
-            phi = ops.transition_step_all([side.matrix for side in plan.sides], plan.widths, plan.counts,
-                                          plan.partner, tau, _checks.flag("relative", relative))
-    for side in plan.sides:
-        side.mark_transformed()
-    plan.stepped = plan.current()
+        phi = ops.step_sides(plan.matrices(), plan.widths, plan.counts, plan.partner, tau,
+                             _checks.flag("relative", relative))
+    plan.stepped = [side.mark_transformed() for side in plan.sides]
     return phi
 
 
@@ -145,6 +152,6 @@ def prebuild_kernels(items: Sequence[tuple[APSLayer, int]]) -> None:
         # The operands are the layers' own, consistent by construction: the unchecked op,
         # unless a transform is trained (the checked entry sends those layers per layer).
         kernels = (construct_grouped(weights, Ps, Qs, dtype=emit) if trained
-                   else ops.construct_grouped(weights, Ps, Qs, emit))
+                   else ops.build_grouped(weights, Ps, Qs, emit))
         for (layer, (key, *_)), kernel in zip(entries, kernels):
             layer._prebuilt = ((key, layer.weight._version), kernel)
