@@ -87,6 +87,10 @@ class Supernet(nn.Sequential):
     host cost that dominates a small step); ``grouped_kernels = False`` lets each layer build
     its own, as a layer used alone does. Both compute the same kernels.
 
+    Its structure is fixed once built: its modules and APS layers are listed once, on first
+    use (:meth:`module_list`, :meth:`aps_layers`), since walking them costs a small step
+    more host time than its arithmetic. Replace its modules only before its first forward.
+
     Attributes:
         name: the registered model name.
         input_size: the input resolution its FLOPs are counted at.
@@ -112,6 +116,7 @@ class Supernet(nn.Sequential):
         self._plans: dict[tuple[int, ...], list[tuple[APSLayer, int]]] = {}
         self._aps_paths: Optional[dict[str, APSLayer]] = None
         self._aps_list: list[APSLayer] = []
+        self._module_list: list[nn.Module] = []
         self.grouped_kernels = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,20 +128,29 @@ class Supernet(nn.Sequential):
         """``(APS layer, input width)`` of every APS layer that ``arch`` (default: the
         current one) runs, in forward order; remembered per arch (from :meth:`layer_shapes`)."""
         key = tuple(self.arch if arch is None else self.check_arch(arch))
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= COST_CACHE_SIZE:
-                self._plans.pop(next(iter(self._plans)))  # the oldest
-            layers = self._aps_by_path()
-            plan = [(layers[s.name], s.in_channels) for s in self.layer_shapes(key) if s.name in layers]
-            self._plans[key] = plan
-        return plan
+        if key not in self._plans:
+            self._remember(key)
+        return self._plans[key]
+
+    def _remember(self, arch: tuple[int, ...]) -> None:
+        """The kernel plan and the (MACs, params) of ``arch`` from one walk of its layer shapes:
+        a search asks for both of every arch it samples, and the walk is the cost."""
+        shapes = self.layer_shapes(arch)
+        layers = self._aps_by_path()
+        for cache, key, value in (
+                (self._plans, arch, [(layers[s.name], s.in_channels) for s in shapes if s.name in layers]),
+                (self._costs, (self.input_size, arch), (sum(s.macs for s in shapes), sum(s.params for s in shapes)))):
+            if key not in cache and len(cache) >= COST_CACHE_SIZE:
+                cache.pop(next(iter(cache)))  # the oldest
+            cache[key] = value
 
     def _aps_by_path(self) -> dict[str, APSLayer]:
-        """Every APS layer by its path, found once (a walk of every module is half a plan's
-        cost): a supernet's structure is fixed once built."""
+        """Every APS layer by its path, found once (a walk of every module costs more host
+        time than a small step's transition): a supernet's structure is fixed once built."""
         if self._aps_paths is None:
-            self._aps_paths = {path: m for path, m in self.named_modules() if isinstance(m, APSLayer)}
+            named = list(self.named_modules())
+            self._module_list = [m for _, m in named]
+            self._aps_paths = {path: m for path, m in named if isinstance(m, APSLayer)}
             self._aps_list = list(self._aps_paths.values())
         return self._aps_paths
 
@@ -145,6 +159,11 @@ class Supernet(nn.Sequential):
         this network): the same list, found once."""
         self._aps_by_path()
         return self._aps_list
+
+    def module_list(self) -> list[nn.Module]:
+        """Every module, as ``list(modules())``: the same list, found once."""
+        self._aps_by_path()
+        return self._module_list
 
     def _check_wiring(self) -> None:
         """Every searchable conv is set by exactly one decision, over that decision's widths."""
@@ -284,10 +303,7 @@ class Supernet(nn.Sequential):
         arch = tuple(self.arch if arch is None else self.check_arch(arch))
         key = (self.input_size, arch)
         if key not in self._costs:
-            if len(self._costs) >= COST_CACHE_SIZE:
-                self._costs.pop(next(iter(self._costs)))  # the oldest
-            shapes = self.layer_shapes(arch)
-            self._costs[key] = (sum(s.macs for s in shapes), sum(s.params for s in shapes))
+            self._remember(arch)
         return self._costs[key]
 
     def flops(self, arch: Optional[Sequence[int]] = None) -> int:
