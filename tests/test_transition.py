@@ -224,6 +224,25 @@ def test_network_matches_per_layer_reference_steps(target):
 
 
 @pytest.mark.parametrize("target", ALL, indirect=True)
+def test_direct_backend_call_matches_the_op(target):
+    # apsfast.ops.step_sides, what a search's transition calls outside torch.compile, steps
+    # the sides as the op does, in place, and moves their version counters as the op does.
+    gen = torch.Generator().manual_seed(4)
+    sides = [torch.cat(apsfast.init_transforms(12, (2, 5, 9), "orthogonal", generator=gen, dtype=F64), dim=1),
+             torch.cat(apsfast.init_transforms(7, (3, 6), "orthogonal", generator=gen, dtype=F64), dim=1),
+             torch.cat(apsfast.init_transforms(10, (4, 8), "orthogonal", generator=gen, dtype=F64), dim=1)]
+    ours, theirs = to(target.device, *[m.clone() for m in sides]), to(target.device, *[m.clone() for m in sides])
+    args = ([2, 5, 9, 3, 6, 4, 8], [3, 2, 2], [1, 0, -1], 1e-3, True)
+    versions = [m._version for m in ours]
+    phi = apsfast.ops.step_sides(ours, *args)
+    expected = torch.ops.apsfast.transition_step_all(theirs, *args)
+    assert torch.equal(phi, expected)
+    for a, b, start, version in zip(ours, theirs, sides, versions):
+        assert torch.equal(a, b) and not torch.equal(a.cpu(), start)
+        assert a._version > version
+
+
+@pytest.mark.parametrize("target", ALL, indirect=True)
 def test_loose_tensors_are_updated_in_place(target):
     Ps = apsfast.init_transforms(20, (2, 6, 12), "orthogonal", generator=torch.Generator().manual_seed(3), dtype=F64)
     Qs = [m.t().contiguous().t() for m in apsfast.init_transforms(9, (3, 5), "orthogonal", dtype=F64)]
