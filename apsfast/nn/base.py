@@ -112,7 +112,7 @@ class CandidateTransforms(nn.Module):
         Returns ``matrix``'s state as recorded: its data pointer and version counter."""
         matrix = self._parameters["matrix"]
         key = (matrix.data_ptr(), matrix._version)
-        self._selections = (key, self._no_selections)
+        self.__dict__["_selections"] = (key, self._no_selections)  # without nn.Module's __setattr__ (µs)
         return key
 
     def _find_selection(self, index: int) -> Optional[int]:
@@ -259,11 +259,16 @@ class APSLayer(nn.Module):
             # Used by this forward or discarded: a prebuilt weight never outlives one forward,
             # and never serves after the meta-weight changed (its version counter moved).
             (key, version), kernel = self._prebuilt
-            self._prebuilt = None
+            self.__dict__["_prebuilt"] = None  # nn.Module's __setattr__ costs µs, every layer's forward
             if key == (out_index, in_index) and version == self.weight._version:
                 return kernel
         weight, P, Q = self._operands(out_index, in_index)
         return weight if P is None and Q is None else ops.construct(weight, P, Q)
+
+    def keep_prebuilt(self, key: tuple[int, int], kernel: Tensor) -> None:
+        """Hold ``kernel``, built from :meth:`prebuild_operands`' operands for ``key``, as the
+        candidate weight of the next forward (for that key and the meta-weight as it is now)."""
+        self.__dict__["_prebuilt"] = ((key, self.weight._version), kernel)
 
     def prebuild_operands(self, in_width: int) -> Optional[tuple[tuple[int, int], Tensor, Optional[Tensor], Optional[Tensor]]]:
         """``(key, weight', P, Q)`` that :func:`apsfast.nn.prebuild_kernels` builds this layer's

@@ -154,4 +154,4 @@ def prebuild_kernels(items: Sequence[tuple[APSLayer, int]]) -> None:
         kernels = (construct_grouped(weights, Ps, Qs, dtype=emit) if trained
                    else ops.build_grouped(weights, Ps, Qs, emit))
         for (layer, (key, *_)), kernel in zip(entries, kernels):
-            layer._prebuilt = ((key, layer.weight._version), kernel)
+            layer.keep_prebuilt(key, kernel)
