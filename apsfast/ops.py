@@ -9,7 +9,7 @@ These are the unchecked entry points; :mod:`apsfast.functional` validates user i
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -131,7 +131,7 @@ def _dense(grad: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _weight_grads(grads: Sequence[Tensor], Ps: Sequence[Optional[Tensor]], Qs: Sequence[Optional[Tensor]],
-                  dtype: torch.dtype, build) -> list[Tensor]:
+                  dtype: torch.dtype, build: Callable[..., list[Tensor]]) -> list[Tensor]:
     """The meta-weights' gradients of a grouped construction, in the weights' ``dtype``:
     dW_l = P_l · g_l · Q_lᵀ, itself a grouped construction with the transposed transforms, by
     ``build`` (differentiable in turn). The transforms get no gradient here:

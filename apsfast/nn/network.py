@@ -54,7 +54,8 @@ class _TransitionPlan:
     """A network's transform sides packed once for the batched transition: each side's
     ``matrix`` parameter (its candidates side by side, the layout the op steps in place), its
     candidate widths and its partner. Checked when built (by :func:`apsfast.transition_step_all`
-    on the first step); later steps call the op directly, with no per-layer work on the host."""
+    on the first step); later steps go straight to the op's backend (:func:`apsfast.ops.step_sides`),
+    with no per-layer work on the host."""
 
     def __init__(self, found: list[APSLayer]) -> None:
         self.found = found  # what aps_layers gave: the same list again means the same layers
@@ -77,7 +78,8 @@ class _TransitionPlan:
         return [side._parameters["matrix"] for side in self.sides]  # side.matrix, without the lookup
 
     def matches(self, found: list[APSLayer]) -> bool:
-        return found is self.found or (len(found) == len(self.found) and all(a is b for a, b in zip(found, self.found)))
+        return found is self.found or (len(found) == len(self.found)
+                                       and all(a is b for a, b in zip(found, self.found)))
 
 
 _plans: "weakref.WeakKeyDictionary[nn.Module, _TransitionPlan]" = weakref.WeakKeyDictionary()
