@@ -118,6 +118,25 @@ def test_a_supernet_lists_its_aps_layers_once():
     assert layers == [m for m in net.modules() if isinstance(m, apsfast.nn.APSLayer)]
 
 
+def test_a_supernet_plans_its_kernels_only_when_some_are_built(monkeypatch):
+    # At the exact ordinal start (warm-up) every kernel is a free slice: the forward skips the
+    # plan (a walk of the arch's layer shapes) and computes what the per-layer path computes.
+    net = apsfast.models.build("resnet20_cifar", widths=[2, 3], input_size=8, num_classes=4)
+    x = torch.randn(2, 3, 8, 8)
+    planned = []
+    original = type(net).kernel_plan
+    monkeypatch.setattr(type(net), "kernel_plan", lambda self, *a: planned.append(1) or original(self, *a))
+    out = net(x)
+    net.grouped_kernels = False
+    assert planned == [] and torch.equal(out, net(x))
+    net.grouped_kernels = True
+    apsfast.nn.network_transition_step(net, 1e-3)  # dense transforms: kernels are built
+    out = net(x)
+    net.grouped_kernels = False
+    assert planned == [1]
+    assert_close(out, net(x))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="Sequential has no APS layer"):
         apsfast.nn.network_sharing_level(nn.Sequential(nn.ReLU()))

@@ -18,7 +18,7 @@ from torch import nn
 from apsfast import _checks
 from apsfast.models.cost import LayerShape
 from apsfast.models.static import export_part, part_shapes, reinitialise
-from apsfast.nn import APSConv2d, APSLayer, prebuild_kernels
+from apsfast.nn import APSConv2d, APSLayer, CandidateTransforms, prebuild_kernels
 
 Arch = list[int]
 COST_CACHE_SIZE = 4096  # archs whose (MACs, params) a supernet remembers, and their kernel plans
@@ -117,12 +117,20 @@ class Supernet(nn.Sequential):
         self._aps_paths: Optional[dict[str, APSLayer]] = None
         self._aps_list: list[APSLayer] = []
         self._module_list: list[nn.Module] = []
+        self._sides: list[CandidateTransforms] = []
         self.grouped_kernels = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grouped_kernels:
+        if self.grouped_kernels and self._builds_kernels():
             prebuild_kernels(self.kernel_plan())
         return super().forward(x)
+
+    def _builds_kernels(self) -> bool:
+        """Whether a kernel is built this forward: some transform side is not an exact selection
+        (else every kernel is a free slice of its meta-weight, as in warm-up, and the plan
+        would cost a walk of the arch's layer shapes for nothing)."""
+        self._aps_by_path()
+        return not all(side.is_selection() for side in self._sides)
 
     def kernel_plan(self, arch: Optional[Sequence[int]] = None) -> list[tuple[APSLayer, int]]:
         """``(APS layer, input width)`` of every APS layer that ``arch`` (default: the
@@ -152,6 +160,8 @@ class Supernet(nn.Sequential):
             self._module_list = [m for _, m in named]
             self._aps_paths = {path: m for path, m in named if isinstance(m, APSLayer)}
             self._aps_list = list(self._aps_paths.values())
+            self._sides = [side for layer in self._aps_list for side in (layer.out_transforms, layer.in_transforms)
+                           if side is not None]
         return self._aps_paths
 
     def aps_layers(self) -> list[APSLayer]:

@@ -129,7 +129,8 @@ class CandidateTransforms(nn.Module):
 
     def is_selection(self) -> bool:
         """Whether every candidate's transform is an exact selection."""
-        return all(self.selection_start(a) is not None for a in range(len(self.widths)))
+        # The first call brings the cached answers up to date (or rules out a trained matrix).
+        return self.selection_start(0) is not None and None not in self._selections[1]
 
     def perturb(self, std: float, generator: Optional[torch.Generator] = None) -> None:
         """Add Gaussian noise of ``std`` to every transform and renormalise its columns."""
