@@ -9,6 +9,7 @@ These are the unchecked entry points; :mod:`apsfast.functional` validates user i
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -165,11 +166,10 @@ class _GroupedConstruction(torch.autograd.Function):
         ctx.transforms = (Ps, Qs)  # not saved: parameters (views of them), kept alive anyway
         ctx.dtype = weights[0].dtype
         device = weights[0].device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            # As the op's autocast registration: built in the weights' own precision.
-            with torch.autocast(device, enabled=False):
-                return tuple(_grouped(weights, Ps, Qs, dtype))
-        return tuple(_grouped(weights, Ps, Qs, dtype))
+        # As the op's autocast registration: built in the weights' own precision.
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            return tuple(_grouped(weights, Ps, Qs, dtype))
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple[Optional[Tensor], ...]:
