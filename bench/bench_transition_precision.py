@@ -1,25 +1,33 @@
 """The transition (paper eq. 5) under each float32 matmul precision: its cost on a large space
-and how far Φ's path drifts from the float32 one.
+and how far Φ's path drifts from the float32 one, per backend.
 
-``python bench/bench_transition_precision.py [--steps N] [--tau T] [--reps R] [--out PATH]``
+``python bench/bench_transition_precision.py [--device cpu|cuda] [--backends B,...] [--steps N]
+[--tau T] [--reps R] [--quick] [--out PATH]``
 
 * ms per step: one transition of every layer of the MobileNet-v2 ImageNet supernet
   (transitional sharing, meta widths Σ candidates: 85 sides, nine of them 3360 × 3360),
-  ``apsfast.transition_step_all(..., precision=p)`` timed with ``torch.utils.benchmark.Timer``,
-  the precisions interleaved, median of R; the same on ResNet-20 (CIFAR).
+  ``apsfast.transition_step_all(..., precision=p)`` timed with ``torch.utils.benchmark.Timer``
+  (which synchronises a GPU), the providers interleaved, median of R; the same on ResNet-20
+  (CIFAR).
 * drift: N steps on the ResNet-20 supernet at the search's width-free rate τ from one perturbed
   ordinal start (a deep copy each), Φ before every step; the largest
-  ``|Φ_p − Φ_highest| / Φ_highest`` over the path.
+  ``|Φ_p − Φ_ref| / Φ_ref`` over the path, against the first backend's ``"highest"`` path.
+
+Providers: every backend of ``--backends`` (forced through ``APSFAST_BACKEND``; ``default`` is
+what an unforced call dispatches to) under every precision, on the same supernets.
 
 On a CPU, ``"high"`` is float32 (TF32 exists on CUDA GPUs only) and ``"medium"`` runs the GEMMs
 in bf16 with float32 accumulation through oneDNN where the CPU has AVX-512 bf16 / AMX; the CPU
-kernel then forms its Grams from three bf16 products (a split of each transform) so that Φ
-keeps float32 accuracy (csrc/cpu/transition.cpp).
+kernel then keeps its Grams in float32 (csrc/cpu/transition.cpp). On a GPU the Triton kernels
+follow the precision (``tl.dot``: IEEE, 3×TF32, TF32 on tensor cores); the CUDA kernels run
+float32 FMA tiles whatever it is: the benchmark shows what each costs and how far Φ moves.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import statistics
 from pathlib import Path
 
@@ -28,16 +36,32 @@ from torch.utils.benchmark import Timer
 
 import apsfast
 from apsfast import models
+from apsfast._backends import ENV_VAR
 from apsfast.benchmarks.common import environment, report
 from apsfast.nn import aps_layers
 
 PRECISIONS = ("highest", "high", "medium")
+BACKENDS = ("default", "reference", "cpu", "triton", "cuda")
 
 
-def supernet(name: str, seed: int = 0) -> torch.nn.Module:
+@contextlib.contextmanager
+def backend(name: str):
+    """``APSFAST_BACKEND=name`` for the body (``default``: unforced), then as it was."""
+    saved = os.environ.pop(ENV_VAR, None)
+    if name != "default":
+        os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        os.environ.pop(ENV_VAR, None)
+        if saved is not None:
+            os.environ[ENV_VAR] = saved
+
+
+def supernet(name: str, device: str, seed: int = 0) -> torch.nn.Module:
     """A transitional supernet whose APS-T layers have left their exact ordinal start."""
     torch.manual_seed(seed)
-    net = models.build(name, sharing="transitional", num_classes=10)
+    net = models.build(name, sharing="transitional", num_classes=10).to(device)
     for layer in aps_layers(net):
         layer.begin_transition()
         layer.mark_transformed()
@@ -48,57 +72,85 @@ def pairs_of(net: torch.nn.Module) -> list:
     return [(layer.P, layer.Q) for layer in aps_layers(net) if layer.P is not None or layer.Q is not None]
 
 
-def step_ms(name: str, reps: int, tau: float = 1e-3) -> dict[str, float]:
-    """Median ms of one transition of every layer of ``name``, per precision (interleaved)."""
-    pairs = pairs_of(supernet(name))
-    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
-    for p in PRECISIONS:  # warm-up: oneDNN builds its bf16 kernels on first use
-        apsfast.transition_step_all(pairs, tau, relative=True, precision=p)
+def step_ms(name: str, device: str, providers: list[tuple[str, str]], reps: int,
+            tau: float = 1e-3) -> dict[tuple[str, str], float]:
+    """Median ms of one transition of every layer of ``name``, per (backend, precision),
+    interleaved round by round."""
+    pairs = pairs_of(supernet(name, device))
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in providers}
+    for b, p in providers:  # warm-up: oneDNN builds its bf16 kernels, Triton compiles, on first use
+        with backend(b):
+            apsfast.transition_step_all(pairs, tau, relative=True, precision=p)
     for _ in range(reps):
-        for p in PRECISIONS:
+        for b, p in providers:
             timer = Timer("step(pairs, tau, relative=True, precision=p)", num_threads=torch.get_num_threads(),
                           globals={"step": apsfast.transition_step_all, "pairs": pairs, "tau": tau, "p": p})
-            times[p].append(timer.timeit(1).median * 1e3)
-    return {p: statistics.median(v) for p, v in times.items()}
+            with backend(b):
+                times[(b, p)].append(timer.timeit(1).median * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def drift(steps: int, tau: float) -> tuple[dict[str, float], list[float]]:
-    """Largest relative difference of Φ from the float32 path, per precision, and that path's
-    Φ at the start and the end."""
-    start = supernet("resnet20_cifar")
+def drift(device: str, providers: list[tuple[str, str]], steps: int,
+          tau: float) -> tuple[dict[tuple[str, str], float], list[float]]:
+    """Largest relative difference of Φ from the first provider's path (the first backend in
+    ``"highest"``), per provider, and that path's Φ at the start and the end."""
+    start = supernet("resnet20_cifar", device)
     paths = {}
-    for p in PRECISIONS:
+    for b, p in providers:
         pairs = pairs_of(copy.deepcopy(start))
-        paths[p] = [float(apsfast.transition_step_all(pairs, tau, relative=True, precision=p)) for _ in range(steps)]
-    exact = paths["highest"]
-    return ({p: max(abs(a - b) / b for a, b in zip(path, exact)) for p, path in paths.items()},
+        with backend(b):
+            paths[(b, p)] = [float(apsfast.transition_step_all(pairs, tau, relative=True, precision=p))
+                             for _ in range(steps)]
+    exact = paths[providers[0]]
+    return ({k: max(abs(a - b) / b for a, b in zip(path, exact)) for k, path in paths.items()},
             [exact[0], exact[-1]])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--backends", default="default",
+                        help=f"comma-separated, of {', '.join(BACKENDS)} (default: default, the unforced dispatch)")
     parser.add_argument("--steps", type=int, default=1000, help="transition steps of the drift run (default 1000)")
     parser.add_argument("--tau", type=float, default=5e-3, help="width-free rate of the drift run (default 5e-3)")
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per precision (default 3)")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per provider (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: no MobileNet-v2 timing, 20 drift steps, one repetition")
     parser.add_argument("--out", type=Path, help="also write PATH.md and PATH.jsonl")
     args = parser.parse_args()
-    mbv2 = step_ms("mobilenetv2_imagenet", args.reps)
-    r20 = step_ms("resnet20_cifar", max(args.reps, 20))
-    worst, (phi0, phi_end) = drift(args.steps, args.tau)
-    rows = [{"precision": p, "mobilenetv2_ms": round(mbv2[p], 1), "resnet20_ms": round(r20[p], 2),
-             "resnet20_max_rel_phi_diff": worst[p]} for p in PRECISIONS]
+    device = str(torch.device(args.device))  # a readable error for a wrong name
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if not backends or unknown:
+        parser.error(f"--backends must name some of {', '.join(BACKENDS)}, got {args.backends!r}")
+    if args.steps < 1 or args.reps < 1:
+        parser.error(f"--steps and --reps must be ≥ 1, got {args.steps} and {args.reps}")
+    steps, reps = (20, 1) if args.quick else (args.steps, args.reps)
+    providers = [(b, p) for b in backends for p in PRECISIONS]
+    mbv2 = {} if args.quick else step_ms("mobilenetv2_imagenet", device, providers, reps)
+    r20 = step_ms("resnet20_cifar", device, providers, reps if args.quick else max(reps, 20))
+    worst, (phi0, phi_end) = drift(device, providers, steps, args.tau)
+    rows = [{"device": device, "backend": b, "precision": p,
+             "mobilenetv2_ms": round(mbv2[(b, p)], 1) if mbv2 else None, "resnet20_ms": round(r20[(b, p)], 2),
+             "resnet20_max_rel_phi_diff": worst[(b, p)]} for b, p in providers]
+    reference = "/".join(providers[0])
     table = "\n".join(
-        ["| precision | ms per step, MobileNet-v2 space | ms per step, ResNet-20 | "
-         f"max \\|Φ − Φ_fp32\\| / Φ_fp32, ResNet-20, {args.steps} steps at τ = {args.tau:g} |",
-         "|---|---|---|---|"]
-        + [f"| {r['precision']} | {r['mobilenetv2_ms']:.0f} | {r['resnet20_ms']:.2f} | "
+        ["| backend | precision | ms per step, MobileNet-v2 space | ms per step, ResNet-20 | "
+         f"max \\|Φ − Φ_ref\\| / Φ_ref, ResNet-20, {steps} steps at τ = {args.tau:g} |",
+         "|---|---|---|---|---|"]
+        + [f"| {r['backend']} | {r['precision']} | "
+           f"{'—' if r['mobilenetv2_ms'] is None else format(r['mobilenetv2_ms'], '.0f')} | {r['resnet20_ms']:.2f} | "
            f"{r['resnet20_max_rel_phi_diff']:.2e} |" for r in rows]
-        + ["", f"ResNet-20's Φ (float32 path): {phi0:.6g} at the start, {phi_end:.6g} after {args.steps} steps."])
-    env = environment("python bench/bench_transition_precision.py "
-                      f"--steps {args.steps} --tau {args.tau:g} --reps {args.reps}")
-    env.update(threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-               avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx=torch.cpu._is_amx_tile_supported())
-    report("The transition under each float32 matmul precision (CPU)", env, rows, table, args.out)
+        + ["", f"Φ_ref: the {reference} path; ResNet-20's Φ on it: {phi0:.6g} at the start, "
+               f"{phi_end:.6g} after {steps} steps."])
+    command = (f"python bench/bench_transition_precision.py --device {args.device} --backends {args.backends} "
+               f"--steps {args.steps} --tau {args.tau:g} --reps {args.reps}" + (" --quick" if args.quick else ""))
+    env = environment(command)
+    env.update(threads=torch.get_num_threads())
+    if device == "cpu":
+        env.update(cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx=torch.cpu._is_amx_tile_supported())
+    report(f"The transition under each float32 matmul precision ({device})", env, rows, table, args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 # What a GPU machine is for, in one run of about ten minutes after the build: build the CUDA
 # extension, run the GPU tests (and tests/test_sync*.py whole), the host-cost benchmark, then
 # the search-step benchmark (bf16 autocast, channels_last) on ResNet-20 at batch 64, 256 and
-# 1024 and on MobileNet-v2 at batch 256. Each stage runs under `timeout` with a cap (less when
+# 1024 and on MobileNet-v2 at batch 256, then the transition under each float32 matmul
+# precision on the CUDA and Triton kernels (TF32 / 3xTF32 tensor cores in Triton: cost, and
+# Φ's drift over 1,000 steps). Each stage runs under `timeout` with a cap (less when
 # the budget is nearly spent), so one slow stage cannot eat the rest; the benchmarks write their
 # rows after every case, so a stage cut short keeps what it measured. Results and logs go to
 # $OUT (default bench/results), every file named after the device and the stage: <gpu>-host.md,
@@ -10,7 +12,7 @@
 # GPU_NAME overrides it).
 #
 #   bash bench/gpu.sh [--cpu] [BUDGET_SECONDS [STAGE ...]]
-#   stages: tests sync host search-resnet20 search-mobilenetv2 (the default, in that order), and
+#   stages: tests sync host search-resnet20 search-mobilenetv2 precision (the default, in that order), and
 #   errors profile search-dispatch search-cuda search-triton kernels-cuda kernels-triton.
 #   BUDGET_SECONDS (default 600) counts from the end of the build. The build runs first unless
 #   SKIP_BUILD=1; TESTS_K selects tests (pytest -k); SEARCH_MODELS limits search-dispatch/-cuda/-triton.
@@ -25,7 +27,7 @@ CPU=${DRY_RUN:-}
 if [ "${1:-}" = "--cpu" ]; then CPU=1; shift; fi
 BUDGET=${1:-600}
 shift || true
-STAGES=${*:-"tests sync host search-resnet20 search-mobilenetv2"}
+STAGES=${*:-"tests sync host search-resnet20 search-mobilenetv2 precision"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} APSFAST_CUDA_ARCHS=${APSFAST_CUDA_ARCHS:-9.0}
 
@@ -106,6 +108,11 @@ for name in $STAGES; do
             stage "$name" 120 $PY -m apsfast bench search "${BENCH[@]}" ${QUICK[@]+"${QUICK[@]}"} --models mobilenetv2_imagenet \
                 --batches 256 --out "$OUT/$GPU-$name" || continue
             show "$OUT/$GPU-$name.md" "^\| mobilenetv2_imagenet@|^weight/limit|^apsfast/limit|^limit compiled" ;;
+        precision)  # the transition's tensor-core question: CUDA FMA tiles against Triton's tl.dot
+            if [ -n "$CPU" ]; then backends=default; else backends=cuda,triton; fi
+            stage precision 120 $PY bench/bench_transition_precision.py "${DEVICE[@]}" ${QUICK[@]+"${QUICK[@]}"} \
+                --backends "$backends" --out "$OUT/$GPU-transition-precision" || continue
+            show "$OUT/$GPU-transition-precision.md" "^\| (default|cuda|triton) \||Φ_ref" ;;
         errors)  # bad input to each compiled op, each call in its own process
             stage errors 60 $PY -m apsfast info --check || continue
             cat "$LOGS/$GPU-errors.log" ;;

@@ -121,3 +121,21 @@ def test_search_sweep_batches():
     for bad in ("", "a,2", "0,4"):
         with pytest.raises(argparse.ArgumentTypeError):
             search.batch_list(bad)
+
+
+def test_transition_precision_benchmark_forces_each_backend(monkeypatch):
+    """The GPU script's precision stage: each backend is forced for its provider only, and two
+    backends' float32 paths of Φ agree, so a drift it reports is the precision's."""
+    from bench import bench_transition_precision as bench
+    from apsfast._backends import ENV_VAR, forced
+
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    with bench.backend("reference"):
+        assert forced() == "reference"
+    with bench.backend("default"):
+        assert forced() is None
+    assert forced() == "cpu"
+    worst, (start, end) = bench.drift("cpu", [("cpu", "highest"), ("reference", "highest")], steps=3, tau=5e-3)
+    assert worst[("cpu", "highest")] == 0.0
+    assert worst[("reference", "highest")] < 1e-5
+    assert end < start
