@@ -16,6 +16,9 @@
 #   errors profile search-dispatch search-cuda search-triton kernels-cuda kernels-triton.
 #   BUDGET_SECONDS (default 600) counts from the end of the build. The build runs first unless
 #   SKIP_BUILD=1; TESTS_K selects tests (pytest -k); SEARCH_MODELS limits search-dispatch/-cuda/-triton.
+#   Where one command may run ten minutes at most, split it in two on the same machine:
+#     bash bench/gpu.sh 300 tests sync host
+#     SKIP_BUILD=1 bash bench/gpu.sh 560 search-resnet20 search-mobilenetv2 precision
 #   If `errors` reports a crash, rebuild with CC/CXX naming the system compiler (see the README's
 #   GPU build).
 #
