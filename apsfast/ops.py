@@ -250,9 +250,9 @@ def step_sides(Ms: list[Tensor], widths: list[int], counts: list[int], partner: 
     """:func:`transition_step_all` at the least host cost: the custom op where ``torch.compile``
     traces, else its backend called directly (a quarter of a millisecond less a call), the
     sides' version counters then moved as the op's declared mutation moves them."""
-    if torch.compiler.is_compiling():
-        return transition_step_all(Ms, widths, counts, partner, tau, relative)
-    with torch.no_grad():
+    with torch.no_grad():  # the sides are stepped in place, trained or not
+        if torch.compiler.is_compiling():
+            return transition_step_all(Ms, widths, counts, partner, tau, relative)
         phi = _transition(Ms, widths, counts, partner, tau, relative)
     torch.autograd.graph.increment_version(Ms)
     return phi

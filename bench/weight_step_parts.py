@@ -18,7 +18,6 @@ settings change the backward (``GLIBC_TUNABLES``: see the README's host-cost sec
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import tempfile
 import time
@@ -35,8 +34,7 @@ PAIRS = ((16, 16), (96, 96), (32, 96), (96, 32), (16, 64), (64, 16), (64, 64), (
 
 
 def construction_rows() -> list[str]:
-    importlib.import_module("apsfast._C")  # the C++ library's ops (apsfast_cpu::*)
-    construct = torch.ops.apsfast_cpu.construct
+    from apsfast._backends.cpu import construct  # the C++ library's op, loaded by its backend
     generator = torch.Generator().manual_seed(0)
     rows, total = [], [0.0, 0.0]
     for c_o, c_i in PAIRS:
