@@ -14,6 +14,7 @@ from hypothesis import settings
 
 import apsfast
 from apsfast import _backends
+from guard import scoped, settings_guard  # noqa: F401  (fixtures: every test is guarded)
 
 # Derandomised unless asked otherwise: every run tests the same examples.
 #   --hypothesis-profile=explore  random examples (new ones each run)
@@ -37,13 +38,10 @@ TOLERANCES = {
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(scoped):
     """One intra-op thread for a test of tiny models or many small GEMMs: a second thread only
     adds waking and synchronisation, which on a busy two-core machine costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    scoped.set_num_threads(1)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
@@ -58,9 +56,9 @@ def compiled_backends() -> list[str]:
 
 
 @pytest.fixture(params=compiled_backends())
-def backend(request, monkeypatch) -> str:
+def backend(request, scoped) -> str:
     """Force each available CPU-capable backend in turn through APSFAST_BACKEND."""
-    monkeypatch.setenv(_backends.ENV_VAR, request.param)
+    scoped.setenv(_backends.ENV_VAR, request.param)
     return request.param
 
 
@@ -85,7 +83,7 @@ def _expected_backends() -> set[str]:
 
 
 @pytest.fixture
-def target(request, monkeypatch) -> Target:
+def target(request, scoped) -> Target:
     """A ``(device, backend)`` case of ``cases.py``, given by indirect parametrisation; forces
     the backend through APSFAST_BACKEND. A backend that is not built is skipped, or fails when
     ``APSFAST_EXPECT_BACKENDS`` names it."""
@@ -100,7 +98,7 @@ def target(request, monkeypatch) -> Target:
         # The Triton kernels run on CPU tensors only when TRITON_INTERPRET=1 was set before
         # triton was first imported (make test sets it).
         pytest.skip(f"the {name} backend does not run on {device} tensors here")
-    monkeypatch.setenv(_backends.ENV_VAR, name)
+    scoped.setenv(_backends.ENV_VAR, name)
     return found
 
 

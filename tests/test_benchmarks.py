@@ -123,13 +123,13 @@ def test_search_sweep_batches():
             search.batch_list(bad)
 
 
-def test_transition_precision_benchmark_forces_each_backend(monkeypatch):
+def test_transition_precision_benchmark_forces_each_backend(scoped):
     """The GPU script's precision stage: each backend is forced for its provider only, and two
     backends' float32 paths of Φ agree, so a drift it reports is the precision's."""
     from bench import bench_transition_precision as bench
     from apsfast._backends import ENV_VAR, forced
 
-    monkeypatch.setenv(ENV_VAR, "cpu")
+    scoped.setenv(ENV_VAR, "cpu")
     with bench.backend("reference"):
         assert forced() == "reference"
     with bench.backend("default"):

@@ -95,10 +95,10 @@ BACKWARD = [
 
 @pytest.mark.parametrize("target", ALL, indirect=True)
 @pytest.mark.parametrize("shape,layout,need,dtype", BACKWARD)
-def test_construct_backward(target, monkeypatch, shape, layout, need, dtype):
+def test_construct_backward(target, scoped, shape, layout, need, dtype):
     target.require(dtype)
     # dP and dQ are BLAS GEMMs on some backends: compare them at full-precision reductions.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    scoped.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     weight, P, Q = make(shape, "PQ", layout, dtype)
     grad = randn(*einsum_kernel(*exact(weight, P, Q)).shape, seed=7, dtype=dtype)
     flags = ("W" in need, "P" in need, "Q" in need)

@@ -20,8 +20,8 @@ OPS = ("construct", "construct_backward", "construct_grouped", "sharing_level", 
 
 
 @pytest.fixture
-def unforced(monkeypatch):
-    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+def unforced(scoped):
+    scoped.delenv(_backends.ENV_VAR)
 
 
 def test_cpu_defaults(unforced):
@@ -37,10 +37,10 @@ def test_cpu_defaults(unforced):
     assert _backends.select("transition_step_all", cpu, torch.float16).__name__ == "apsfast.reference"
 
 
-def test_forced_backend_serves_every_op(monkeypatch):
+def test_forced_backend_serves_every_op(scoped):
     if "cpu" not in apsfast.backends():
         pytest.skip("the CPU extension is not built")
-    monkeypatch.setenv(_backends.ENV_VAR, "cpu")
+    scoped.setenv(_backends.ENV_VAR, "cpu")
     for op in OPS:
         assert _backends.select(op, torch.device("cpu"), torch.float64).__name__ == "apsfast._backends.cpu"
     with pytest.raises(_backends.BackendUnavailable,
@@ -48,9 +48,9 @@ def test_forced_backend_serves_every_op(monkeypatch):
         _backends.select("construct", torch.device("cpu"), torch.float16)
 
 
-def test_forced_backend_never_falls_back(monkeypatch):
+def test_forced_backend_never_falls_back(scoped):
     weight, P, Q = randn(8, 6, 3, 3, dtype=torch.float32), transform(8, 5, dtype=torch.float32), None
-    monkeypatch.setenv(_backends.ENV_VAR, "cuda")  # not built without a CUDA torch
+    scoped.setenv(_backends.ENV_VAR, "cuda")  # not built without a CUDA torch
     if "cuda" not in apsfast.backends():
         with pytest.raises(_backends.BackendUnavailable, match="APSFAST_BACKEND=cuda"):
             apsfast.construct(weight, P, Q)
@@ -58,12 +58,12 @@ def test_forced_backend_never_falls_back(monkeypatch):
             apsfast.sharing_level([P], None)
     if "cpu" in apsfast.backends():
         # A built backend that does not serve the dtype raises too (it used to fall back).
-        monkeypatch.setenv(_backends.ENV_VAR, "cpu")
+        scoped.setenv(_backends.ENV_VAR, "cpu")
         with pytest.raises(_backends.BackendUnavailable, match="cannot run sharing_level"):
             apsfast.sharing_level([P.half()], None)
         with pytest.raises(_backends.BackendUnavailable, match="cannot run transition_step_all"):
             apsfast.transition_step([P.half()], None, 1e-3)
-    monkeypatch.setenv(_backends.ENV_VAR, "nonsense")
+    scoped.setenv(_backends.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="APSFAST_BACKEND must be one of"):
         apsfast.construct(weight, P, Q)
 
@@ -204,13 +204,13 @@ def test_triton_supports(target):
 
 # --- whole supernets: every backend against the reference on the same device --------------------
 
-def supernet_grads(name: str, backend: str, dtype, amp: bool, monkeypatch, device: str = "cuda"):
+def supernet_grads(name: str, backend: str, dtype, amp: bool, scoped, device: str = "cuda"):
     """Loss and gradients of one forward/backward of a small supernet, transforms dense (a
     transition step off the ordinal start), on ``device`` with ``backend`` forced."""
     from apsfast import models
     from apsfast.nn.network import network_transition_step
 
-    monkeypatch.setenv(_backends.ENV_VAR, "reference")
+    scoped.setenv(_backends.ENV_VAR, "reference")
     torch.manual_seed(0)
     options = {"resnet20_cifar": dict(widths=[5, 8, 12], input_size=16),
                "mobilenetv2_imagenet": dict(widths=[4, 6, 8], input_size=32)}[name]
@@ -219,7 +219,7 @@ def supernet_grads(name: str, backend: str, dtype, amp: bool, monkeypatch, devic
     net.set_arch(net.sample_uniform(torch.Generator().manual_seed(3)))
     x = randn(6, 3, options["input_size"], options["input_size"], seed=11, dtype=dtype).to(device)
     y = torch.arange(6, device=device) % 7
-    monkeypatch.setenv(_backends.ENV_VAR, backend)
+    scoped.setenv(_backends.ENV_VAR, backend)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         loss = torch.nn.functional.cross_entropy(net(x).float(), y)
     loss.backward()
@@ -241,14 +241,14 @@ def assert_net_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     pytest.param("cuda", "triton", "resnet20_cifar", id="cuda-triton-resnet20", marks=pytest.mark.gpu),
     pytest.param("cuda", "triton", "mobilenetv2_imagenet", id="cuda-triton-mobilenetv2", marks=pytest.mark.gpu),
 ])
-def test_supernet_matches_reference(device, backend, name, monkeypatch):
+def test_supernet_matches_reference(device, backend, name, scoped):
     # float64: the backends' kernels against the reference's einsums, through the layers'
     # autograd, on every layer kind of the search spaces; what is compared is non-trivial
     # (every layer's parameters get a gradient).
     if backend not in apsfast.backends():
         pytest.skip(f"the {backend} backend is not built")
-    loss, grads = supernet_grads(name, backend, torch.float64, False, monkeypatch, device)
-    loss_ref, grads_ref = supernet_grads(name, "reference", torch.float64, False, monkeypatch, device)
+    loss, grads = supernet_grads(name, backend, torch.float64, False, scoped, device)
+    loss_ref, grads_ref = supernet_grads(name, "reference", torch.float64, False, scoped, device)
     assert_net_close(loss, loss_ref)
     assert grads.keys() == grads_ref.keys() and len(grads) > 20
     for key in grads:
@@ -257,10 +257,10 @@ def test_supernet_matches_reference(device, backend, name, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_supernet_under_bf16_autocast(backend, monkeypatch):
+def test_gpu_supernet_under_bf16_autocast(backend, scoped):
     # fp32 master weights, bf16 compute: close to the reference under the same autocast.
-    loss, grads = supernet_grads("resnet20_cifar", backend, torch.float32, True, monkeypatch)
-    loss_ref, grads_ref = supernet_grads("resnet20_cifar", "reference", torch.float32, True, monkeypatch)
+    loss, grads = supernet_grads("resnet20_cifar", backend, torch.float32, True, scoped)
+    loss_ref, grads_ref = supernet_grads("resnet20_cifar", "reference", torch.float32, True, scoped)
     torch.testing.assert_close(loss, loss_ref, rtol=3e-2, atol=3e-2)
     for key in grads:
         assert grads[key].dtype == torch.float32 and grads[key].isfinite().all()

@@ -69,8 +69,8 @@ def test_changes_name_each_field():
     assert [c[0] for c in changes(a, b)] == ["model.options", "train.momentum"]
 
 
-def test_paths_expand_home_and_variables(tmp_path, monkeypatch):
-    monkeypatch.setenv("APSFAST_TEST_DATA", str(tmp_path))
+def test_paths_expand_home_and_variables(tmp_path, scoped):
+    scoped.setenv("APSFAST_TEST_DATA", str(tmp_path))
     assert load_config("demo", overrides=["data.root=~/x"]).data.root == os.path.expanduser("~/x")
     assert load_config("demo", overrides=["data.root=$APSFAST_TEST_DATA/y"]).data.root == f"{tmp_path}/y"
 

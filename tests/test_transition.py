@@ -18,6 +18,7 @@ from cases import (CountLaunches, nan_filled_empty, ALL, CPU, CPU_FAST, CUDA, NO
                    assert_unit_columns, exact, max_err, max_score, naive_phi, random_matrices, random_rotation, to,
                    transform)
 from conftest import assert_close
+from guard import MATMUL_PRECISION
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
@@ -576,11 +577,8 @@ def matmul_settings():
 
 
 @pytest.fixture
-def keep_matmul_settings():
-    saved = matmul_settings()
-    yield
-    torch.set_float32_matmul_precision(saved[0] or "highest")
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved[1:]
+def keep_matmul_settings(scoped):
+    scoped.keep(*MATMUL_PRECISION)
 
 
 @pytest.mark.parametrize("found", ["default", "highest", "medium", "per-backend"])
@@ -632,9 +630,11 @@ def near_ordinal_inputs(sides: str, seed: int = 0):
 @pytest.mark.parametrize("start", ["random", "near_ordinal"])
 def test_medium_precision_keeps_the_grams_float32(target, start, keep_matmul_settings):
     # "medium": the gradient GEMMs of large layers run in bf16 (oneDNN), every Gram in float32:
-    # Φ is the float32 one to the bit, while torch's own bf16 Gram is off by ~1e-3 near the
-    # ordinal start (columns ~e_i, whose largest entry rounds to 1). The steps err at most twice
-    # as much as the reference's torch matmuls at that setting, and the setting is put back.
+    # Φ is the float32 one to the bit, near the ordinal start too (columns ~e_i, whose largest
+    # entry rounds to 1 in bf16). The steps err at most twice as much as the reference's torch
+    # matmuls at that setting, and the setting is put back. How far torch's own bf16 Gram strays
+    # is oneDNN's rounding on the processor at hand (1e-3 relative on one, 8e-7 on another), so
+    # it is not asserted.
     if start == "random":
         Ms, widths, counts, partner, _ = transition_inputs("large", F32, "contiguous", seed=5)
     else:
@@ -645,17 +645,15 @@ def test_medium_precision_keeps_the_grams_float32(target, start, keep_matmul_set
         settings = matmul_settings()
         phi = torch.ops.apsfast.transition_step_all(Ms, *args)
         assert matmul_settings() == settings
-        phi_own = reference.transition_step_all(own_Ms, *args)
+        reference.transition_step_all(own_Ms, *args)
     phi_full = torch.ops.apsfast.transition_step_all(full_Ms, *args)
-    phi_exact = reference.transition_step_all(exact_Ms, *args).item()
+    reference.transition_step_all(exact_Ms, *args)
     assert phi.item() == phi_full.item()
     for M, E, O in zip(Ms, exact_Ms, own_Ms):
         assert max_err(M, E) <= 2 * max_err(O, E) + 1e-5
         assert_unit_columns(M, 1e-5)
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # else "medium" computes in float32
         assert not all(torch.equal(M, F) for M, F in zip(Ms, full_Ms))  # the large layer's step
-        if start == "near_ordinal":
-            assert abs(phi_own.item() - phi_exact) > 1e-4 * phi_exact  # what a bf16 Gram does there
 
 
 def test_transition_step_all_errors():
