@@ -16,10 +16,11 @@ from apsfast.search import ConfigError, Search, load_config
 from apsfast.search.searchers import (SEARCHERS, IstaSearcher, ReinforceSearcher, TasSearcher, build_searcher,
                                       distillation_loss)
 from apsfast.search.deploy import program_entries
-from apsfast.search.searchers.ista import dictionary, ista, one_per_decision, per_decision_probs
+from apsfast.search.searchers.ista import (choose, dictionary, ista, ista_step, kkt_residual, per_decision_probs,
+                                           step_size)
 from apsfast.search.searchers.tas import gumbel_pairs
-from apsfast.search.searchers.widths import (ExpectedMacs, Groups, channel_interpolate, flops_loss, product_beam,
-                                             validation_mode)
+from apsfast.search.searchers.widths import (ExpectedMacs, Groups, channel_interpolate, driven_layers, flops_band,
+                                             flops_loss, product_beam, validation_mode)
 from apsfast.search.strategies import STRATEGIES, begin_search, supernet_sharing
 
 from test_search import TINY  # 3 epochs (1 warm-up) of 3 steps of 32 images
@@ -92,16 +93,20 @@ def test_gumbel_pairs_against_a_hand_computation():
     assert pairs[2][:2] == (0, 0) and float(pairs[2][3]) == 1.0
 
 
-def test_tas_temperature_anneals_from_tau_max_to_tau_min():
+def test_tas_temperature_is_a_cosine_over_the_search_phase_weight_steps():
     config = tiny("controller.kind=tas", "tas.tau_max=5", "tas.tau_min=0.1")
     net = supernet(config)
     searcher = TasSearcher(net.decisions(), config, net.flops, net=net, search_steps=50)
     taus = []
-    for _ in range(60):
+    for done in range(60):
+        searcher.begin_step(done)
         taus.append(searcher.tau())
-        searcher.sample_train_arch()
+        searcher.sample_train_arch()  # sampling does not move it: the schedule's count does
+        assert searcher.tau() == taus[-1]
     assert taus[0] == 5 and taus[49] == pytest.approx(0.1) and taus[59] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(taus, taus[1:]))
+    for done in (10, 25, 40):  # TAS's τ_min + (τ_max − τ_min)(1 + cos(π t))/2
+        assert taus[done] == pytest.approx(0.1 + 4.9 * (1 + math.cos(math.pi * done / 49)) / 2)
+    assert all(a > b for a, b in zip(taus[:49], taus[1:50]))
 
 
 @pytest.mark.parametrize("name, options", [
@@ -127,10 +132,13 @@ def test_expected_macs_and_flops_loss_against_enumeration(name, options):
     reference = enumerate_expected(net, [p.detach() for p in probs])
     assert float(expected.detach()) == pytest.approx(float(reference), rel=1e-9)
     target = float(reference)
-    assert float(flops_loss(expected.detach(), 1.01 * target, target, 0.05)) == pytest.approx(math.log(target))
-    assert float(flops_loss(expected.detach(), 0.9 * target, target, 0.05)) == pytest.approx(-math.log(target))
-    assert float(flops_loss(expected.detach(), 0.97 * target, target, 0.05)) == 0.0
-    assert float(flops_loss(expected.detach(), 1e12, None, 0.05)) == 0.0
+    band = flops_band(0.05, net, net.flops)  # TAS's R − t·MAX_FLOP
+    assert band == 0.05 * net.flops(net.max_arch())
+    assert float(flops_loss(expected.detach(), 1.01 * target, target, band)) == pytest.approx(math.log(target))
+    assert float(flops_loss(expected.detach(), target - 1.01 * band, target, band)) == pytest.approx(-math.log(target))
+    assert float(flops_loss(expected.detach(), target - 0.99 * band, target, band)) == 0.0
+    assert float(flops_loss(expected.detach(), target, target, band)) == 0.0
+    assert float(flops_loss(expected.detach(), 1e12, None, band)) == 0.0
     (grad,) = torch.autograd.grad(expected, [logits])  # the polynomial's gradient is exact
     if math.prod(sizes) <= 300:
         logits2 = logits.detach().clone().requires_grad_(True)
@@ -168,6 +176,104 @@ def test_distillation_loss_by_hand():
     torch.testing.assert_close(distillation_loss(student, teacher, labels, alpha=0.0), F.cross_entropy(student, labels))
 
 
+def test_tas_temperature_reaches_tau_min_through_a_search_with_widest_steps(tmp_path, one_thread):
+    # train.widest_every=2: every other weight step trains the widest arch and samples nothing
+    # from TAS; τ still follows every weight step of the phase and ends at tau_min.
+    search = Search(tiny("controller.kind=tas", "train.widest_every=2"), tmp_path, log=quiet)
+    searcher, taus = search.searcher, []
+    tau = searcher.tau
+
+    def spy() -> float:
+        taus.append(tau())
+        return taus[-1]
+
+    searcher.tau = spy
+    search.run()
+    last = search.search_steps - 1  # 6 weight steps after warm-up, 3 of them widest
+    hand = [0.1 + 4.9 * (1 + math.cos(math.pi * k / last)) / 2 for k in range(last + 1)]
+    assert taus[0] == pytest.approx(5.0) and taus[-1] == pytest.approx(0.1)
+    assert sorted(set(taus), reverse=True) == pytest.approx(hand)  # a search step at every weight step
+    assert all(a >= b for a, b in zip(taus, taus[1:]))
+
+
+def gumbel_by_hand(theta, sizes, tau, state):
+    """TAS's pairs and mixture weights from θ, τ and the generator's state, computed here: the
+    Gumbel noise, two distinct candidates per decision from softmax((log p + g)/τ) in decision
+    order, their weights the softmax of their two perturbed logits."""
+    generator = torch.Generator()
+    generator.set_state(state)
+    logits = theta.clone()
+    for d, size in enumerate(sizes):
+        logits[d, size:] = -math.inf
+    log_probs = logits.log_softmax(dim=1).double()
+    noise = torch.empty(theta.shape, dtype=torch.float64).exponential_(generator=generator)
+    perturbed = (log_probs - noise.log()) / tau
+    pairs = []
+    for d, size in enumerate(sizes):
+        if size == 1:
+            pairs.append((0, 0, 0.0, 1.0))
+            continue
+        row = perturbed[d, :size].softmax(0) + 1e-12
+        narrow, wide = sorted(torch.multinomial(row, 2, replacement=False, generator=generator).tolist())
+        weights = torch.stack([perturbed[d, narrow], perturbed[d, wide]]).softmax(0)
+        pairs.append((narrow, wide, float(weights[0]), float(weights[1])))
+    return pairs
+
+
+def test_tas_mixes_two_widths_in_the_weight_steps_it_samples_with_their_gumbel_weights(tmp_path, one_thread):
+    # In a real search: at every weight step whose arch TAS sampled, a driven conv's output is
+    # w_wide·conv_wide(x) + w_narrow·CWI(conv_narrow(x)) with the weights of TAS's Gumbel draw,
+    # computed here from θ, the schedule's τ and the generator (and the convs as plain
+    # nn.Conv2d); warm-up and widest steps run the plain conv. A spy hook registered after
+    # the mixture's sees what the next layer gets.
+    search = Search(tiny("controller.kind=tas", "train.widest_every=2", "model.options.widths=[2, 3, 5]"),
+                    tmp_path, log=quiet)
+    searcher, net = search.searcher, search.net
+    decision = 1  # layer1.0.conv1: one driven conv
+    (layer,) = driven_layers(net)[decision]
+    draws, seen, now = [], [], {}
+    sample, train_step = searcher.sample_train_arch, search.train_step
+
+    def sample_spy():
+        k = search.step - search.steps_per_epoch  # the search phase's weight step (one warm-up epoch)
+        tau = 0.1 + 4.9 * (1 + math.cos(math.pi * k / (search.search_steps - 1))) / 2
+        draws.append(gumbel_by_hand(searcher.theta.detach(), searcher.groups.sizes, tau,
+                                    searcher.generator.get_state()))
+        return sample()
+
+    def train_step_spy(x, y, phase):
+        now.update(step=search.step, phase=phase, widest=search.widest_step(), draws=len(draws))
+        try:
+            return train_step(x, y, phase)
+        finally:
+            now.clear()
+
+    def conv_spy(module, inputs, output):
+        if not now or not torch.is_grad_enabled():
+            return
+        x = inputs[0].detach()
+        plain = module.to_static(x.shape[1])(x)
+        expected = plain
+        if now["phase"] == "search" and not now["widest"]:
+            narrow, wide, w_narrow, w_wide = draws[-1][decision]
+            assert len(draws) == now["draws"] + 1 and module.active_out_index == wide
+            if narrow != wide:
+                small = module.to_static(x.shape[1], module.out_widths[narrow])(x)
+                expected = w_wide * plain + w_narrow * cwi_by_hand(small, plain.shape[1])
+        seen.append((now["phase"], now["widest"], torch.equal(expected, plain)))
+        torch.testing.assert_close(output.detach(), expected, rtol=1e-5, atol=1e-5)
+
+    searcher.sample_train_arch, search.train_step = sample_spy, train_step_spy
+    layer.register_forward_hook(conv_spy)
+    search.run()
+    phases = [(phase, widest) for phase, widest, _ in seen]
+    # Global steps 1, 3, 5, 7 train the widest arch: the search phase samples at its steps 1, 3, 5.
+    assert phases == [("warmup", False), ("warmup", True), ("warmup", False)] + \
+        [("search", k % 2 == 0) for k in range(6)]
+    mixed = [not same for phase, widest, same in seen if phase == "search" and not widest]
+    assert len(mixed) == len(draws) == 3 and any(mixed)  # a draw of two distinct widths mixes them
+
+
 # --- ISTA ------------------------------------------------------------------------------------
 
 def test_ista_recovers_a_known_sparse_code():
@@ -178,19 +284,20 @@ def test_ista_recovers_a_known_sparse_code():
         truth[start + choice] = 1.0
         start += size
     a = dictionary(12, len(truth), torch.Generator().manual_seed(3))
-    z = ista(a, a @ truth, sparsity=1e-4, iterations=3000)
-    kept, arch = one_per_decision(z, sizes)
-    assert arch == [2, 0, 1, 3, 1]
-    torch.testing.assert_close(kept, truth, atol=0.02, rtol=0)
-    torch.testing.assert_close(z, truth, atol=0.02, rtol=0)  # the other entries recovered as zeros
+    recovered = ista(a, a @ truth, sparsity=1e-4, iterations=3000)
+    assert choose(recovered.scores, sizes) == [2, 0, 1, 3, 1]
+    torch.testing.assert_close(recovered.z, truth, atol=0.02, rtol=0)  # the other entries recovered as zeros
+    assert recovered.residual <= 1e-9 and recovered.iterations < 3000
 
 
 def test_ista_policy_by_hand():
-    z = torch.tensor([0.0, 0.6, 0.2, 0.5, 0.5], dtype=torch.float64)
-    kept, arch = one_per_decision(z, [3, 2])
-    assert arch == [1, 0] and kept.tolist() == [0.0, 0.6, 0.0, 0.5, 0.0]  # a tie: the narrower
-    probs = per_decision_probs(z, [3, 2], eps=0.0)
+    z = torch.tensor([0.0, 0.6, 0.2, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    scores = torch.tensor([-0.1, 0.6, 0.2, 0.5, 0.5, -0.3, -0.1], dtype=torch.float64)
+    assert choose(scores, [3, 2, 2]) == [1, 0, 1]  # a tie: the narrower; an empty block: the nearest to entering
+    probs = per_decision_probs(z, scores, [3, 2, 2], temperature=0.1, eps=0.0)
     assert probs[0].tolist() == pytest.approx([0.0, 0.75, 0.25]) and probs[1].tolist() == pytest.approx([0.5, 0.5])
+    e = math.exp(-3.0), math.exp(-1.0)  # the empty block: softmax(scores / temperature)
+    assert probs[2].tolist() == pytest.approx([e[0] / sum(e), e[1] / sum(e)])
     beam = product_beam([torch.tensor([0.75, 0.25]).log(), torch.tensor([0.4, 0.6]).log()], 3)
     assert [a for a, _ in beam] == [[0, 1], [0, 0], [1, 1]]
     assert beam[1][1] == pytest.approx(math.log(0.75 * 0.4))
@@ -206,6 +313,150 @@ def test_ista_searcher_sizes_its_dictionary_and_recovers_its_start():
     arch = searcher.sample_train_arch()
     assert arch == searcher.beam(1)[0][0]  # the result is z's argmax
     assert all(sum(p) == pytest.approx(1.0) for p in searcher.probabilities(arch))
+
+
+def test_ista_step_threshold_step_size_and_sign_by_hand():
+    a = torch.tensor([[1.0, 0.5, -0.3], [0.2, -1.0, 0.4]], dtype=torch.float64)
+    b = torch.tensor([0.7, -0.2], dtype=torch.float64)
+    z = torch.tensor([0.3, 0.0, 0.6], dtype=torch.float64)
+    sigma = max(abs(float(v)) for v in torch.linalg.svdvals(a))
+    eta = step_size(a)
+    assert eta == pytest.approx(1 / sigma ** 2)
+    residual = [sum(float(a[r, j]) * float(z[j]) for j in range(3)) - float(b[r]) for r in range(2)]
+    hand = [max(float(z[j]) - eta * sum(float(a[r, j]) * residual[r] for r in range(2)) - eta * 0.05, 0.0)
+            for j in range(3)]
+    torch.testing.assert_close(ista_step(z, a.T @ a, a.T @ b, 0.05, eta), torch.tensor(hand, dtype=torch.float64))
+
+
+def lasso_by_enumeration(a, b, sparsity):
+    """The non-negative LASSO's solution found without iterating: among all supports, the one
+    whose closed form is positive and meets the KKT conditions."""
+    found = []
+    for mask in itertools.product((False, True), repeat=a.shape[1]):
+        support = torch.tensor(mask)
+        z = torch.zeros(a.shape[1], dtype=torch.float64)
+        if support.any():
+            columns = a[:, support]
+            z[support] = torch.linalg.solve(columns.T @ columns, columns.T @ b - sparsity)
+        grad = a.T @ (a @ z - b) + sparsity
+        if (z[support] > 0).all() and (grad[~support] >= 0).all():
+            found.append(z)
+    assert len(found) == 1
+    return found[0]
+
+
+def test_ista_recovery_at_the_default_settings_is_the_lasso_solution_whatever_the_iterations():
+    # At the production settings (ista.sparsity, ista.iterations): the recovery is the
+    # LASSO's solution found by enumerating every support (a wrong threshold, step or sign
+    # misses it), and more iterations change nothing (the arch does not depend on them).
+    settings = load_config("demo").ista
+    generator = torch.Generator().manual_seed(4)
+    a = dictionary(6, 9, generator)
+    for scale in (0.05, 0.3, 1.0):
+        b = a @ (scale * torch.rand(9, generator=generator, dtype=torch.float64)) + \
+            0.02 * torch.randn(6, generator=generator, dtype=torch.float64)
+        recovered = ista(a, b, settings.sparsity, settings.iterations)
+        torch.testing.assert_close(recovered.z, lasso_by_enumeration(a, b, settings.sparsity), rtol=0, atol=1e-12)
+        assert recovered.iterations < settings.iterations and recovered.residual <= 1e-9
+        assert torch.equal(ista(a, b, settings.sparsity, 10 * settings.iterations).z, recovered.z)
+
+
+@pytest.mark.parametrize("name, options", [("resnet20_cifar", {"widths": [4, 8, 16], "residual": "stage"}),
+                                           ("resnet20_cifar", {}), ("mobilenetv2_imagenet", {})],
+                         ids=["demo", "resnet20", "mobilenetv2"])
+def test_ista_recovery_meets_the_kkt_conditions_at_the_default_settings(name, options):
+    config = load_config("demo", overrides=["controller.kind=ista"])
+    net = models.build(name, device="meta", **options)
+    searcher = IstaSearcher(net.decisions(), config, net.flops, net=net)
+    settings, a = config.ista, searcher.a
+    generator = torch.Generator().manual_seed(0)
+    start = searcher.b.detach()
+    for b in (start, start + 0.1 * torch.randn(start.shape, generator=generator, dtype=torch.float64),
+              start + 0.5 * torch.randn(start.shape, generator=generator, dtype=torch.float64)):
+        recovered = searcher.recover(b)
+        z = recovered.z.detach()
+        grad = a.T @ (a @ z - b) + settings.sparsity  # ∂(½‖Az − b‖² + λ‖z‖₁), by hand
+        support = z > 0
+        assert (z >= 0).all() and support.any()
+        assert float(grad[support].abs().max()) <= 1e-9  # stationary on the support
+        assert float(grad[~support].min()) >= -1e-9  # no entry off it would lower the objective
+        assert recovered.iterations <= settings.iterations and kkt_residual(a, b, z, settings.sparsity) <= 1e-9
+
+
+def test_an_empty_ista_block_keeps_the_plain_network_and_a_pinned_decision_is_not_coded():
+    config = tiny("controller.kind=ista")
+    torch.manual_seed(0)
+    net = supernet(config, layer_widths={"stem": [2]})
+    searcher = IstaSearcher(net.decisions(), config, net.flops, net=net)
+    assert searcher.coded == list(range(1, 13)) and searcher.a.shape[1] == 24  # the pinned stem is not in z
+    # A code whose first block (decision 1) is empty: b from a one-hot code without it.
+    truth = torch.zeros(24, dtype=torch.float64)
+    for i, start in enumerate(searcher.starts[1:], start=1):
+        truth[start + i % 2] = 1.0
+    with torch.no_grad():
+        searcher.b.copy_(searcher.a @ truth)
+    recovered = searcher.recover()
+    assert recovered.z[:2].tolist() == [0.0, 0.0] and (recovered.z[2:] > 0).any()
+    arch, probs, gates = searcher.policy(recovered)
+    # The empty decision keeps the candidate nearest to entering, not the tie's narrowest.
+    assert arch[1] == int(recovered.scores[:2].argmax()) == 1
+    assert arch == searcher.sample_train_arch() == searcher.beam(1)[0][0]
+    assert arch[0] == 0 and probs[0].tolist() == [1.0] and searcher.probabilities(arch)[0] == [1.0]
+    assert gates.tolist() == pytest.approx([1.0] * 13)  # the empty decision's too: no zero gate
+    (empty,) = torch.autograd.grad(gates[1], [searcher.b], retain_graph=True)
+    (coded,) = torch.autograd.grad(gates[2], [searcher.b], retain_graph=True)
+    assert float(empty.abs().sum()) == 0 and float(coded.abs().sum()) > 0  # a constant; log z_d's gradient
+    gates = gates.detach()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    net.set_arch(arch)
+    with torch.no_grad(), validation_mode(net):
+        plain = net(x)
+        with searcher.gates.active(gates.float()):
+            gated = net(x)
+    torch.testing.assert_close(gated, plain, rtol=0, atol=0)
+    # The step with it: finite, and b moves.
+    before = searcher.b.detach().clone()
+    searcher.step(lambda archs: [0.0] * len(archs), batch=(x, torch.randint(0, 10, (8,))))
+    out = searcher.flush()
+    assert math.isfinite(out["loss"]) and not torch.equal(before, searcher.b.detach())
+
+
+def norm_after(net, conv_name: str):
+    """The batch norm that follows a driven conv in the built-in ResNets (by name)."""
+    stem, _, leaf = conv_name.rpartition(".")
+    name = f"{stem}.{leaf.replace('conv', 'bn')}" if leaf.startswith("conv") else f"{stem}.{int(leaf) + 1}"
+    return net.get_submodule(name)
+
+
+def test_ista_gates_scale_each_decisions_batch_norm_outputs_once():
+    # The gate of decision d multiplies the outputs of the batch norms after d's convs,
+    # exactly once: the same as scaling those batch norms' affine parameters. A gate applied
+    # twice (c², twice the gradient) or skipped (1, no gradient) fails here.
+    config = tiny("controller.kind=ista")
+    torch.manual_seed(0)
+    net = supernet(config)
+    searcher = IstaSearcher(net.decisions(), config, net.flops, net=net)
+    names = {module: name for name, module in net.named_modules()}
+    x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
+    net.set_arch(searcher.sample_train_arch())
+    for d in (0, 2, 5):  # the stem, a stage (its convs and shortcut projections), a block's inner conv
+        norms = [norm_after(net, names[layer]) for layer in driven_layers(net)[d]]
+        params = dict(net.named_parameters())
+        scale = torch.tensor(2.0, requires_grad=True)
+        scaled = {f"{names[norm]}.bns.{i}.{key}": getattr(bn, key) * scale
+                  for norm in norms for i, bn in enumerate(norm.bns) for key in ("weight", "bias")}
+        with validation_mode(net):
+            expected = torch.func.functional_call(net, {**params, **scaled}, (x,))
+            gates = torch.ones(len(searcher.sizes))
+            gates[d] = 2.0
+            gates.requires_grad_(True)
+            with searcher.gates.active(gates):
+                gated = net(x)
+        torch.testing.assert_close(gated, expected)
+        (by_scale,) = torch.autograd.grad(F.cross_entropy(expected, y), [scale])
+        (by_gate,) = torch.autograd.grad(F.cross_entropy(gated, y), [gates])
+        torch.testing.assert_close(by_gate[d], by_scale)
+        assert float(by_scale) != 0 and by_gate[[i for i in range(len(gates)) if i != d]].abs().sum() > 0
 
 
 # --- every kind in a search -------------------------------------------------------------------
@@ -247,14 +498,12 @@ def whole_loss_gradient(searcher, kind, x, y):
         arch = log_probs.detach().argmax(dim=1).tolist()
         expected = searcher.expected_macs(searcher.groups.rows(log_probs.exp()))
     else:
-        z = ista(searcher.a, param, settings.sparsity, settings.iterations)
-        kept, arch = one_per_decision(z, searcher.sizes)
-        chosen = torch.stack([kept[start + a] for start, a in zip(searcher._starts(), arch)])
+        arch, probs, gates = searcher.policy(ista(searcher.a, param, settings.sparsity, settings.iterations))
         net.set_arch(arch)
-        with validation_mode(net), searcher.gates.active((chosen / chosen.detach().clamp_min(1e-12)).float()):
+        with validation_mode(net), searcher.gates.active(gates.float()):
             task = F.cross_entropy(net(x), y)
-        expected = searcher.expected_macs(per_decision_probs(z, searcher.sizes))
-    cost = flops_loss(expected, searcher.flops(arch), searcher.target, settings.flops_tolerance)
+        expected = searcher.expected_macs(probs)
+    cost = flops_loss(expected, searcher.flops(arch), searcher.target, searcher.band)
     (param.grad,) = torch.autograd.grad(task.double() + settings.flops_weight * cost, [param])
     return param.grad
 
@@ -306,11 +555,17 @@ def test_a_search_per_kind_writes_a_valid_result(kind, tmp_path):
     assert all(sum(d["probs"]) == pytest.approx(1.0) for d in result["decisions"])
     assert 0 <= result["policy"]["entropy_fraction"] <= 1
     assert (tmp_path / "model.pt").exists()
+    # With a target TAS and ISTA export their argmax, as their authors do, and say where it stands.
+    chosen = result["chosen"]
+    assert chosen["rank"] == 0 and chosen["arch"] == result["candidates"][0]["arch"]
+    where = "within" if chosen["flops"] <= 30_000 else "over"
+    assert "as its authors export it" in chosen["why"] and f"{where} the target" in chosen["why"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_interrupted_search_per_kind_resumes_to_the_same_result(kind, tmp_path):
-    config = tiny(f"controller.kind={kind}", "reward.flops_target=30K")
+    # With widest steps, which sample nothing: TAS's temperature follows the schedule's count.
+    config = tiny(f"controller.kind={kind}", "reward.flops_target=30K", "train.widest_every=2")
     reference = Search(config, tmp_path / "whole", log=quiet)
     expected = reference.run()
     interrupted = Search(config, tmp_path / "cut", log=quiet)
@@ -369,3 +624,29 @@ def test_bad_searcher_settings_are_refused_with_one_line(override, message):
     with pytest.raises(ConfigError, match=f"^{message}$") as error:
         tiny(override)
     assert "\n" not in str(error.value)
+
+
+# --- behaviour: a space where one width is clearly better ---------------------------------------
+
+# Every decision of the demo's ResNet-20 pinned to 8 channels but the last stage's width, 1 or 8:
+# one channel before the classifier is clearly worse (measured after this budget: 21–32% against
+# 47–62% validation accuracy on 4 classes, seeds 0–3). 30 warm-up and 20 search steps of 32
+# images at 8×8, the searchers' learning rates raised for so short a search.
+PINNED = ["stem", "layer1", "layer2"] + [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+TOY = ["model.options.widths=[1, 8]", "model.options.layer_widths={" + ", ".join(f"{n}: [8]" for n in PINNED) + "}",
+       "data.options={num_train: 1024, num_test: 64, num_classes: 4}", "data.image_size=8", "train.epochs=5",
+       "train.warmup_epochs=3", "train.batch_size=32", "train.steps_per_epoch=10", "controller.samples=2",
+       "result.beam=2", "run.eval_batches=1", "run.log_every=100", "run.checkpoint_every=1000", "run.progress=false",
+       "result.portable=false", "controller.lr=0.02", "tas.lr=0.05", "ista.lr=0.05"]
+
+
+ISTA_IS_GREEDY = pytest.mark.xfail(strict=True, reason=(
+    "ISTA's validation forward runs only the width its code selects (gates of value 1): no gradient compares a "
+    "decision's widths, so it cannot tell the better one (README, Searchers)"))
+
+
+@pytest.mark.parametrize("kind", ["reinforce", "tas", pytest.param("ista", marks=ISTA_IS_GREEDY)])
+def test_each_searcher_finds_the_clearly_better_width(kind, tmp_path, one_thread):
+    result = Search(load_config("demo", overrides=[*TOY, f"controller.kind={kind}"]), tmp_path, log=quiet).run()
+    (last,) = [d for d in result["decisions"] if d["name"] == "layer3"]
+    assert last["chosen"] == 8 and last["probs"][1] > last["probs"][0], last

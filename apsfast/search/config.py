@@ -133,9 +133,10 @@ class ControllerConfig:
 class TasConfig:
     """The ``tas`` searcher (``controller.kind=tas``): width logits trained by Adam (``lr``,
     ``betas``, ``weight_decay``) on validation batches; two widths per decision sampled by
-    Gumbel-softmax at a temperature falling linearly from ``tau_max`` to ``tau_min`` over the
-    search phase; ``flops_weight`` times the FLOPs loss (``±log`` of the expected MACs) while
-    the most likely arch is outside ``[reward.flops_target·(1 − flops_tolerance), target]``."""
+    Gumbel-softmax at a temperature falling by a cosine from ``tau_max`` to ``tau_min`` over the
+    search phase's weight steps; ``flops_weight`` times the FLOPs loss (``±log`` of the expected
+    MACs) while the most likely arch is outside ``[reward.flops_target − flops_tolerance·(the
+    widest arch's MACs), target]``."""
 
     lr: float = 1e-3
     betas: list = field(default_factory=lambda: [0.5, 0.999])
@@ -149,12 +150,13 @@ class TasConfig:
 @dataclass
 class IstaConfig:
     """The ``ista`` searcher (``controller.kind=ista``): the compressed code ``b = A z`` with
-    ``ratio`` times as many rows as width candidates in all, recovered by ``iterations`` ISTA
-    steps with L1 weight ``sparsity``; ``b`` trained by Adam (``lr``, ``betas``) with
-    ``flops_weight`` and ``flops_tolerance`` as in ``tas``."""
+    ``ratio`` times as many rows as width candidates in all, recovered by solving the LASSO with
+    L1 weight ``sparsity`` to its KKT conditions in at most ``iterations`` (accelerated) ISTA
+    steps (a few hundred on the built-in spaces); ``b`` trained by Adam (``lr``, ``betas``)
+    with ``flops_weight`` and ``flops_tolerance`` as in ``tas``."""
 
     ratio: float = 0.75
-    iterations: int = 100
+    iterations: int = 2000
     sparsity: float = 0.01
     lr: float = 0.01
     betas: list = field(default_factory=lambda: [0.5, 0.999])

@@ -48,6 +48,18 @@ def select_arch(candidates: list[dict[str, Any]], target: Optional[float], *, ke
                   f"(raise result.beam or the reward's beta)")
 
 
+def argmax_choice(candidates: list[dict[str, Any]], target: Optional[float], *, key: str = "flops",
+                  unit: str = "MACs") -> tuple[int, str]:
+    """The most likely candidate (index 0), as TAS's and ISTA-NAS's authors export their
+    searchers' argmax, and why, with its cost against ``target`` when there is one."""
+    if target is None:
+        return 0, "the most likely arch (no FLOPs target)"
+    cost = candidates[0][key]
+    where = "within" if cost <= target else "over"
+    return 0, (f"the searcher's most likely arch, as its authors export it ({cost:.4g} {unit}, {where} the target "
+               f"{target:.4g} {unit})")
+
+
 def policy_report(searcher: Searcher) -> dict[str, Any]:
     """The searcher's entropy against its uniform maximum, and a warning when it is near it."""
     entropy, maximum = searcher.policy_entropy()
@@ -62,9 +74,11 @@ def policy_report(searcher: Searcher) -> dict[str, Any]:
 
 def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict[str, Any], phi: float,
                  budget: Optional[Budget] = None) -> dict:
-    """``result.json``'s content: the beam, the chosen arch and why, its decisions'
-    probabilities, the policy's certainty, Φ and the settings. With a latency ``budget`` every
-    candidate also has its predicted ``latency_ms``, and the choice is by that."""
+    """``result.json``'s content: the beam, the chosen arch, its rank in the beam and why, its
+    decisions' probabilities, the policy's certainty, Φ and the settings. The choice is the
+    searcher's (:attr:`~apsfast.search.searchers.Searcher.exports`): the beam's arch closest to
+    the target (:func:`select_arch`), or its most likely (:func:`argmax_choice`). With a latency
+    ``budget`` every candidate also has its predicted ``latency_ms``, and the choice is by that."""
     target = config.reward.flops_target
     budget = resolve_budget(config, net.flops, budget)
     latency = budget.key == "latency_ms"
@@ -72,7 +86,10 @@ def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict
                    "flops": net.flops(arch), "params": net.params(arch),
                    **({"latency_ms": budget.cost(arch)} if latency else {})}
                   for arch, loglik in searcher.beam(config.result.beam)]
-    index, why = select_arch(candidates, budget.target, key=budget.key, unit=budget.unit)
+    if searcher.exports == "argmax":
+        index, why = argmax_choice(candidates, budget.target, key=budget.key, unit=budget.unit)
+    else:
+        index, why = select_arch(candidates, budget.target, key=budget.key, unit=budget.unit)
     chosen = candidates[index]
     extra: dict[str, Any] = {"latency_target": config.reward.latency_target}
     if latency:

@@ -4,8 +4,9 @@ and the steps of :mod:`apsfast.search.steps`.
 Warm-up epochs train the meta-weights on uniformly sampled archs with P, Q frozen. Then each
 weight step trains the arch the searcher samples, APS-T takes one transition step, and every
 ``controller.every`` weight steps the searcher takes a search step on a validation batch. At
-the end the searcher's beam is ranked and the arch closest to the FLOPs target (without
-exceeding it) is written to ``result.json`` and exported (:mod:`apsfast.search.result`).
+the end the searcher's beam is ranked and its choice (the arch closest to the FLOPs target
+without exceeding it, or for TAS and ISTA their argmax) is written to ``result.json`` and
+exported (:mod:`apsfast.search.result`).
 
 Everything random comes from generators whose states are checkpointed with the weights, the
 optimizers and the data position, so a run killed at any moment resumes from its last
@@ -208,13 +209,18 @@ class Search:
         """One weight step on a global batch for a sampled arch, then APS-T's transition
         (returns the step's statistics and Φ before the transition, or ``None``)."""
         steps.train_mode(self.net)
+        # The search phase's weight steps before this one, widest steps included (TAS's
+        # temperature follows them, not the steps that sample from the searcher).
+        before = self.step - self.config.train.warmup_epochs * self.steps_per_epoch
+        if phase == "search":
+            self.searcher.begin_step(max(before, 0))
         self.net.set_arch(self.processes.same(self.train_arch(phase)))
         steps.set_lr(self.optimizer, steps.cosine(self.step, self.total_steps))
         shaped = contextlib.nullcontext() if self.widest_step() else self.searcher.train_forward()
         with shaped:  # a searcher may shape the forward of its arch (TAS mixes two widths)
             stats = steps.weight_step(self.session.parallel(self.net), self.optimizer, self.session.precision,
                                       *self.session.local(x, y), grad_clip=self.config.train.grad_clip)
-        searched = self.step + 1 - self.config.train.warmup_epochs * self.steps_per_epoch
+        searched = before + 1
         every = self.config.sharing.transition_every
         phi = strategies.after_weight_step(self.net, self.strategy, self.rate.tau,
                                            searched if phase == "search" else None, every,

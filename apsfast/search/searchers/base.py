@@ -2,8 +2,13 @@
 
 The schedule calls, in this order:
 
-* :meth:`Searcher.sample_train_arch` before each weight step after warm-up: the arch that
-  step trains (the schedule sets it on the supernet);
+* :meth:`Searcher.begin_step` before each weight step after warm-up, with the number of
+  weight steps the search phase has taken before it (the ``train.widest_every`` steps
+  included, which sample nothing): what a searcher whose settings follow the schedule (TAS's
+  temperature) reads its position from;
+* :meth:`Searcher.sample_train_arch` before each weight step after warm-up that does not
+  train the widest arch (``train.widest_every``): the arch that step trains (the schedule
+  sets it on the supernet);
 * :meth:`Searcher.train_forward` around that weight step: a context in which the supernet's
   forward is the one the searcher wants trained (a no-op for most searchers; TAS mixes two
   widths per decision there);
@@ -30,7 +35,20 @@ Batch = tuple[Tensor, Tensor]
 
 
 class Searcher:
-    """What picks the archs a search trains and ends with (see the module's documentation)."""
+    """What picks the archs a search trains and ends with (see the module's documentation).
+
+    ``exports``: how the result picks its arch from :meth:`beam` when the search has a target:
+    ``"closest"``, the beam's arch closest to the target without exceeding it (REINFORCE's
+    rewards steer the whole distribution towards the target); ``"argmax"``, the most likely
+    arch whatever its cost (what the differentiable searchers' authors export: their FLOPs
+    loss steers the argmax itself).
+    """
+
+    exports: str = "closest"
+
+    def begin_step(self, done: int) -> None:
+        """Told before every weight step of the search phase: ``done`` weight steps of the phase
+        came before it. By default it is ignored."""
 
     def sample_train_arch(self) -> Arch:
         """The arch the next weight step trains."""

@@ -7,8 +7,11 @@ over an APS supernet's width decisions.
 * **Sampling** (every weight step and every search step): Gumbel-softmax
   ``softmax((log p_d + g)/τ)`` per decision, two distinct candidates drawn from it, and their
   mixture weights the softmax of their two perturbed logits (a decision with one candidate
-  uses it alone). ``τ`` falls linearly from ``tas.tau_max`` to ``tas.tau_min`` over the
-  search phase's weight steps (``search_steps``, told by the schedule).
+  uses it alone). ``τ`` falls by a cosine from ``tas.tau_max`` to ``tas.tau_min`` over the
+  search phase's weight steps (``search_steps``), as TAS anneals it over its epochs: the
+  schedule tells the searcher how many weight steps the phase has taken
+  (:meth:`TasSearcher.begin_step`), the ``train.widest_every`` steps included, so ``τ``
+  reaches ``tas.tau_min`` at the phase's last step however often the widest arch is trained.
 * **Forward** (:class:`WidthMixture`): the supernet runs the wider candidate of every pair; a
   forward hook on each conv a decision drives also runs the narrower one (the same layer,
   its ``P`` for that width) and returns ``w_wide·y_wide + w_narrow·CWI(y_narrow)``, CWI the
@@ -18,20 +21,26 @@ over an APS supernet's width decisions.
 * **Steps**: the weights by the schedule's SGD on the train split under that forward with
   the mixture weights detached; ``θ`` by Adam (``tas.lr``, ``tas.betas``,
   ``tas.weight_decay``) on each validation batch: cross-entropy of the mixture plus
-  ``tas.flops_weight`` times the FLOPs loss on the exact expected MACs with the tolerance
-  band ``[target·(1 − tas.flops_tolerance), target]`` (:mod:`.widths`), the target being
+  ``tas.flops_weight`` times the FLOPs loss on the exact expected MACs with TAS's tolerance
+  band ``[target − tas.flops_tolerance·(the widest arch's MACs), target]`` (:mod:`.widths`),
+  judged on the argmax arch, the target being
   ``reward.flops_target`` (with ``reward.latency_target``: the same loss on the expected
   predicted latency, :mod:`apsfast.search.budget`). ``θ`` lives on the host; the device
   returns the cross-entropy's gradient at the mixture weights without being waited for, and
   the Adam step lands at the next search step (:meth:`TasSearcher.step`).
+* **Result**: the argmax arch (:attr:`TasSearcher.exports`), with or without a target, as
+  TAS exports it; ``result.json`` gives its rank in the beam (0) and its cost.
 * **Distillation** for the retrain: ``retrain.distill`` (:func:`apsfast.search.steps.distillation_loss`,
   α = 0.9, T = 4 as TAS).
 
-Left out: TAS's depth search, and its per-width batch norms inside the mixture.
+Left out: TAS's depth search, and its per-width batch norms inside the mixture. Where the run
+around it differs from TAS's (the shared warm-up before the logits move, the widest steps) is
+in the README's table of differences.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
@@ -44,7 +53,7 @@ from apsfast.search.config import Config
 from apsfast.search.readback import Readback
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_batch
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, average_gradient, channel_interpolate,
-                                             driven_layers, flops_loss, product_beam, validation_mode)
+                                             driven_layers, flops_band, flops_loss, product_beam, validation_mode)
 
 Pair = tuple[int, int, Tensor, Tensor]  # (narrow index, wide index, narrow weight, wide weight)
 
@@ -139,6 +148,8 @@ class TasSearcher(Searcher):
         search_steps: the number of weight steps after warm-up, over which ``τ`` anneals.
     """
 
+    exports = "argmax"
+
     def __init__(self, decisions: Sequence[Decision], config: Config, flops: Callable[[Arch], float], *,
                  net: Optional[nn.Module] = None, search_steps: Optional[int] = None, budget: Optional[Budget] = None,
                  **context: Any) -> None:
@@ -149,6 +160,7 @@ class TasSearcher(Searcher):
         budget = resolve_budget(config, flops, budget)
         self.net, self.flops, self.settings, self.key = net, budget.cost, settings, budget.key
         self.target = budget.target
+        self.band = flops_band(settings.flops_tolerance, net, budget.cost)
         self.groups = Groups(decisions)
         # θ is tiny and lives on the host: sampling an arch never waits for the device.
         self.theta = torch.zeros(self.groups.mask.shape, requires_grad=True)
@@ -163,11 +175,17 @@ class TasSearcher(Searcher):
         # the host (the mixture weights' gradient, the loss, the accuracy): see step.
         self._pending: Optional[tuple[Tensor, list[tuple[int, int]], float, Readback]] = None
 
+    def begin_step(self, done: int) -> None:
+        """The schedule's position: ``done`` weight steps of the search phase came before the
+        next one (``τ`` follows them)."""
+        self.steps = int(done)
+
     def tau(self) -> float:
-        """The Gumbel-softmax temperature after the weight steps taken so far."""
+        """The Gumbel-softmax temperature at the search phase's current weight step: TAS's
+        cosine from ``tau_max`` (the first step) to ``tau_min`` (the last one)."""
         s = self.settings
-        done = min(self.steps / max(self.search_steps - 1, 1), 1.0)
-        return s.tau_max - (s.tau_max - s.tau_min) * done
+        done = min(max(self.steps, 0) / max(self.search_steps - 1, 1), 1.0)
+        return s.tau_min + (s.tau_max - s.tau_min) * (1 + math.cos(math.pi * done)) / 2
 
     def _pairs(self) -> list[Pair]:
         return gumbel_pairs(self.groups.log_probs(self.theta), self.groups.sizes, self.tau(), self.generator)
@@ -176,7 +194,6 @@ class TasSearcher(Searcher):
         with torch.no_grad():
             pairs = self._pairs()
         self._train_pairs = pairs
-        self.steps += 1
         return [wide for _, wide, _, _ in pairs]
 
     def train_forward(self) -> ContextManager[None]:
@@ -228,7 +245,7 @@ class TasSearcher(Searcher):
                                for w in (narrow, wide)])
         expected = self.expected_macs(self.groups.rows(log_probs.exp()))
         argmax = log_probs.detach().argmax(dim=1).tolist()
-        cost = flops_loss(expected, self.flops(argmax), self.target, self.settings.flops_tolerance)
+        cost = flops_loss(expected, self.flops(argmax), self.target, self.band)
         # The task loss through the weights (its gradient there came from the device) plus the FLOPs loss.
         task_part = (weights.double() * torch.tensor(grad, dtype=torch.float64)).sum()
         surrogate = task_part + self.settings.flops_weight * cost

@@ -99,13 +99,19 @@ class ExpectedMacs:
         return total
 
 
-def flops_loss(expected: Tensor, current: float, target: Optional[float], tolerance: float) -> Tensor:
+def flops_loss(expected: Tensor, current: float, target: Optional[float], band: float) -> Tensor:
     """TAS's FLOPs loss: ``log E[MACs]`` while the current arch is above ``target``,
-    ``−log E[MACs]`` while it is below ``target·(1 − tolerance)``, zero inside the band (and
-    without a target)."""
-    if target is None or target * (1 - tolerance) <= current <= target:
+    ``−log E[MACs]`` while it is below ``target − band``, zero inside the band (and without a
+    target). TAS's band is its tolerance times the widest arch's cost (:func:`flops_band`)."""
+    if target is None or target - band <= current <= target:
         return expected.new_zeros(())
     return expected.log() if current > target else -expected.log()
+
+
+def flops_band(tolerance: float, net: nn.Module, cost: Callable[[Arch], float]) -> float:
+    """The width of TAS's tolerance band under the target: ``tolerance`` times the cost of the
+    widest arch (TAS's ``R − t·MAX_FLOP``), in the cost's unit."""
+    return tolerance * float(cost(net.max_arch()))
 
 
 def channel_interpolate(x: Tensor, channels: int) -> Tensor:
