@@ -142,7 +142,55 @@ class FlattenHead(nn.Module):
         return self.out(F.relu(self.hidden(x)))
 
 
-MODELS = {"resnet": TinyResNet, "mobilenet": TinyMobileNet, "branches": TwoBranch, "flatten": FlattenHead}
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's pattern: a BatchNorm2d subclass whose forward calls F.batch_norm, then its activation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return self.act(x)
+
+
+class FunctionalLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: whole samples dropped (timm's drop_path, torchvision's stochastic_depth)."""
+    if p == 0.0 or not training:
+        return x
+    return x * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - p) / (1 - p)
+
+
+torch.fx.wrap("drop_path")  # traced as one call, as torchvision's stochastic_depth is
+
+
+class BNActNet(nn.Module):
+    """Functional batch norm and linear inside subclassed layers, a per-sample op, and a
+    channel slice of a concatenation (GhostNet's), which keeps its widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), BatchNormAct(16)
+        self.conv, self.bn2 = nn.Conv2d(16, 24, 3, 1, 1, bias=False), BatchNormAct(24)
+        self.ghost = nn.Conv2d(24, 16, 1)
+        self.fc = FunctionalLinear(24, 5)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        x = drop_path(self.bn2(self.conv(x)), 0.2, self.training)
+        x = self.ghost(x)
+        x = torch.cat([x, x], 1)[:, :24]
+        return self.fc(x.mean((2, 3)))
+
+
+MODELS = {"resnet": TinyResNet, "mobilenet": TinyMobileNet, "branches": TwoBranch, "flatten": FlattenHead,
+          "bnact": BNActNet}
 # Per model: options, and the decisions (names and candidate widths) the graph must give.
 EXPECTED = {
     "resnet": ({}, {"stem.0": (8, 16), "layer1.0.conv1": (8, 16), "layer1.1.conv1": (8, 16),
@@ -155,6 +203,7 @@ EXPECTED = {
                                    "fuse.0": (18, 24, 32), "grouped.0": (18, 24, 32), "p": (9, 12, 16),
                                    "mix": (12, 18, 24)}),
     "flatten": ({}, {"features.0": (8, 16), "features.4": (16, 24)}),
+    "bnact": ({}, {"stem": (8, 16), "conv": (16, 24)}),
 }
 
 
@@ -344,12 +393,8 @@ class Host(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("inner, match", [(Gated(), r"torch.fx cannot trace .* module 'inner'.*control flow"),
-                                          (Shuffle(), r"node 'view' \(call_method view\) in module 'inner'"),
-                                          (Chunked(), r"node 'chunk' \(call_function chunk\) in module 'inner'")],
-                         ids=["control-flow", "shuffle", "chunk"])
-def test_refused_then_accepted_with_exclude(monkeypatch, inner, match):
-    model = randomised(Host(inner).double()).eval()
+def test_refused_then_accepted_with_exclude(monkeypatch):
+    model = randomised(Host(Gated()).double()).eval()
     x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
 
     def never(*args, **kwargs):
@@ -357,10 +402,13 @@ def test_refused_then_accepted_with_exclude(monkeypatch, inner, match):
 
     with monkeypatch.context() as patch:
         patch.setattr(convert_supernet, "build_supernet", never)
-        with pytest.raises(ValueError, match=match) as error:
+        with pytest.raises(ValueError, match=r"torch.fx cannot trace .* module 'inner'.*control flow") as error:
             apsfast.convert(model, x)
     assert "exclude=['inner']" in str(error.value)
-    net = apsfast.convert(model, x, exclude=["inner"])
+    assert_fixed_inner_is_exact(apsfast.convert(model, x, exclude=["inner"]), model, x)
+
+
+def assert_fixed_inner_is_exact(net, model, x) -> None:
     assert [d.name for d in net.decisions()] == ["conv"]  # the stem's output meets 'inner': fixed
     net.eval()
     with torch.no_grad():
@@ -369,6 +417,20 @@ def test_refused_then_accepted_with_exclude(monkeypatch, inner, match):
     static = net.export(arch)
     assert net.flops(arch) == sum(count_macs(static, SIZE).values())
     assert net.params(arch) == sum(p.numel() for p in static.parameters())
+
+
+@pytest.mark.parametrize("inner, op", [(Shuffle(), "call_method view (node 'view' in module 'inner')"),
+                                       (Chunked(), "call_function chunk (node 'chunk' in module 'inner')")],
+                         ids=["shuffle", "chunk"])
+def test_an_op_without_a_rule_is_pinned(inner, op):
+    # A channel shuffle mixes channel groups, a chunk cuts one: the channels they read and write
+    # keep their widths, the rest is searched, and the warning names the op.
+    model = randomised(Host(inner).double()).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
+    with pytest.warns(UserWarning, match="have no channel rule") as warned:
+        net = apsfast.convert(model, x)
+    assert op in str(warned[0].message)
+    assert_fixed_inner_is_exact(net, model, x)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -97,7 +97,7 @@ def test_a_supernet_that_does_not_fit_the_run_is_refused(tmp_path, net, message)
     (["--model", FACTORY, "-s", "model.options.depth=3"], "model.name = .*unexpected keyword argument 'depth'"),
     (["--model", FACTORY, "-s", "model.options.num_classes=5"],
      r"model.name = 'user_models:tiny_cnn' returns shape \[1, 5\] for one image.*10 classes"),
-    (["--model", "user_models:Halves"], "model.name = .*convert: cannot follow the channels through node 'chunk'"),
+    (["--model", "user_models:Branches"], "model.name = .*convert: torch.fx cannot trace Branches"),
     (["--model", FACTORY, "-s", "model.convert.input_size=32"], "model.convert.input_size = 32 but the data"),
     (["--model", FACTORY, "-s", "model.convert.stride=2"], r"model.convert has unknown setting\(s\) \['stride'\]"),
     (["--model", "a model:x"], "expected package.module:factory"),

@@ -35,14 +35,16 @@ def not_a_module() -> str:
 NOT_CALLABLE = 3
 
 
-class Halves(nn.Module):
-    """Splits its channels in two (``torch.chunk``), which convert refuses."""
+class Branches(nn.Module):
+    """Chooses its path by the data (control flow on a value), which torch.fx cannot trace."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.head = nn.Linear(8, 10)
+        self.head = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = torch.chunk(self.conv(x), 2, dim=1)
-        return self.head((a * b).mean((2, 3)))
+        x = self.conv(x)
+        if x.mean() > 0:
+            x = x.relu()
+        return self.head(x.mean((2, 3)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import warnings
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -111,6 +112,10 @@ def convert(model: nn.Module, example_input: torch.Tensor, *,
     # Trace a copy: the supernet takes its layers over, the user's model stays as it was.
     traced = trace(copy.deepcopy(model), example_input, names)
     analysis = ChannelAnalyser(traced.module, names).run()
+    if analysis.pinned:
+        warnings.warn(f"convert: {len(analysis.pinned)} op(s) of {type(model).__name__} have no channel rule; the "
+                      f"channels they read and write keep their widths (the rest is searched): "
+                      + "; ".join(analysis.pinned), stacklevel=2)
     net = build_supernet(f"converted:{type(model).__name__}", traced, analysis, ratios, round_to, sharing,
                          tuple(example_input.shape[2:]), example_input.shape[1], meta_width)
     net.options = {"widths": list(ratios), "round_to": round_to, "sharing": sharing, "exclude": list(names)}

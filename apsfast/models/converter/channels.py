@@ -3,9 +3,10 @@
 One pass over the nodes in forward order gives every value a layout (see
 :mod:`apsfast.models.converter.groups`): convs start new groups, element-wise ops merge their
 operands' groups, a concatenation along the channels concatenates layouts, depthwise convs,
-batch norm, activations and pooling pass their input's layout on. Anything else that sees a
-channel dimension is refused before any layer is built, naming the node, the op and its
-submodule, since guessing its channel semantics would silently give a wrong supernet.
+batch norm, activations and pooling pass their input's layout on. An op without a rule is never
+guessed at: it is *pinned* — the channels it reads keep their widths and what it returns is a
+new fixed group — so the supernet stays exact and searches the rest; each pinned op is
+listed (``Analysis.pinned``) and :func:`apsfast.convert` warns with that list.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from torch import fx, nn
 
 from apsfast.models.converter.groups import Groups, Layout, same_structure
 from apsfast.models.converter.trace import SCOPE, shape_of
+
+#: The tuple an op without a channel rule returns (``torch.split`` …): each item keeps its width.
+PINNED = "pinned"
+#: Ops that scale or drop whole samples: a per-sample op keeps the channel layout.
+PER_SAMPLE_NAMES = {"stochastic_depth", "drop_path"}
 
 #: A tensor attribute of the model (``get_attr``), or what unary ops and reshapes make of it:
 #: its values are tied to the original channels, so whatever it meets element-wise across the
@@ -86,6 +92,7 @@ class Analysis:
     layers: list[LayerPlan] = field(default_factory=list)
     reshapes: dict[str, tuple] = field(default_factory=dict)
     opaque: list[str] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)  # the ops without a channel rule, one line each
 
 
 def refuse(node: fx.Node, op: str, why: str) -> None:
@@ -162,8 +169,11 @@ class ChannelAnalyser:
             return self._reshape(node, rewrite=False)
         if isinstance(module, WIDTH_PRESERVING_MODULES):
             return self._unary(node)
-        refuse(node, f"call_module {node.target}: {type(module).__name__}",
-               "the module type has no known channel rule")
+        # A torch layer without a channel rule (LayerNorm, ChannelShuffle, Conv1d …): opaque, as
+        # if excluded: its widths stay and its layers are costed as traced.
+        self.result.pinned.append(f"call_module {node.target}: {type(module).__name__} has no channel rule; "
+                                  f"kept as traced")
+        return self._opaque(node)
 
     def _call_function(self, node: fx.Node) -> Any:
         return self._call(node, node.target)
@@ -176,7 +186,9 @@ class ChannelAnalyser:
                 isinstance(self.layouts.get(a), tuple) or self.layouts.get(a) is CONSTANT
                 for a in _tensor_args(node))):
             return None  # arithmetic on sizes and other values without channels
-        if op in UNARY_FUNCTIONS or op in UNARY_METHODS:
+        if any(self.layouts.get(a) is PINNED for a in _tensor_args(node)):
+            return self._pin(node, "it reads the result of an op without a channel rule")
+        if op in UNARY_FUNCTIONS or op in UNARY_METHODS or getattr(op, "__name__", None) in PER_SAMPLE_NAMES:
             return self._unary(node)
         if op in ELEMENTWISE_FUNCTIONS or op in ELEMENTWISE_METHODS:
             return self._elementwise(node, [a for a in node.args[:2]])
@@ -188,7 +200,21 @@ class ChannelAnalyser:
             return self._reduce(node)
         if op is operator.getitem:
             return self._getitem(node)
-        refuse(node, _op_name(node), "the op is not in convert's table of known channel rules")
+        return self._pin(node, "the op is not in convert's table of known channel rules")
+
+    def _pin(self, node: fx.Node, why: str) -> Any:
+        """An op convert has no rule for keeps every width it touches: the channels it reads are
+        fixed and what it returns is a new fixed group (an op with all its inputs at their
+        original widths computes what it computed in the original model). Recorded, one line."""
+        for arg in _tensor_args(node):
+            if isinstance(self.layouts.get(arg), tuple):
+                self.groups.fix(self.layouts[arg])
+        scope = node.meta.get(SCOPE, "")
+        self.result.pinned.append(f"{_op_name(node)} (node {node.name!r} in module {scope or '(top level)'!r}): {why}")
+        out = shape_of(node)
+        if out is None:
+            return PINNED
+        return (self.groups.new(out[1], node.name, fixed=True),) if len(out) >= 2 else PINNED
 
     # --- rules ---------------------------------------------------------------------------
 
@@ -205,8 +231,8 @@ class ChannelAnalyser:
         layout = self._input_layout(node)
         before, after = shape_of(node.args[0]), shape_of(node)
         if after is None or len(after) < 2 or after[1] != before[1]:
-            refuse(node, _op_name(node), f"it maps shape {tuple(before)} to "
-                   f"{None if after is None else tuple(after)}, not keeping the channel dim")
+            return self._pin(node, f"it maps shape {tuple(before)} to "
+                             f"{None if after is None else tuple(after)}, not keeping the channel dim")
         return layout
 
     def _plan(self, node: fx.Node, kind: str, inputs: Layout, outputs: Layout, groups: int = 1) -> None:
@@ -245,9 +271,10 @@ class ChannelAnalyser:
 
     def _linear(self, node: fx.Node, linear: nn.Linear) -> Layout:
         layout = self._input_layout(node)
-        if len(shape_of(node.args[0])) != 2:
-            refuse(node, f"call_module {node.target}: Linear", "a linear layer over a tensor of more "
-                   "than 2 dims has no channel dim convert can search")
+        if len(shape_of(node.args[0])) != 2:  # over tokens (channels last): kept as traced
+            self.result.pinned.append(f"call_module {node.target}: Linear over a tensor of "
+                                      f"{len(shape_of(node.args[0]))} dims; kept as traced")
+            return self._opaque(node)
         out = (self.groups.new(linear.out_features, node.target, fixed=True),)
         self._plan(node, "linear", layout, out)
         return out
@@ -265,7 +292,7 @@ class ChannelAnalyser:
         """Broadcasting operands that span the channel dim must share its layout."""
         out = shape_of(node)
         if out is None or len(out) < 2:
-            refuse(node, _op_name(node), "an element-wise op whose result has no channel dim")
+            return self._pin(node, "an element-wise op whose result has no channel dim")
         coupled: list[Layout] = []
         pinned = False  # an operand with per-channel values convert cannot resize
         for arg in operands:
@@ -300,7 +327,7 @@ class ChannelAnalyser:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         out = shape_of(node)
         if out is None or len(out) < 2:
-            refuse(node, _op_name(node), "a concatenation whose result has no channel dim")
+            return self._pin(node, "a concatenation whose result has no channel dim")
         if dim % len(out) != 1:
             return self._elementwise(node, list(tensors))  # along another dim: channels meet
         layout: Layout = ()
@@ -328,8 +355,8 @@ class ChannelAnalyser:
             if rewrite:
                 self.result.reshapes[node.name] = ("merge",)
             return layout * math.prod(before[2:])
-        refuse(node, _op_name(node), f"it reshapes {tuple(before)} to {tuple(after)}, splitting or "
-               f"merging the channel dim (e.g. a channel shuffle)")
+        return self._pin(node, f"it reshapes {tuple(before)} to {tuple(after)}, splitting or merging "
+                         f"the channel dim (e.g. a channel shuffle)")
 
     @staticmethod
     def _rewrite(node: fx.Node, before: torch.Size, after: torch.Size) -> tuple:
@@ -351,19 +378,20 @@ class ChannelAnalyser:
         if 1 in dims:  # a reduction over the channels works at any width
             return (self.groups.new(after[1], node.name, fixed=True),) if len(after) >= 2 else None
         if 0 in dims and not keep:
-            refuse(node, _op_name(node), "it reduces the batch dim, moving the channel dim")
+            return self._pin(node, "it reduces the batch dim, moving the channel dim")
         return layout
 
     def _getitem(self, node: fx.Node) -> Optional[Layout]:
         source = node.args[0]
         if shape_of(source) is None:  # an item of a tuple (sizes, an opaque leaf's outputs)
             if shape_of(node) is not None and len(shape_of(node)) >= 2:
-                if not (source.op == "call_module" and source.target in self.result.opaque):
-                    refuse(node, _op_name(node), "an item of a tuple of tensors convert cannot follow")
+                if not (source.op == "call_module" and source.target in self.result.opaque) \
+                        and self.layouts.get(source) is not PINNED:
+                    return self._pin(node, "an item of a tuple of tensors convert cannot follow")
                 return (self.groups.new(shape_of(node)[1], node.name, fixed=True),)
             return None
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         whole = slice(None, None, None)
         if len(index) >= 2 and index[0] == whole and index[1] == whole:
             return self._input_layout(node)  # indexes spatial dims only
-        refuse(node, _op_name(node), "it indexes the batch or channel dim")
+        return self._pin(node, "it indexes the batch or channel dim")

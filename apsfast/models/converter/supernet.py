@@ -22,7 +22,12 @@ PART = "net"  # the one part of a converted supernet: the graph module
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, keeping the children the graph calls there (a batch norm that
+    carries its activation, as timm's does: ``bn1.act``)."""
     parent, _, name = path.rpartition(".")
+    for child_name, child in root.get_submodule(path).named_children():
+        if not hasattr(module, child_name):
+            module.add_module(child_name, child)
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import fx, nn
 
+from apsfast.models.converter.rewrite import functional_layers
 from apsfast.models.cost import LayerShape
 
 SCOPE = "apsfast_scope"  # node.meta key: qualified name of the submodule that made the node
@@ -56,8 +57,8 @@ class Traced:
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str]) -> Traced:
-    """Trace ``model`` (leaves: ``exclude`` and torch's own layers) and annotate every node
-    with its shape (``meta[SHAPE]``) from one eval-mode run on ``example_input``.
+    """Trace ``model`` (leaves: ``exclude`` and torch's own layers), put functional layers back
+    into modules (:mod:`apsfast.models.converter.rewrite`) and annotate every node with its shape (``meta[SHAPE]``) from one eval-mode run on ``example_input``.
 
     Raises ``ValueError`` naming the submodule where tracing failed (data-dependent control
     flow and the like) and how to proceed.
@@ -76,6 +77,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str])
     if len(placeholders) != 1:
         raise ValueError(f"convert: model must take exactly one tensor input, but its forward has "
                          f"{len(placeholders)} arguments {[n.target for n in placeholders]}")
+    functional_layers(module)
     leaves = [n.target for n in graph.nodes if n.op == "call_module"]
     traced = Traced(module)
     _propagate(traced, leaves, example_input)
