@@ -11,6 +11,7 @@ from torch import nn
 import apsfast
 from apsfast.models import count_macs
 from apsfast.models.converter import supernet as convert_supernet
+from apsfast.models.converter.layers import FlattenedAPSLinear
 from apsfast.nn import APSConv2d, APSLayer, aps_layers, network_sharing_level, network_transition_step
 
 F64 = torch.float64
@@ -471,3 +472,14 @@ def test_torchvision_models_convert(name):
         torch.testing.assert_close(static(x), net(x), rtol=1e-4, atol=1e-4)
     assert net.flops(net.standard_arch()) == sum(count_macs(model, 64).values())
     assert net.params(arch) == sum(p.numel() for p in static.parameters())
+
+
+def test_a_flattened_map_into_a_linear_layer_is_searched_by_its_channels():
+    # VGG's pattern: the transform acts on the 24 channels, each of the 4×4 positions sharing
+    # it, never on the 384 flattened features (a 384×384 transform per candidate, and far worse
+    # at real sizes: 25,088² for VGG at 224×224).
+    _, net, _ = make("flatten")
+    hidden = net.get_submodule("net.hidden")
+    assert isinstance(hidden, FlattenedAPSLinear) and hidden.in_widths == (16, 24)
+    assert tuple(hidden.weight.shape) == (32, 16 + 24, 4, 4)
+    assert all(Q.shape == (16 + 24, w) for Q, w in zip(hidden.Q, hidden.in_widths))

@@ -72,7 +72,9 @@ class LayerPlan:
     """A conv, batch-norm or linear module of the graph and the layouts it reads and writes.
 
     ``kind``: ``"conv"`` (dense), ``"depthwise"`` (output follows input), ``"grouped"``
-    (``groups`` > 1, not depthwise), ``"bn"`` or ``"linear"``.
+    (``groups`` > 1, not depthwise), ``"bn"``, ``"linear"``, or ``"flat_linear"`` (a linear
+    layer reading a flattened ``C×H×W`` map: ``inputs`` is the channel layout and ``out_hw``
+    the map's ``(H, W)``, the kernel of the conv it is).
     """
 
     path: str
@@ -128,6 +130,7 @@ class ChannelAnalyser:
         self.result = Analysis(Groups())
         self.groups = self.result.groups
         self.layouts: dict[fx.Node, Any] = {}
+        self._flat: dict[fx.Node, tuple[Layout, tuple[int, int]]] = {}  # C×H×W flattened: (channels, (H, W))
         self._called: set[str] = set()
 
     def run(self) -> Analysis:
@@ -233,6 +236,8 @@ class ChannelAnalyser:
         if after is None or len(after) < 2 or after[1] != before[1]:
             return self._pin(node, f"it maps shape {tuple(before)} to "
                              f"{None if after is None else tuple(after)}, not keeping the channel dim")
+        if node.args[0] in self._flat:  # dropout or an activation between a flatten and a linear layer
+            self._flat[node] = self._flat[node.args[0]]
         return layout
 
     def _plan(self, node: fx.Node, kind: str, inputs: Layout, outputs: Layout, groups: int = 1) -> None:
@@ -271,6 +276,11 @@ class ChannelAnalyser:
 
     def _linear(self, node: fx.Node, linear: nn.Linear) -> Layout:
         layout = self._input_layout(node)
+        if node.args[0] in self._flat:  # searched by its channels, each position sharing them
+            channels, spatial = self._flat[node.args[0]]
+            out = (self.groups.new(linear.out_features, node.target, fixed=True),)
+            self.result.layers.append(LayerPlan(node.target, "flat_linear", channels, out, spatial))
+            return out
         if len(shape_of(node.args[0])) != 2:  # over tokens (channels last): kept as traced
             self.result.pinned.append(f"call_module {node.target}: Linear over a tensor of "
                                       f"{len(shape_of(node.args[0]))} dims; kept as traced")
@@ -350,10 +360,12 @@ class ChannelAnalyser:
         if len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
             # Channels flattened with the spatial dims (before a linear layer): channel c fills
             # features c·HW … (c+1)·HW-1, so the first c of them are the first c·HW features.
-            # Its layout repeats the channel layout HW times: only its total width matters to
-            # the layers that read it (linear, element-wise), and that width is HW·C.
+            # Its layout repeats the channel layout HW times (what element-wise ops see); a
+            # linear layer reading it is searched by the channels (see _linear).
             if rewrite:
                 self.result.reshapes[node.name] = ("merge",)
+            if len(before) == 4:
+                self._flat[node] = (layout, (before[2], before[3]))
             return layout * math.prod(before[2:])
         return self._pin(node, f"it reshapes {tuple(before)} to {tuple(after)}, splitting or merging "
                          f"the channel dim (e.g. a channel shuffle)")

@@ -143,6 +143,40 @@ class GroupedAPSConv2d(nn.Module):
         return f"groups={self.groups}, in_widths={self.in_widths}, out_widths={self.out_widths}"
 
 
+class FlattenedAPSLinear(APSConv2d):
+    """An ``nn.Linear`` reading a flattened ``C×H×W`` map (VGG's, AlexNet's classifier), searched
+    by its channels: it is the conv with an ``H×W`` kernel over the map, so ``Q`` acts on the
+    channels and every spatial position shares it. (A transform over the flattened ``C·H·W``
+    axis would be ``(H·W)²`` times larger — 24,576² for one layer at 32×32 — and would mix
+    positions.) Its input is the flattened map, its output ``(N, out_features)``."""
+
+    def __init__(self, linear: nn.Linear, in_widths: Sequence[int], spatial: tuple[int, int], sharing: str,
+                 meta_width: Union[str, float] = "sum") -> None:
+        outs = (linear.out_features,)
+        super().__init__(tuple(in_widths), outs, spatial, 1, 0, 1, 1, linear.bias is not None, sharing,
+                         **conv_meta_widths(in_widths, outs, sharing, meta_width),
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.spatial = tuple(spatial)
+        _embed(self, linear.weight.detach().reshape(linear.out_features, -1, *spatial), linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # As a linear layer on the candidate kernel flattened like the input (channel-major),
+        # so that the standard arch computes exactly what the model's nn.Linear computes.
+        kernel = self.candidate_kernel(x.shape[-1] // (self.spatial[0] * self.spatial[1]))
+        return F.linear(x, kernel.reshape(kernel.shape[0], -1), self.bias)
+
+    def to_static(self, in_width: int, out_width: Optional[int] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` over ``in_width`` channels' flattened maps."""
+        conv = super().to_static(in_width, out_width)
+        with torch.no_grad():
+            linear = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None,
+                               device=conv.weight.device, dtype=conv.weight.dtype)
+            linear.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        return linear
+
+
 @torch.no_grad()
 def aps_batch_norm(bn: nn.BatchNorm2d, widths: Sequence[int]) -> APSBatchNorm2d:
     """An :class:`APSBatchNorm2d` whose widest candidate is a copy of ``bn`` and whose

@@ -11,7 +11,8 @@ from torch import fx, nn
 from apsfast.models.base import DecisionSpace, Supernet
 from apsfast.models.converter.channels import Analysis, LayerPlan
 from apsfast.models.converter.groups import layout_width, layout_widths
-from apsfast.models.converter.layers import GroupedAPSConv2d, aps_batch_norm, aps_conv, aps_linear, channel_view
+from apsfast.models.converter.layers import (FlattenedAPSLinear, GroupedAPSConv2d, aps_batch_norm, aps_conv, aps_linear,
+                                             channel_view)
 from apsfast.models.converter.trace import Traced
 from apsfast.models.cost import LayerShape
 from apsfast.models.static import reinitialise
@@ -44,6 +45,8 @@ def _searched_layer(plan: LayerPlan, plain: nn.Module, analysis: Analysis,
         return aps_batch_norm(plain, ins)
     if plan.kind == "linear":
         return aps_linear(plain, ins, sharing, meta_width)
+    if plan.kind == "flat_linear":
+        return FlattenedAPSLinear(plain, ins, plan.out_hw, sharing, meta_width)
     if plan.kind == "grouped":
         return GroupedAPSConv2d(plain, ins, outs, sharing, meta_width)
     return aps_conv(plain, ins, outs, plan.kind == "depthwise", sharing, meta_width)
@@ -141,6 +144,9 @@ class ConvertedSupernet(Supernet):
             if plan.kind == "bn":
                 affine = (layer.bns[0] if isinstance(layer, APSBatchNorm2d) else layer).affine
                 shapes.append(LayerShape(plan.path, "bn", c_in, c_in, bias=affine))
+            elif plan.kind == "flat_linear":  # the conv with an H×W kernel that it is: the same cost
+                shapes.append(LayerShape(plan.path, "conv", c_in, c_out, plan.out_hw, (1, 1), 1, (1, 1),
+                                         layer.bias is not None))
             elif plan.kind == "linear":
                 shapes.append(LayerShape(plan.path, "linear", c_in, c_out, bias=layer.bias is not None))
             else:
@@ -187,7 +193,7 @@ def getattr_path(module: nn.Module, path: str) -> Any:
 
 def _static(layer: nn.Module, in_width: int, out_width: int) -> nn.Module:
     """The plain form of one layer of the converted graph at these widths."""
-    if isinstance(layer, GroupedAPSConv2d):
+    if isinstance(layer, (GroupedAPSConv2d, FlattenedAPSLinear)):
         return layer.to_static(in_width, out_width)
     if isinstance(layer, APSConv2d):
         return layer.to_static(in_width, None if layer.depthwise else out_width)
