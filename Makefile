@@ -4,10 +4,13 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
+# The torchvision release paired with TORCH_VERSION, for the converter's zoo tests (optional:
+# they skip without it). Installed only beside that torch, so that it never pulls another.
+TORCHVISION_VERSION ?= 0.28.0
 # Backends the suite must find built (a missing one is a test failure, not a skip).
 EXPECT_BACKENDS ?= cpu
 
-.PHONY: demo test install deps
+.PHONY: demo test install deps zoo-deps
 
 # torch only where none is installed, so an existing (e.g. CUDA) build is never replaced;
 # then the build tools that --no-build-isolation expects to find.
@@ -22,11 +25,17 @@ deps:
 
 install: deps .build-stamp
 
+# torchvision's and timm's model code for tests/test_zoo.py, beside the torch it pairs with.
+zoo-deps:
+	@if $(PYTHON) -c "import torch; raise SystemExit(not torch.__version__.startswith('$(TORCH_VERSION)'))"; then \
+		$(PIP) install -q "torchvision==$(TORCHVISION_VERSION)" timm; \
+	else echo "torch is not $(TORCH_VERSION): the zoo tests will skip"; fi
+
 demo: install
 	$(PYTHON) -m apsfast demo
 
 # Triton kernels run on CPU tensors under the interpreter (set before triton is imported).
 # One pytest worker per core (pytest-xdist), each with its share of the cores' threads.
 TEST_WORKERS ?= auto
-test: install
+test: install zoo-deps
 	APSFAST_EXPECT_BACKENDS="$(EXPECT_BACKENDS)" TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(TEST_WORKERS)

@@ -355,14 +355,15 @@ def _add_demo_and_compare(sub) -> None:
 
 def _add_bench(sub) -> None:
     """The ``bench`` subcommand's parser."""
-    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|host|profile|data|latency "
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|host|profile|data|latency|zoo "
                                          "[--quick] [--out PATH]`")
-    bench.add_argument("suite", choices=["kernels", "search", "host", "profile", "data", "latency"],
+    bench.add_argument("suite", choices=["kernels", "search", "host", "profile", "data", "latency", "zoo"],
                        help="kernels: the fused ops against nn.Conv2d and plain PyTorch; search: one search step "
                             "against plain PyTorch and the static network; host: a search step's host cost "
                             "(tiny inputs) against the static network's; profile: where a search step's time "
                             "goes; data: the loaders' images/s; latency: the latency table's predictions against "
-                            "the measured latency of exported networks")
+                            "the measured latency of exported networks; zoo: convert on torchvision's and timm's "
+                            "CNNs (exact / refused / failed, memory)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
     bench.set_defaults(func=cmd_bench)
 

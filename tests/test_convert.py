@@ -483,3 +483,25 @@ def test_a_flattened_map_into_a_linear_layer_is_searched_by_its_channels():
     assert isinstance(hidden, FlattenedAPSLinear) and hidden.in_widths == (16, 24)
     assert tuple(hidden.weight.shape) == (32, 16 + 24, 4, 4)
     assert all(Q.shape == (16 + 24, w) for Q, w in zip(hidden.Q, hidden.in_widths))
+
+
+def test_a_supernet_that_would_not_fit_is_refused_before_it_is_built(monkeypatch):
+    from apsfast.models.converter import memory
+
+    model = MODELS["branches"]().eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    estimates = []
+    check = memory.check_fits
+    monkeypatch.setattr(convert_supernet, "check_fits", lambda *a: estimates.append(check(*a)) or estimates[-1])
+    net = apsfast.convert(model, x)
+    # The estimate is what the APS layers then hold (their parameters, transforms and statistics).
+    held = sum(t.numel() * t.element_size() for m in aps_layers(net) for t in [*m.parameters(), *m.buffers()])
+    held += sum(t.numel() * t.element_size() for m in net.modules() if isinstance(m, apsfast.nn.APSBatchNorm2d)
+                for t in [*m.parameters(), *m.buffers()])
+    assert 0.9 * held <= estimates[0] <= 1.1 * held, (estimates[0], held)
+    monkeypatch.setattr(memory, "available_bytes", lambda: estimates[0])  # twice the usable half
+    monkeypatch.setattr(convert_supernet, "aps_conv", lambda *a, **k: pytest.fail("built past the check"))
+    with pytest.raises(ValueError, match=r"would take .* GiB for its APS layers.*meta_width='widest' would take"
+                                         r".*or pass exclude=\[") as error:
+        apsfast.convert(model, x)
+    assert "'fuse.0'" in str(error.value) or "'grouped.0'" in str(error.value)

@@ -13,6 +13,7 @@ from apsfast.models.converter.channels import Analysis, LayerPlan
 from apsfast.models.converter.groups import layout_width, layout_widths
 from apsfast.models.converter.layers import (FlattenedAPSLinear, GroupedAPSConv2d, aps_batch_norm, aps_conv, aps_linear,
                                              channel_view)
+from apsfast.models.converter.memory import check_fits
 from apsfast.models.converter.trace import Traced
 from apsfast.models.cost import LayerShape
 from apsfast.models.static import reinitialise
@@ -60,6 +61,8 @@ def build_supernet(name: str, traced: Traced, analysis: Analysis, ratios: Sequen
     candidates = {root: groups.candidates(root, ratios, round_to) for root in groups.roots()}
     searched = [root for root in groups.roots() if len(candidates[root]) > 1]
     standard = sum(p.numel() for p in module.parameters())
+    element_size = next(module.parameters()).element_size() if standard else 4
+    check_fits(module, analysis, candidates, sharing, meta_width, element_size, name)
     space = DecisionSpace()
     for root in searched:
         space.add(groups.name(root), candidates[root], groups.width(root))

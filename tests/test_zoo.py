@@ -1,0 +1,28 @@
+"""convert on networks built by torchvision's and timm's own code, one per channel rule they
+need (optional: skipped where the zoos are not installed). The full report over both zoos is
+`apsfast bench zoo` (bench/results/cpu-zoo.md)."""
+from __future__ import annotations
+
+import pytest
+
+from apsfast.benchmarks.zoo import check_one
+from apsfast.models import zoo
+
+
+def _needs(name: str) -> None:
+    try:
+        zoo.import_timm() if name == "timm" else zoo.import_torchvision()
+    except ImportError as error:
+        pytest.skip(str(error))
+
+
+@pytest.mark.parametrize("spec", [
+    "timm:mobilenetv3_small_050",       # BatchNormAct2d (F.batch_norm + act), timm's Linear, SE gates
+    "torchvision:efficientnet_b0",      # stochastic_depth, SiLU, squeeze-excitation
+    "torchvision:shufflenet_v2_x0_5",   # channel split and shuffle: pinned, the rest searched
+])
+def test_zoo_models_convert_exactly(spec, one_thread):
+    _needs(spec.split(":")[0])
+    row = check_one(spec, size=32)
+    assert row["outcome"] == "exact", row
+    assert row["decisions"] > 5
