@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from apsfast.models import zoo
 from apsfast.models.base import Supernet
 
 _BUILDERS: dict[str, Callable[..., Supernet]] = {}
@@ -164,6 +165,8 @@ def load_factory(name: str) -> Callable[..., Any]:
     packages, ``PYTHONPATH``, the folder of a script run with ``python``)."""
     module_name, attribute = check_factory_name(name)
     try:
+        if module_name.split(".")[0] in ("torchvision", "timm"):  # where torchvision's compiled ops do not load
+            zoo.import_timm() if module_name.split(".")[0] == "timm" else zoo.import_torchvision()
         found: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise ValueError(f"cannot import module {module_name!r} of the model factory {name!r} ({error}); expected "
