@@ -22,6 +22,8 @@ from torch import fx, nn
 from apsfast.models.converter.groups import Groups, Layout, same_structure
 from apsfast.models.converter.trace import SCOPE, shape_of
 
+#: The most searched groups one layer's concatenated input may hold (see ``_fix_long_concatenations``).
+MAX_SEARCHED_SEGMENTS = 2
 #: The tuple an op without a channel rule returns (``torch.split`` …): each item keeps its width.
 PINNED = "pinned"
 #: Ops that scale or drop whole samples: a per-sample op keeps the channel layout.
@@ -136,7 +138,23 @@ class ChannelAnalyser:
     def run(self) -> Analysis:
         for node in self.module.graph.nodes:
             self.layouts[node] = getattr(self, f"_{node.op}")(node)
+        self._fix_long_concatenations()
         return self.result
+
+    def _fix_long_concatenations(self) -> None:
+        """A layer reading a concatenation of more than :data:`MAX_SEARCHED_SEGMENTS` searched
+        groups would need one input transform per *total* width of its segments, and their
+        number and meta width grow with every segment (65 totals and a meta width of 49,920
+        for DenseNet-121's transition3: 126 GiB in all): such groups keep their widths
+        (DenseNet's growth, GoogLeNet's branch outputs), while the widths inside each block
+        (DenseNet's bottlenecks) are still searched."""
+        for plan in self.result.layers:
+            searched = {self.groups.find(g) for g in plan.inputs if not self.groups.is_fixed(g)}
+            if len(searched) > MAX_SEARCHED_SEGMENTS:
+                self.groups.fix(searched)
+                self.result.pinned.append(f"{plan.path} reads a concatenation of {len(searched)} searched "
+                                          f"groups; they keep their widths (at most {MAX_SEARCHED_SEGMENTS} "
+                                          f"are searched together)")
 
     # --- node kinds ----------------------------------------------------------------------
 

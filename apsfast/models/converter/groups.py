@@ -71,6 +71,9 @@ class Groups:
         root = self.find(group)
         self._divisor[root] = math.lcm(self._divisor[root], divisor)
 
+    def is_fixed(self, group: int) -> bool:
+        return self._fixed[self.find(group)]
+
     def width(self, group: int) -> int:
         return self._width[self.find(group)]
 
