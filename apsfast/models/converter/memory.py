@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+
+try:
+    import resource  # POSIX only
+except ImportError:  # pragma: no cover
+    resource = None  # type: ignore[assignment]
 from typing import Sequence, Union
 
 from torch import fx
@@ -26,15 +31,25 @@ USABLE_FRACTION = 0.5
 
 
 def available_bytes() -> int:
-    """Memory the system can still give this process (``MemAvailable``, else the free pages)."""
+    """Memory this process can still get: the system's ``MemAvailable`` (else its free pages),
+    and no more than its address-space limit (``ulimit -v``) leaves."""
+    free = None
     try:
         with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free = next((int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:")), None)
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if free is None:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0] if resource is not None else -1
+    if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)):
+        try:
+            with open("/proc/self/status") as status:
+                used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+        except (OSError, StopIteration):
+            used = 0
+        free = min(free, max(limit - used, 0))
+    return free
 
 
 def _side(widths: Sequence[int], sharing: str, meta_width: Union[str, float]) -> tuple[int, int]:
