@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Sequence, Union
 
 try:
     import resource  # POSIX only
 except ImportError:  # pragma: no cover
     resource = None  # type: ignore[assignment]
-from typing import Sequence, Union
 
 from torch import fx
 
