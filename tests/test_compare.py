@@ -21,7 +21,7 @@ def job(tmp_path, kind: str = "reinforce", seed: int = 0, target: str = "none") 
 
 def test_one_run_is_searched_retrained_and_resumed(tmp_path):
     first = compare.run_one(job(tmp_path))
-    assert first["chosen_flops"] > 0 and 0 <= first["test_acc"] <= 1
+    assert first["chosen_flops"] > 0 and 0 <= first["test_acc"] <= 1 and first["chosen_rank"] >= 0
     assert first["seconds_per_search_epoch"] > 0 and first["peak_memory_mib"] > 0
     assert first["overrides"] == job(tmp_path)["overrides"]
     assert first["digest"] == load_config("demo", overrides=job(tmp_path)["overrides"]).digest()

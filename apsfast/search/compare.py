@@ -5,7 +5,8 @@ peak memory (peak resident set of the process on a CPU, peak allocated memory on
 
 Each (kind, strategy, target, seed) runs its search and retrain in a fresh process, so peak
 memory is its own. Writes ``compare.md`` (the table), ``compare.jsonl`` (one line per run, as
-each ends) and ``compare.json`` (the table's rows) into ``--out``. Run again with the same
+each ends, with the chosen arch's rank in its searcher's beam: 0 for TAS's and ISTA's argmax)
+and ``compare.json`` (the table's rows) into ``--out``. Run again with the same
 arguments, a cut comparison goes on: runs already in ``compare.jsonl`` with the same resolved
 settings (their digest: a changed preset counts) are kept, a run cut midway resumes from its
 checkpoint.
@@ -97,6 +98,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     summary = retrain(out, resume=(out / "retrain" / "checkpoint.pt").exists(), log=quiet)
     return {**{k: job[k] for k in ("kind", "strategy", "target", "seed")}, "flops_target": result["flops_target"],
             "chosen_flops": result["chosen"]["flops"], "chosen_widths": result["chosen"]["widths"],
+            "chosen_rank": result["chosen"]["rank"],
             "test_acc": summary["test_acc"], "search_seconds": search_seconds,
             "seconds_per_search_epoch": statistics.mean(r["seconds"] for r in epochs) if epochs else None,
             "peak_memory_mib": peak / 2 ** 20, "memory": "gpu allocated" if cuda else "process resident set",
