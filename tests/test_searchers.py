@@ -176,26 +176,6 @@ def test_distillation_loss_by_hand():
     torch.testing.assert_close(distillation_loss(student, teacher, labels, alpha=0.0), F.cross_entropy(student, labels))
 
 
-def test_tas_temperature_reaches_tau_min_through_a_search_with_widest_steps(tmp_path, one_thread):
-    # train.widest_every=2: every other weight step trains the widest arch and samples nothing
-    # from TAS; τ still follows every weight step of the phase and ends at tau_min.
-    search = Search(tiny("controller.kind=tas", "train.widest_every=2"), tmp_path, log=quiet)
-    searcher, taus = search.searcher, []
-    tau = searcher.tau
-
-    def spy() -> float:
-        taus.append(tau())
-        return taus[-1]
-
-    searcher.tau = spy
-    search.run()
-    last = search.search_steps - 1  # 6 weight steps after warm-up, 3 of them widest
-    hand = [0.1 + 4.9 * (1 + math.cos(math.pi * k / last)) / 2 for k in range(last + 1)]
-    assert taus[0] == pytest.approx(5.0) and taus[-1] == pytest.approx(0.1)
-    assert sorted(set(taus), reverse=True) == pytest.approx(hand)  # a search step at every weight step
-    assert all(a >= b for a, b in zip(taus, taus[1:]))
-
-
 def gumbel_by_hand(theta, sizes, tau, state):
     """TAS's pairs and mixture weights from θ, τ and the generator's state, computed here: the
     Gumbel noise, two distinct candidates per decision from softmax((log p + g)/τ) in decision
@@ -220,15 +200,22 @@ def gumbel_by_hand(theta, sizes, tau, state):
     return pairs
 
 
-def test_tas_mixes_two_widths_in_the_weight_steps_it_samples_with_their_gumbel_weights(tmp_path, one_thread):
-    # In a real search: at every weight step whose arch TAS sampled, a driven conv's output is
-    # w_wide·conv_wide(x) + w_narrow·CWI(conv_narrow(x)) with the weights of TAS's Gumbel draw,
-    # computed here from θ, the schedule's τ and the generator (and the convs as plain
-    # nn.Conv2d); warm-up and widest steps run the plain conv. A spy hook registered after
-    # the mixture's sees what the next layer gets.
+def test_a_tas_search_mixes_the_steps_it_samples_and_anneals_over_every_step(tmp_path, one_thread):
+    # A real search with train.widest_every=2: every other weight step trains the widest arch
+    # and samples nothing from TAS. τ follows every weight step of the search phase all the
+    # same (TAS's cosine) and ends at tau_min. At every weight step whose arch TAS sampled, a
+    # driven conv's output is w_wide·conv_wide(x) + w_narrow·CWI(conv_narrow(x)) with the
+    # weights of TAS's Gumbel draw, computed here from θ, that cosine and the generator (and
+    # the convs as plain nn.Conv2d); warm-up and widest steps run the plain conv. A spy hook
+    # registered after the mixture's sees what the next layer gets.
     search = Search(tiny("controller.kind=tas", "train.widest_every=2", "model.options.widths=[2, 3, 5]"),
                     tmp_path, log=quiet)
     searcher, net = search.searcher, search.net
+    taus, temperature = [], searcher.tau
+
+    def tau_spy() -> float:
+        taus.append(temperature())
+        return taus[-1]
     decision = 1  # layer1.0.conv1: one driven conv
     (layer,) = driven_layers(net)[decision]
     draws, seen, now = [], [], {}
@@ -263,9 +250,14 @@ def test_tas_mixes_two_widths_in_the_weight_steps_it_samples_with_their_gumbel_w
         seen.append((now["phase"], now["widest"], torch.equal(expected, plain)))
         torch.testing.assert_close(output.detach(), expected, rtol=1e-5, atol=1e-5)
 
-    searcher.sample_train_arch, search.train_step = sample_spy, train_step_spy
+    searcher.sample_train_arch, search.train_step, searcher.tau = sample_spy, train_step_spy, tau_spy
     layer.register_forward_hook(conv_spy)
     search.run()
+    last = search.search_steps - 1  # 6 weight steps after warm-up, 3 of them widest
+    hand = [0.1 + 4.9 * (1 + math.cos(math.pi * k / last)) / 2 for k in range(last + 1)]
+    assert taus[0] == pytest.approx(5.0) and taus[-1] == pytest.approx(0.1)
+    assert sorted(set(taus), reverse=True) == pytest.approx(hand)  # a search step at every weight step
+    assert all(a >= b for a, b in zip(taus, taus[1:]))
     phases = [(phase, widest) for phase, widest, _ in seen]
     # Global steps 1, 3, 5, 7 train the widest arch: the search phase samples at its steps 1, 3, 5.
     assert phases == [("warmup", False), ("warmup", True), ("warmup", False)] + \

@@ -115,17 +115,19 @@ class Recovered(NamedTuple):
     residual: float
 
 
-def _on_support(a: Tensor, b: Tensor, support: Tensor, sparsity: float) -> Optional[Tensor]:
-    """The exact solution with ``support`` (``z_S = (a_Sᵀa_S)⁻¹(a_Sᵀb − sparsity)``, zero
-    elsewhere; differentiable in ``b``), or ``None`` where ``a_S`` has dependent columns."""
+def _on_support(a: Tensor, b: Tensor, support: Tensor, sparsity: float) -> Tensor:
+    """The exact solution with ``support``: ``z_S = (a_Sᵀa_S)⁻¹(a_Sᵀb − sparsity)``, zero
+    elsewhere, differentiable in ``b`` (where ``a_S`` has dependent columns, e.g. two equal
+    ones in a one-row dictionary, the least-norm one of the solutions)."""
     z = torch.zeros(a.shape[1], dtype=b.dtype, device=b.device)
     if not bool(support.any()):
         return z
     columns = a[:, support]
+    gram, rhs = columns.T @ columns, columns.T @ b - sparsity
     try:
-        values = torch.linalg.solve(columns.T @ columns, columns.T @ b - sparsity)
+        values = torch.linalg.solve(gram, rhs)
     except RuntimeError:  # torch.linalg.LinAlgError: a singular system
-        return None
+        values = torch.linalg.pinv(gram, hermitian=True) @ rhs
     return z.index_put((support.nonzero().squeeze(1),), values)
 
 
@@ -154,8 +156,7 @@ def ista(a: Tensor, b: Tensor, sparsity: float, iterations: int, *, tolerance: f
             support = z > 0
             if last is not None and torch.equal(support, last):
                 exact = _on_support(a, target, support, sparsity)
-                if exact is not None and bool((exact >= 0).all()) and \
-                        kkt_residual(a, target, exact, sparsity) <= tolerance:
+                if bool((exact >= 0).all()) and kkt_residual(a, target, exact, sparsity) <= tolerance:
                     found, done = support, it
                     break
             last = support
