@@ -3,10 +3,11 @@
 Layers that subclass a torch layer but write their own ``forward`` (timm's ``BatchNormAct2d``:
 ``F.batch_norm``, then its activation; timm's ``Linear``: ``F.linear``) trace into a functional
 call on the module's parameters and buffers. The call is put back into a plain
-``nn.BatchNorm2d`` / ``nn.Linear`` that holds those same tensors, registered beside them, so that
-the channel rules, the per-width statistics and the export treat it as any other such layer;
-what the subclass does after it (the activation) stays in the graph. Tracing also froze the subclass's training flag into the
-call's arguments; as a module call it follows ``train()``/``eval()`` again.
+``nn.BatchNorm2d`` / ``nn.Linear`` that holds those same tensors under the module's own name, so
+that the channel rules, the per-width statistics and the export (state-dict keys included) treat
+it as any other such layer; what the subclass does after it (the activation) stays in the graph.
+Tracing also froze the subclass's training flag into the call's arguments; as a module call it
+follows ``train()``/``eval()`` again.
 """
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ def _owned(module: fx.GraphModule, tensors: dict[str, Optional[fx.Node]]) -> Opt
     if len(owners) != 1:
         return None
     path = owners.pop()
-    return path, module.get_submodule(path) if path else module
+    owner = module.get_submodule(path) if path else module
+    if type(owner) in (nn.BatchNorm2d, nn.Linear):
+        return None  # a second call on tensors already put back into a module: left to the analysis
+    return path, owner
 
 
 def _module_linear(module: fx.GraphModule, node: fx.Node) -> None:
@@ -90,9 +94,12 @@ def _replace(module: fx.GraphModule, node: fx.Node, owner_path: str, owner: nn.M
     if owner_path:
         for child_name, child in owner.named_children():
             layer.add_module(child_name, child)
-        for attr, value in list(owner._parameters.items()) + list(owner._buffers.items()):
+        for attr, value in owner._parameters.items():
             if attr not in taken and not hasattr(layer, attr):
-                setattr(layer, attr, value) if attr in owner._parameters else layer.register_buffer(attr, value)
+                layer.register_parameter(attr, value)
+        for attr, value in owner._buffers.items():
+            if attr not in taken and not hasattr(layer, attr):
+                layer.register_buffer(attr, value)
         parent, _, leaf = owner_path.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, leaf, layer)
         target = owner_path
