@@ -26,3 +26,13 @@ def test_zoo_models_convert_exactly(spec, one_thread):
     row = check_one(spec, size=32)
     assert row["outcome"] == "exact", row
     assert row["decisions"] > 5
+
+
+def test_a_zoo_factory_loads_by_name():
+    # `apsfast search --model torchvision.models:resnet18`: the factory imports where
+    # torchvision's compiled ops do not load (the CPU wheel) and builds the zoo's network.
+    _needs("torchvision")
+    from apsfast.models.registry import load_factory
+
+    model = load_factory("torchvision.models:resnet18")(num_classes=3)
+    assert model.fc.out_features == 3
