@@ -67,9 +67,10 @@ def test_widest_every_trains_the_widest_arch_at_every_kth_step(tmp_path, every):
 def test_without_a_budget_the_search_finds_the_widest(tmp_path):
     # The paper's §5.2 on a reduced demo (two widths, 8x8 images, 200 steps, 16 archs per
     # controller step): on data where wider networks score higher, APS-T chooses the widest arch.
-    # A short search is a random outcome, so this is a statement over seeds: at least 3 of 4
+    # A short search is a random outcome, so this is a statement over seeds: at least 2 of 3
     # choose >= 90% of the widest arch's MACs (with a miss rate of 1 in 10 per seed it fails 1
-    # time in 20; 4 of 5 would fail 1 in 12 and cost a fifth more). Measured on a 2-core AMD
+    # time in 36; 3 of 4 would fail 1 in 20, 4 of 5 1 in 12, each a seed's 25 s dearer, in a
+    # suite that must stay under five minutes on two cores). Measured on a 2-core AMD
     # EPYC (AVX-512 with bf16), chosen MACs / widest for seeds 0-4: 0.95, 0.95, 1.0, 1.0, 1.0 on
     # 1 thread; 1.0, 1.0, 1.0, 0.95, 0.95 on 2 threads; seeds 5-9 on 1 thread: 0.82, 0.99, 0.95,
     # 0.99, 1.0. A miss narrows a block's inner conv, whose width moves accuracy least. With 8
@@ -80,11 +81,11 @@ def test_without_a_budget_the_search_finds_the_widest(tmp_path):
                  "train.batch_size=64", "train.steps_per_epoch=10", "controller.lr=1e-2", "controller.samples=16",
                  "run.eval_batches=1", "run.checkpoint_every=1000", "run.progress=false", "result.portable=false"]
     fractions = []
-    for seed in range(4):
+    for seed in range(3):
         config = load_config("demo", overrides=[*overrides, f"run.seed={seed}"])
         result = Search(config, tmp_path / str(seed), log=quiet).run()
         fractions.append(result["chosen"]["flops"] / result["max_flops"])
-    assert sum(f >= 0.9 for f in fractions) >= 3, fractions
+    assert sum(f >= 0.9 for f in fractions) >= 2, fractions
 
 
 def test_search_end_to_end_writes_everything(tmp_path):
