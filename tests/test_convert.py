@@ -505,3 +505,13 @@ def test_a_supernet_that_would_not_fit_is_refused_before_it_is_built(monkeypatch
                                          r".*or pass exclude=\[") as error:
         apsfast.convert(model, x)
     assert "'fuse.0'" in str(error.value) or "'grouped.0'" in str(error.value)
+
+
+def test_a_functional_batch_norm_keeps_its_momentum():
+    # BatchNormAct2d with momentum=None (a cumulative average) traces a factor of 0.0; the
+    # module it becomes must average again, not freeze its statistics.
+    model = BNActNet().eval()
+    model.bn1.momentum, model.bn2.momentum = None, 0.3
+    net = apsfast.convert(model, torch.randn(2, 3, SIZE, SIZE))
+    bns = {path: m for path, m in net.named_modules() if isinstance(m, apsfast.nn.APSBatchNorm2d)}
+    assert {p: {bn.momentum for bn in m.bns} for p, m in bns.items()} == {"net.bn1": {None}, "net.bn2": {0.3}}

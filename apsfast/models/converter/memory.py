@@ -24,7 +24,7 @@ from torch import fx
 
 from apsfast.models.converter.channels import Analysis, LayerPlan
 from apsfast.models.converter.groups import layout_widths
-from apsfast.models.registry import conv_meta_widths, meta_width_of
+from apsfast.models.registry import meta_width_of
 
 # Leave room for the model, the activations of a step and the optimiser's state.
 USABLE_FRACTION = 0.5
@@ -73,11 +73,8 @@ def layer_elements(plan: LayerPlan, kernel: int, ins: Sequence[int], outs: Seque
     if plan.kind == "depthwise":
         meta_out, p = _side(outs, sharing, meta_width)
         return meta_out * kernel + p
-    widths = conv_meta_widths(ins, outs, sharing, meta_width)
-    meta_in = widths["meta_in_width"] or max(ins)
-    meta_out = widths["meta_out_width"] or max(outs)
-    q = meta_in * sum(ins) if len(ins) > 1 else 0
-    p = meta_out * sum(outs) if len(outs) > 1 else 0
+    meta_in, q = _side(ins, sharing, meta_width)
+    meta_out, p = _side(outs, sharing, meta_width)
     return meta_in * meta_out * kernel + q + p
 
 

@@ -72,8 +72,11 @@ def _module_batch_norm(module: fx.GraphModule, node: fx.Node) -> None:
         return
     owner_path, owner = found
     stats = {name: getattr(owner, t.target.rpartition(".")[2]) for name, t in tensors.items() if t is not None}
+    # A momentum of None (a cumulative average) traces as a factor of 0.0, which as a module's
+    # momentum would freeze the statistics: read back as None.
+    momentum = _argument(node, 6, "momentum", 0.1)
     bn = nn.BatchNorm2d(stats["running_mean"].numel(), eps=_argument(node, 7, "eps", 1e-5),
-                        momentum=_argument(node, 6, "momentum", 0.1), affine="weight" in stats, device="meta")
+                        momentum=momentum or None, affine="weight" in stats, device="meta")
     for name, tensor in stats.items():
         if name in ("weight", "bias"):
             setattr(bn, name, tensor)
