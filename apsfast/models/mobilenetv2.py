@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from apsfast import _checks
 from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
-from apsfast.models.registry import check_meta_width, conv_meta_widths, register
+from apsfast.models.meta_width import check_meta_width, conv_meta_widths
+from apsfast.models.registry import register
 from apsfast.models.static import HW, Part, Resolve, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d
 

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from apsfast import _checks
 from apsfast.models.base import DecisionSpace, Supernet, scaled
 from apsfast.models.cost import LayerShape
-from apsfast.models.registry import check_meta_width, conv_meta_widths, meta_width_of, register
+from apsfast.models.meta_width import check_meta_width, conv_meta_widths, meta_width_of
+from apsfast.models.registry import register
 from apsfast.models.static import HW, Part, Resolve, chain_shapes, export_chain, export_part, part_shapes
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 

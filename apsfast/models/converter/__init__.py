@@ -25,7 +25,7 @@ from apsfast.models.converter.channels import ChannelAnalyser
 from apsfast.models.converter.layers import GroupedAPSConv2d
 from apsfast.models.converter.supernet import ConvertedSupernet, build_supernet
 from apsfast.models.converter.trace import trace
-from apsfast.models.registry import check_meta_width
+from apsfast.models.meta_width import check_meta_width
 from apsfast.nn import SHARING
 
 __all__ = ["ConvertedSupernet", "GroupedAPSConv2d", "convert"]

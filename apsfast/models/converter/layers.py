@@ -2,7 +2,7 @@
 
 The meta-weight of each APS layer has the meta widths that ``meta_width`` gives for the
 chosen sharing (by default ``Σ`` candidates per searched side for APS-T and APS-I; always the
-widest for APS-O; see :func:`apsfast.models.registry.meta_width_of`) and is initialised as
+widest for APS-O; see :func:`apsfast.models.meta_width.meta_width_of`) and is initialised as
 :class:`~apsfast.nn.APSConv2d` does (He-normal); the original weight is then copied into the
 block that the widest candidate's transforms select (rows and columns ``0 … C-1`` for
 ordinal and transitional sharing, the last disjoint block for independent).
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from apsfast.models.registry import conv_meta_widths, meta_width_of
+from apsfast.models.meta_width import conv_meta_widths, meta_width_of
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 from apsfast.nn.base import CandidateTransforms
 

@@ -24,7 +24,7 @@ from torch import fx
 
 from apsfast.models.converter.channels import Analysis, LayerPlan
 from apsfast.models.converter.groups import layout_widths
-from apsfast.models.registry import meta_width_of
+from apsfast.models.meta_width import meta_width_of
 
 # Leave room for the model, the activations of a step and the optimiser's state.
 USABLE_FRACTION = 0.5
