@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from apsfast import cli, models
-from apsfast.search import deploy, export_onnx, export_pt2, load_exported
+from apsfast.search import deploy, export_onnx, export_pt2, load_exported, portable
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
 from apsfast.search.result import save_exported
 
@@ -129,7 +129,7 @@ def test_a_network_torch_export_refuses_is_saved_without_program(monkeypatch, tm
     def refuse(*args):
         raise RuntimeError("data-dependent control flow\nmore")
 
-    monkeypatch.setattr(deploy, "trace_program", refuse)
+    monkeypatch.setattr(portable, "trace_program", refuse)
     net = models.build("resnet20_cifar", **SPACES["resnet20_cifar"])
     with pytest.warns(RuntimeWarning, match="without a torch.export program .RuntimeError: data-dependent control "
                                             "flow.: it loads with apsfast"):

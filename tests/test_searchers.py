@@ -15,7 +15,7 @@ from apsfast import models
 from apsfast.search import ConfigError, Search, load_config
 from apsfast.search.searchers import (SEARCHERS, IstaSearcher, ReinforceSearcher, TasSearcher, build_searcher,
                                       distillation_loss)
-from apsfast.search.deploy import program_entries
+from apsfast.search.portable import program_entries
 from apsfast.search.searchers.ista import (choose, dictionary, ista, ista_step, kkt_residual, per_decision_probs,
                                            step_size)
 from apsfast.search.searchers.tas import gumbel_pairs

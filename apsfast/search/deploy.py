@@ -1,31 +1,9 @@
-"""Deploying a searched network: ONNX and ``torch.export`` (``.pt2``) files, and the program
-inside ``model.pt`` that loads with torch alone.
-
-An exported ``model.pt`` (``kind: "exported"``, written by a search and by a retrain) holds
-the static network's ``state_dict`` with what rebuilds it through apsfast (``model``,
-``options``, ``arch``: :func:`~apsfast.search.result.load_exported`, which reads tensors and
-plain containers only). It also holds, for use without apsfast:
-
-* ``input_shape``: ``[C, H, W]`` of one image;
-* ``program``: the bytes of ``torch.export.save`` of the network in eval mode on the CPU, the
-  batch dimension dynamic, with its weights left out (meta tensors: ``state_dict`` holds them
-  once), and ``program_torch``, the torch version that wrote it. Rebuilt with torch alone::
-
-      state = torch.load("model.pt", weights_only=True)
-      model = torch.export.load(io.BytesIO(state["program"])).module()
-      model.load_state_dict(state["state_dict"], assign=True)
-
-A program covers every network apsfast exports, a converted user model's graph included,
-without the code that defined it. ``torch.export.load`` unpickles parts of a program, so
-apsfast never calls it on a file it is handed: :func:`load_model` rebuilds through
-``load_exported``. A network ``torch.export`` cannot trace is saved without a program, with a
-warning.
-"""
+"""Deploying a searched network: ONNX and ``torch.export`` (``.pt2``) files of a run's
+network, its retrained one or a module (the program inside ``model.pt`` that loads with torch
+alone: :mod:`apsfast.search.portable`)."""
 from __future__ import annotations
 
-import copy
 import importlib.util
-import io
 import logging
 import os
 import warnings
@@ -38,6 +16,7 @@ from torch import nn
 
 from apsfast.models.registry import CONVERTED
 from apsfast.search.checkpoint import load_checkpoint
+from apsfast.search.portable import BATCH, check_shape, for_tracing, input_shape_of, trace_program
 from apsfast.search.result import MODEL, RESULT, load_exported
 
 #: ONNX opset of :func:`export_onnx`: the oldest the torch.export-based exporter writes natively,
@@ -48,78 +27,6 @@ RETRAINED = Path("retrain") / "retrained.pt"
 ONNX_PACKAGES = ("onnx", "onnxscript")
 INSTALL_ONNX = "pip install apsfast[onnx] (or pip install onnx onnxscript onnxruntime)"
 Source = Union[str, os.PathLike, nn.Module]
-#: The dynamic-shape specification of a network's one input: its batch dimension.
-BATCH = ({0: torch.export.Dim("batch")},)
-
-
-def input_shape_of(net) -> list[int]:
-    """``[C, H, W]`` of one input image of a supernet's networks (``input_size`` an int or ``(H, W)``)."""
-    size = net.input_size
-    hw = list(size) if isinstance(size, (tuple, list)) else [size, size]
-    return [int(net.in_channels), *map(int, hw)]
-
-
-def _check_shape(input_shape: Sequence[int]) -> list[int]:
-    shape = list(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if shape is None or len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                                                   for s in shape):
-        raise ValueError(f"input_shape must be [C, H, W], three ints > 0 (one image), got {input_shape!r}")
-    return shape
-
-
-def _for_tracing(model: nn.Module, input_shape: Sequence[int]) -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """A copy of ``model`` on the CPU in eval mode and float32, and an example input: a batch
-    of 2 (torch.export takes a size-1 dimension for a constant)."""
-    with warnings.catch_warnings():  # torch's own deprecation, met copying a torch.export.load module
-        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-        static = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format)
-    try:
-        static.eval()
-    except NotImplementedError:  # torch.export.load's module refuses: it is an inference graph already
-        pass
-    return static, (torch.zeros(2, *_check_shape(input_shape)),)
-
-
-def trace_program(model: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
-    """``model`` as a ``torch.export`` program on the CPU in eval mode and float32, for inputs
-    ``[N, *input_shape]`` with the batch size ``N`` dynamic (``model`` itself is left as it is)."""
-    static, example = _for_tracing(model, input_shape)
-    return torch.export.export(static, example, dynamic_shapes=BATCH, strict=False)
-
-
-def _weight_free(program: torch.export.ExportedProgram) -> bytes:
-    """``torch.export.save`` of ``program`` with every state-dict tensor replaced by a meta
-    tensor of its shape (the weights, kept in ``model.pt``'s ``state_dict``, are not stored
-    twice) and without its example input (a batch of images)."""
-    program.example_inputs = None
-    for name, tensor in list(program.state_dict.items()):
-        empty = torch.empty_like(tensor, device="meta")
-        program.state_dict[name] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) \
-            else empty
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return buffer.getvalue()
-
-
-def program_entries(static: nn.Module, input_shape: Sequence[int]) -> dict:
-    """What ``model.pt`` carries besides the weights so that torch alone loads it:
-    ``input_shape`` and, where ``torch.export`` traces ``static``, the weight-free ``program``
-    with ``program_torch``. A network it cannot trace gets a warning and no program."""
-    entries: dict = {"input_shape": list(input_shape)}
-    try:
-        program = trace_program(static, input_shape)
-        names = {k: tuple(v.shape) for k, v in static.state_dict().items()}
-        traced = {k: tuple(v.shape) for k, v in program.state_dict.items()}
-        if traced != names:  # the recipe loads state_dict into the program's module: the names must agree
-            raise RuntimeError(f"the program's tensors differ from the state dict's: "
-                               f"{sorted(set(traced) ^ set(names))[:4]}")
-        entries.update(program=_weight_free(program), program_torch=str(torch.__version__))
-    except Exception as error:  # torch.export raises many kinds; the weights are saved regardless
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        warnings.warn(f"model.pt is saved without a torch.export program ({type(error).__name__}: {first[:300]}): "
-                      f"it loads with apsfast (load_exported) but not with torch alone", RuntimeWarning,
-                      stacklevel=2)
-    return entries
 
 
 def find_model(source: Union[str, os.PathLike], searched: bool = False) -> tuple[Path, str]:
@@ -172,7 +79,7 @@ def load_model(source: Source, *, searched: bool = False,
     if isinstance(source, nn.Module):
         if input_shape is None:
             raise ValueError("input_shape [C, H, W] is required with a module (a run's model.pt records its own)")
-        return Deployable(source, _check_shape(input_shape), type(source).__name__)
+        return Deployable(source, check_shape(input_shape), type(source).__name__)
     path, what = find_model(source, searched)
     state = load_checkpoint(path, expect={"kind": "exported"})
     if str(state["model"]).startswith(CONVERTED):
@@ -184,7 +91,7 @@ def load_model(source: Source, *, searched: bool = False,
     if shape is None:  # written before model.pt recorded it
         from apsfast import models
         shape = input_shape_of(models.build(state["model"], device="meta", **state["options"]))
-    return Deployable(module, _check_shape(input_shape if input_shape is not None else shape), what)
+    return Deployable(module, check_shape(input_shape if input_shape is not None else shape), what)
 
 
 def output_path(path: Union[str, os.PathLike]) -> Path:
@@ -223,7 +130,7 @@ def write_onnx(model: Deployable, path: Union[str, os.PathLike], opset: int = OP
     """:func:`export_onnx` of a loaded network."""
     check_onnx_export(opset)
     out = output_path(path)
-    static, example = _for_tracing(model.module, model.input_shape)
+    static, example = for_tracing(model.module, model.input_shape)
     # The exporter logs a line for each torchvision op it skips when torchvision is absent, and
     # warns of torch's own deprecations.
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -253,7 +160,7 @@ def onnx_difference(model: Deployable, path: Union[str, os.PathLike], batch: int
         import onnxruntime
     except ImportError:
         raise ImportError(f"checking an ONNX file needs onnxruntime: {INSTALL_ONNX}") from None
-    static, _ = _for_tracing(model.module, model.input_shape)
+    static, _ = for_tracing(model.module, model.input_shape)
     x = torch.randn(batch, *model.input_shape, generator=torch.Generator().manual_seed(seed))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

@@ -16,6 +16,7 @@ from apsfast.models.static import reinitialise
 from apsfast.search.budget import LATENCY, Budget, resolve_budget
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
 from apsfast.search.metrics import read_metrics
+from apsfast.search.portable import input_shape_of, program_entries
 from apsfast.search.searchers import Searcher
 
 RESULT, MODEL, CURVES, DECISIONS = "result.json", "model.pt", "curves.png", "decisions.png"
@@ -109,8 +110,7 @@ def save_exported(path: Path, net: models.Supernet, arch: list[int], static: nn.
                   portable: bool = True) -> None:
     """A static network's weights with what rebuilds it through apsfast (model, options, arch);
     ``portable``: with its input shape and weight-free ``torch.export`` program, which rebuild
-    it with torch alone (:mod:`apsfast.search.deploy`)."""
-    from apsfast.search.deploy import input_shape_of, program_entries
+    it with torch alone (:mod:`apsfast.search.portable`)."""
     program = program_entries(static, input_shape_of(net)) if portable else {}
     save_checkpoint(path, {"kind": "exported", "model": net.name, "options": net.options, "arch": list(arch),
                            "state_dict": static.state_dict(), **program})
