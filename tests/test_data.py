@@ -16,6 +16,7 @@ from PIL import Image
 
 from apsfast.data import (DATASETS, FolderImageSet, ImageSet, TensorImageSet, balanced_subset, cifar10, embedded,
                           image_folder, load, split)
+from apsfast.data import shapes
 from apsfast.data.cifar import RestrictedUnpickler
 
 
@@ -432,6 +433,8 @@ def test_embedded_is_deterministic_and_balanced(default_embedded):
     assert (len(train), len(test)) == (6000, 2000) and train.num_classes == 10 and train.image_size == 16
     assert train.images.shape == (6000, 3, 16, 16) and train.images.dtype == torch.uint8
     assert torch.bincount(train.labels).tolist() == [600] * 10 and torch.bincount(test.labels).tolist() == [200] * 10
+    assert embedded()[0].images.data_ptr() == train.images.data_ptr()  # made once per process
+    shapes._generated.cache_clear()
     again, _ = embedded()
     assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
     assert (train.mean, train.std) == (again.mean, again.std) == (test.mean, test.std)
@@ -447,6 +450,7 @@ def test_embedded_is_independent_of_the_thread_count():
         one, _ = embedded(num_train=500, num_test=10, image_size=12, num_classes=4)
     finally:
         torch.set_num_threads(threads)
+    shapes._generated.cache_clear()
     many, _ = embedded(num_train=500, num_test=10, image_size=12, num_classes=4)
     assert torch.equal(one.images, many.images) and one.mean == many.mean
     assert one.image_size == 12 and one.num_classes == 4

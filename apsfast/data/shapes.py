@@ -17,6 +17,7 @@ functions far from a rounding boundary).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -160,6 +161,16 @@ def embedded(*, image_size: int = 16, num_train: int = 6000, num_test: int = 200
         raise ValueError(f"num_classes must be ≥ 2, got {num_classes}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    train, test, mean, std = _generated(image_size, num_train, num_test, num_classes, int(seed))
+    return tuple(TensorImageSet(images, labels, num_classes, mean=mean, std=std)  # type: ignore[return-value]
+                 for images, labels in (train, test))
+
+
+@functools.lru_cache(maxsize=2)
+def _generated(image_size: int, num_train: int, num_test: int, num_classes: int, seed: int) -> tuple:
+    """The images, labels and statistics :func:`embedded` wraps, made once per process for the
+    same arguments (seconds on two cores; a search, its resume and its retrain each load the
+    set). The sets share these tensors and never write into them."""
     protos = _prototypes(num_classes, generator(seed, _STREAMS["prototypes"]))
     sets = {}
     for name, count in (("train", num_train), ("test", num_test)):
@@ -168,6 +179,4 @@ def embedded(*, image_size: int = 16, num_train: int = 6000, num_test: int = 200
         chunks = [_render(protos, labels[i:i + CHUNK], image_size, generator(seed, _STREAMS[name], 1 + i // CHUNK))
                   for i in range(0, count, CHUNK)]
         sets[name] = (torch.cat(chunks), labels)
-    mean, std = _statistics(sets["train"][0])
-    return tuple(TensorImageSet(images, labels, num_classes, mean=mean, std=std)  # type: ignore[return-value]
-                 for images, labels in sets.values())
+    return (sets["train"], sets["test"], *_statistics(sets["train"][0]))
