@@ -69,9 +69,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from apsfast.search import assemble
-    from apsfast.search.config import dump_config, load_config
+    from apsfast.search.config import dump_config
     from apsfast.search.runs import saved_config
     from apsfast.search.schedule import search
+    from apsfast.search.settings import load_config
     try:
         if args.resume and args.preset is None and args.config is None:
             if args.out is None:
@@ -113,8 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_uniform(args: argparse.Namespace, retrain_uniform) -> None:
     """``apsfast train --uniform RATIO``: the settings of ``--preset``/``--config`` or of RUN's search."""
-    from apsfast.search.config import apply_overrides, config_from_dict, load_config
     from apsfast.search.result import read_result
+    from apsfast.search.settings import apply_overrides, config_from_dict, load_config
     if args.top is not None:
         raise SystemExit("apsfast train: --top and --uniform are two different retrains; pass one")
     overrides = args.set or []

@@ -30,7 +30,7 @@ def show_sharing_levels() -> None:
 def main(out: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Path:
     """Run the demo into ``out`` (default ``runs/demo/<date-time>``) with the ``demo`` preset
     and ``overrides`` (``"train.epochs=4"``…); returns that folder."""
-    from apsfast.search.config import load_config
+    from apsfast.search.settings import load_config
     from apsfast.search.schedule import Search
     from apsfast.search.retrain import retrain
 

@@ -8,7 +8,7 @@ import torch
 
 from apsfast import models
 from apsfast.search import compare
-from apsfast.search.config import load_config
+from apsfast.search.settings import load_config
 
 from test_search import TINY
 

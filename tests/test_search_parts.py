@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from apsfast import models
 from apsfast.search import strategies
 from apsfast.search.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, presets
+from apsfast.search.config import Config, ConfigError, presets
 from apsfast.search.result import select_arch
 from apsfast.search.steps import batch_statistics, sgd
 from apsfast.search.metrics import MetricsLog, read_metrics
+from apsfast.search.settings import apply_overrides, config_from_dict, load_config
 
 PAPER_PRESETS = ("resnet20_cifar", "resnet56_cifar", "resnet18_imagenet", "mobilenetv2_imagenet")
 

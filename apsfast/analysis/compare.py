@@ -24,10 +24,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from apsfast.analysis import plots
 from apsfast.search import steps
-from apsfast.search.config import Config, ConfigError, load_config
+from apsfast.search.config import Config, ConfigError
 from apsfast.search.result import write_json
 from apsfast.search.retrain import retrain
 from apsfast.search.schedule import Search
+from apsfast.search.settings import load_config
 from apsfast.search.strategies import STRATEGIES
 
 ROW, TABLE_JSON, TABLE_MD = "compare_row.json", "compare.json", "compare.md"

@@ -16,13 +16,14 @@
   work; :mod:`~apsfast.search.config` — the settings.
 """
 from apsfast.search.checkpoint import CheckpointError
-from apsfast.search.config import Config, ConfigError, apply_overrides, load_config, presets
+from apsfast.search.config import Config, ConfigError, presets
 from apsfast.search.controller import Controller, Reinforce, Rollout, flops_reward
 from apsfast.search.deploy import export_onnx, export_pt2
 from apsfast.search.result import load_exported, select_arch
 from apsfast.search.retrain import retrain
 from apsfast.search.schedule import Search, search
 from apsfast.search.searchers import SEARCHERS, Searcher
+from apsfast.search.settings import apply_overrides, load_config
 from apsfast.search.strategies import STRATEGIES
 
 __all__ = ["CheckpointError", "Config", "ConfigError", "Controller", "Reinforce", "Rollout", "SEARCHERS", "STRATEGIES",

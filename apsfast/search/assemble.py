@@ -17,7 +17,8 @@ from apsfast import data as datasets
 from apsfast import models
 from apsfast.models.registry import CONVERTED, is_factory, load_factory
 from apsfast.search import strategies
-from apsfast.search.config import Config, ConfigError, config_from_dict
+from apsfast.search.config import Config, ConfigError
+from apsfast.search.settings import config_from_dict
 
 
 @dataclass

@@ -56,7 +56,7 @@ def parse_args(argv: Optional[Sequence[str]], prog: str) -> argparse.Namespace:
 def half_standard_macs(preset: str, overrides: Sequence[str]) -> float:
     """Half the MACs of the standard arch of the preset's space, at the data's image size."""
     from apsfast.search import assemble
-    from apsfast.search.config import load_config
+    from apsfast.search.settings import load_config
 
     config = load_config(preset, overrides=list(overrides))
     plan = assemble.check(config, search=False)
@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") ->
     """Run the comparison the arguments describe; returns 0."""
     import torch
 
-    from apsfast.search.config import load_config
+    from apsfast.search.settings import load_config
 
     args = parse_args(argv, prog)
     out = Path(args.out)

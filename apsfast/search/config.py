@@ -1,12 +1,13 @@
-"""The search configuration: every hyper-parameter in one typed tree, read from YAML presets
-and files, overridden from the command line, and validated before any work starts.
+"""The search configuration: every hyper-parameter in one typed tree, and the values its
+fields allow. It knows nothing of how a run uses it.
 
 A config is a :class:`Config` of sections (``model``, ``data``, ``train``, ``sharing``,
-``controller``, ``reward``, ``result``, ``retrain``, ``analysis``, ``run``). :func:`load_config` starts from
-the defaults, applies a preset (``apsfast/search/presets/<name>.yaml``), then a YAML file,
-then ``section.key=value`` overrides, and checks every field's type and range; errors name
-the field, the value and what was expected (the reading and type checks:
-:mod:`apsfast.search.overrides`; the ranges: :mod:`apsfast.search.validation`).
+``controller``, ``tas``, ``ista``, ``reward``, ``result``, ``retrain``, ``analysis``, ``run``).
+:func:`apsfast.search.settings.load_config` starts from the defaults, applies a preset
+(``apsfast/search/presets/<name>.yaml``), then a YAML file, then ``section.key=value``
+overrides, and checks every field's type and range; errors name the field, the value and what
+was expected (the reading and type checks: :mod:`apsfast.search.overrides`; the ranges:
+:mod:`apsfast.search.validation`).
 """
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional
 
 import yaml
 
-from apsfast.search.overrides import ConfigError, merge_fields, nested, parse_override, read_yaml
+from apsfast.search.overrides import ConfigError  # noqa: F401  (the settings' one error, imported from here)
 
 PRESET_DIR = Path(__file__).with_name("presets")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 SEARCHER_KINDS = ("reinforce", "tas", "ista")  # apsfast.search.searchers.SEARCHERS
+BASELINES = ("moving_average", "leave_one_out")  # controller.baseline: apsfast.search.controller.Reinforce
 
 
 @dataclass
@@ -273,52 +275,6 @@ class Config:
 def presets() -> list[str]:
     """The names of the shipped presets."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def validate(config: "Config") -> None:
-    """Range and consistency checks that types alone do not catch (see :mod:`apsfast.search.validation`)."""
-    from apsfast.search.validation import check_config
-    check_config(config)
-
-
-def load_config(preset: Optional[str] = None, file: Optional[Union[str, Path]] = None,
-                overrides: Sequence[Union[str, tuple[str, Any]]] = (), *, model: Optional[str] = None) -> Config:
-    """The defaults, then ``preset``, then the YAML ``file``, then ``model`` (a model name that
-    replaces the whole ``model`` section: the preset's options belong to the preset's model),
-    then ``overrides`` (``"section.key=value"`` strings or ``(key, value)`` pairs), validated.
-
-    Raises:
-        ConfigError: an unknown preset, file, section or field, a wrong type or an invalid
-            value; the message names the field.
-    """
-    config = Config()
-    if preset is not None:
-        if preset not in presets():
-            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(presets())}")
-        merge_fields(config, read_yaml(PRESET_DIR / f"{preset}.yaml", "preset"), "")
-    if file is not None:
-        merge_fields(config, read_yaml(Path(file), "config file"), "")
-    if model is not None:
-        config.model = ModelConfig(name=model)
-    return apply_overrides(config, overrides)
-
-
-def apply_overrides(config: Config, overrides: Sequence[Union[str, tuple[str, Any]]]) -> Config:
-    """``config`` (changed in place) with ``overrides`` (``"section.key=value"`` strings or
-    ``(key, value)`` pairs) applied, validated."""
-    for item in overrides:
-        key, value = parse_override(item) if isinstance(item, str) else item
-        merge_fields(config, nested(key, value), "")
-    validate(config)
-    return config
-
-
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """A config from :meth:`Config.to_dict` output (a checkpoint's or a result's), validated."""
-    config = Config()
-    merge_fields(config, data, "")
-    validate(config)
-    return config
 
 
 def dump_config(config: Config) -> str:

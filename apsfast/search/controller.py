@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast import _checks
+from apsfast.search.config import BASELINES
 from apsfast.search import steps
 
 
@@ -219,9 +220,6 @@ class Controller(nn.Module):
             state = [(h_[parent], c_[parent]) for h_, c_ in state]
             x = self.embeddings[k](choice)
         return [(a.tolist(), float(s)) for a, s in zip(archs, scores)]
-
-
-BASELINES = ("moving_average", "leave_one_out")
 
 
 class Reinforce:

@@ -22,10 +22,11 @@ import torch
 from apsfast import models
 from apsfast.models.registry import CONVERTED, is_factory
 from apsfast.search import assemble, runs, steps
-from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict, dump_config
+from apsfast.search.config import Config, ConfigError, dump_config
 from apsfast.search.checkpoint import load_checkpoint
 from apsfast.search.result import fresh_model, load_exported, read_result, save_exported, write_json
 from apsfast.search.session import Session, restore_rng, rng_state
+from apsfast.search.settings import apply_overrides, config_from_dict
 
 SUMMARY, MODEL, TOP = "retrain.json", "retrained.pt", "top.json"
 DATA_STREAM = 7  # the retrain's batches are drawn from seed + 7: not the search's streams

@@ -23,8 +23,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from apsfast.search.config import Config, ConfigError, apply_overrides, config_from_dict
+from apsfast.search.config import Config, ConfigError
 from apsfast.search.session import CHECKPOINT, CONFIG
+from apsfast.search.settings import apply_overrides, config_from_dict
 
 _BOOKKEEPING = ("run.log_every", "run.checkpoint_every", "run.progress", "run.device", "run.dist_backend",
                 "data.root", "data.workers", "result.beam", "result.portable")

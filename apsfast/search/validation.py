@@ -4,15 +4,11 @@ the model's options (by building the supernet on the meta device). Each failure 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from apsfast.search.config import AMP, DEVICES, DIST_BACKENDS, SEARCHER_KINDS, ConfigError
-from apsfast.search.controller import BASELINES
+from apsfast.search.config import AMP, BASELINES, DEVICES, DIST_BACKENDS, SEARCHER_KINDS, Config, ConfigError
 from apsfast.search.strategies import STRATEGIES, supernet_sharing
 from apsfast.sharing import PRECISIONS
-
-if TYPE_CHECKING:
-    from apsfast.search.config import Config
 
 
 def _positive(path: str, value: Optional[float], *, allow_none: bool = False) -> None:
