@@ -42,7 +42,7 @@ the accuracies are summed over the processes.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,19 @@ from apsfast.nn import APSConv2d, APSLayer, aps_layers, network_sharing_level
 from apsfast.search import steps
 from apsfast.search.session import Precision
 
-if TYPE_CHECKING:  # the schedule imports this module lazily, inside its hook
-    from apsfast.search.schedule import Search
+
+class RunningSearch(Protocol):
+    """What :func:`measure_search` reads of a running search (a
+    :class:`apsfast.search.schedule.Search`, which calls it: named here by its parts so that the
+    analysis does not import the schedule back)."""
+    net: Any
+    session: Any
+    config: Any
+    processes: Any
+    searcher: Any
+    eval_set: Any
+    step: int
+
 
 Arch = list[int]
 Indices = Optional[tuple[int, int]]  # (output candidate, input candidate) a layer ran with
@@ -177,7 +188,7 @@ def top2_gaps(probs: Sequence[Sequence[float]]) -> list[float]:
     return gaps
 
 
-def measure_search(search: "Search", x: Tensor, y: Tensor) -> dict[str, Any]:
+def measure_search(search: RunningSearch, x: Tensor, y: Tensor) -> dict[str, Any]:
     """The analysis record of a running search at its current step (``x, y``: the global
     batch of the weight step just taken); see the module's documentation. Leaves the net's
     arch as it found it."""
