@@ -20,12 +20,12 @@ def job(tmp_path, kind: str = "reinforce", seed: int = 0, target: str = "none") 
 
 
 def test_one_run_is_searched_retrained_and_resumed(tmp_path):
-    first = compare.run_one(job(tmp_path))
+    first, = compare.run_one(job(tmp_path))
     assert first["chosen_flops"] > 0 and 0 <= first["test_acc"] <= 1 and first["chosen_rank"] >= 0
     assert first["seconds_per_search_epoch"] > 0 and first["peak_memory_mib"] > 0
     assert first["overrides"] == job(tmp_path)["overrides"]
     assert first["digest"] == load_config("demo", overrides=job(tmp_path)["overrides"]).digest()
-    again = compare.run_one(job(tmp_path))  # the folder holds a finished run: it is resumed, not refused
+    again, = compare.run_one(job(tmp_path))  # the folder holds a finished run: it is resumed, not refused
     assert again["chosen_flops"] == first["chosen_flops"] and again["chosen_widths"] == first["chosen_widths"]
 
 
@@ -48,7 +48,7 @@ def test_the_table_holds_means_and_deviations_over_seeds():
     assert rows[0]["chosen_flops"] == 3e6 and rows[0]["test_acc"] == pytest.approx(0.6)
     assert rows[0]["chosen_flops_std"] == pytest.approx(2 ** 0.5 * 1e6) and rows[1]["test_acc_std"] == 0.0
     table = compare.markdown(rows, ["# title"])
-    assert "| none | transitional | tas | 3.00M ± 1.41 | 60.00% ± 14.14% | 2.0 ± 0.0 | 100 |" in table
+    assert "| none | transitional | tas | - | 3.00M ± 1.41 | 60.00% ± 14.14% | 2.0 ± 0.0 | 100 |" in table
 
 
 def test_runs_at_a_time_share_the_threads(monkeypatch):

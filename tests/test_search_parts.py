@@ -3,6 +3,7 @@ metrics, plots."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from apsfast import models
 from apsfast.search import strategies
 from apsfast.search.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from apsfast.search.config import Config, ConfigError, presets
-from apsfast.search.result import select_arch
+from apsfast.search.result import against_top, select_arch
 from apsfast.search.steps import batch_statistics, sgd
 from apsfast.search.metrics import MetricsLog, read_metrics
 from apsfast.search.settings import apply_overrides, config_from_dict, load_config
@@ -78,6 +79,7 @@ def test_overrides_are_typed_and_win_over_the_preset(tmp_path):
     ("sharing.transition_every=0", "sharing.transition_every must be an integer ≥ 1 (1: a transition step after every weight step), got 0"),
     ("reward.flops_target=lots", "reward.flops_target must be a finite number, got 'lots'"),
     ("run.device=tpu", "run.device must be one of auto, cpu, cuda"),
+    ("result.select=best", "result.select must be one of likely, closest, got 'best'"),
     ("run.progress=1", "run.progress must be a bool"),
     ("train", "an override must be SECTION.KEY=VALUE"),
 ])
@@ -212,7 +214,7 @@ def test_batch_statistics_turns_dropout_off_and_restores_every_module_as_it_was(
 # --- arch selection ------------------------------------------------------------------------
 
 def cand(flops, loglik):
-    return {"flops": flops, "loglik": loglik}
+    return {"flops": flops, "loglik": loglik, "probability": math.exp(loglik)}
 
 
 @pytest.mark.parametrize("nesterov", [False, True], ids=["heavy-ball", "nesterov"])
@@ -261,6 +263,20 @@ def test_select_arch_takes_the_closest_to_the_target_without_exceeding_it():
     assert select_arch(beam, 90)[0] == 0
     index, why = select_arch(beam, 40)
     assert index == 1 and "no arch of the beam is within" in why
+    assert select_arch(beam, 85, rule="likely")[0] == 1  # the first within: 50 MACs at rank 1
+    assert select_arch(beam, 40, rule="likely")[0] == 1  # none within: the cheapest, as the other rule
+    with pytest.raises(ValueError, match="rule must be one of likely, closest, got 'best'"):
+        select_arch(beam, 85, rule="best")
+
+
+def test_a_chosen_arch_is_shown_beside_the_top_one_and_an_unlikely_one_warned_of():
+    beam = [cand(90, math.log(0.9)), cand(50, math.log(0.05)), cand(80, math.log(0.005))]
+    assert against_top(beam, 0) == {}
+    near = against_top(beam, 1)
+    assert near["line"] == ("chosen: rank 1 of the beam, probability 0.05, 5e-05M MACs; the policy's top arch: "
+                            "rank 0, probability 0.9, 9e-05M MACs") and "warning" not in near
+    far = against_top(beam, 2)
+    assert far["probability_ratio"] == pytest.approx(0.005 / 0.9) and "under 1%" in far["warning"]
 
 
 # --- checkpoints and metrics -----------------------------------------------------------------

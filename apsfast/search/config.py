@@ -28,6 +28,7 @@ AMP = ("none", "bf16", "fp16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 SEARCHER_KINDS = ("reinforce", "tas", "ista")  # apsfast.search.searchers.SEARCHERS
 BASELINES = ("moving_average", "leave_one_out")  # controller.baseline: apsfast.search.controller.Reinforce
+SELECTS = ("likely", "closest")  # result.select: apsfast.search.result.select_arch
 
 
 @dataclass
@@ -184,12 +185,16 @@ class RewardConfig:
 
 @dataclass
 class ResultConfig:
-    """The beam search of the ``beam`` most likely archs the result is chosen from.
+    """The beam search of the ``beam`` most likely archs the result is chosen from, and the
+    rule that chooses under a target (``select``): ``likely``, the most likely arch of the beam
+    within the budget, or ``closest``, the beam's arch closest to the target without exceeding
+    it (TAS and ISTA export their argmax whatever the rule).
     ``portable``: every ``model.pt`` (the search's and the retrain's) also holds a
     ``torch.export`` program of the network, so that it loads with torch alone (tracing it
     takes about a second at the end of a run)."""
 
     beam: int = 10
+    select: str = "closest"
     portable: bool = True
 
 

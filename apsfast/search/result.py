@@ -15,6 +15,7 @@ from apsfast import models
 from apsfast.models.static import reinitialise
 from apsfast.search.budget import LATENCY, Budget, resolve_budget
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
+from apsfast.search.config import SELECTS
 from apsfast.search.metrics import read_metrics
 from apsfast.search.portable import input_shape_of, program_entries
 from apsfast.search.searchers import Searcher
@@ -23,6 +24,9 @@ RESULT, MODEL, CURVES, DECISIONS = "result.json", "model.pt", "curves.png", "dec
 # A policy whose entropy is above this fraction of the uniform maximum has learned next to
 # nothing: its most likely arch is close to a random pick.
 UNSURE = 0.9
+# A chosen arch whose probability is below this fraction of the policy's top arch's is one the
+# policy hardly ever picks.
+UNLIKELY = 0.01
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -33,20 +37,47 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def select_arch(candidates: list[dict[str, Any]], target: Optional[float], *, key: str = "flops",
-                unit: str = "MACs") -> tuple[int, str]:
-    """The candidate (index into the beam, best first) closest to ``target`` without exceeding
-    it, ties to the more likely; without a target the most likely. ``key`` is the candidates'
-    cost field (``flops``: MACs; ``latency_ms``: predicted milliseconds) and ``unit`` how the
-    messages name it. Returns the index and why it was chosen."""
+                unit: str = "MACs", rule: str = "closest") -> tuple[int, str]:
+    """The candidate (index into the beam, most likely first) that ``rule`` picks under
+    ``target``: ``likely``, the most likely within it; ``closest``, the closest to it without
+    exceeding it, ties to the more likely. Without a target the most likely; with no candidate
+    within it the cheapest. ``key`` is the candidates' cost field (``flops``: MACs;
+    ``latency_ms``: predicted milliseconds) and ``unit`` how the messages name it. Returns the
+    index and why it was chosen."""
+    if rule not in SELECTS:
+        raise ValueError(f"rule must be one of {', '.join(SELECTS)}, got {rule!r}")
     if target is None:
         return 0, "the most likely arch (no FLOPs target)"
     under = [i for i, c in enumerate(candidates) if c[key] <= target]
+    if under and rule == "likely":
+        return under[0], f"the most likely arch of the beam within the target {target:.4g} {unit}"
     if under:
         best = max(under, key=lambda i: (candidates[i][key], candidates[i]["loglik"]))
         return best, f"the arch of the beam closest to the target {target:.4g} {unit} without exceeding it"
     best = min(range(len(candidates)), key=lambda i: (candidates[i][key], -candidates[i]["loglik"]))
     return best, (f"no arch of the beam is within the target {target:.4g} {unit}: the cheapest "
                   f"(raise result.beam or the reward's beta)")
+
+
+def against_top(candidates: list[dict[str, Any]], index: int, *, key: str = "flops") -> dict[str, Any]:
+    """The chosen candidate (``index``) beside the policy's most likely (index 0): their ranks,
+    probabilities and costs in a line, and a warning when the chosen one's probability is under
+    :data:`UNLIKELY` of the top one's (a pick the policy hardly makes). Empty when they are
+    the same arch."""
+    if index == 0:
+        return {}
+    top, chosen = candidates[0], candidates[index]
+    ratio = math.exp(chosen["loglik"] - top["loglik"])
+    show = (lambda c: f"{c[key]:.4g} ms") if key == "latency_ms" else (lambda c: f"{c[key] / 1e6:.3g}M MACs")
+    out: dict[str, Any] = {
+        "top_rank": 0, "top_probability": top["probability"], f"top_{key}": top[key], "probability_ratio": ratio,
+        "line": f"chosen: rank {index} of the beam, probability {chosen['probability']:.3g}, {show(chosen)}; the "
+                f"policy's top arch: rank 0, probability {top['probability']:.3g}, {show(top)}"}
+    if ratio < UNLIKELY:
+        out["warning"] = (f"the chosen arch's probability is {ratio:.2g} of the policy's top arch's (under "
+                          f"{UNLIKELY:.0%}): the policy hardly picks it; result.select=likely takes the most likely "
+                          f"within the target, or search longer so that the policy meets the target")
+    return out
 
 
 def argmax_choice(candidates: list[dict[str, Any]], target: Optional[float], *, key: str = "flops",
@@ -77,8 +108,10 @@ def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict
                  budget: Optional[Budget] = None) -> dict:
     """``result.json``'s content: the beam, the chosen arch, its rank in the beam and why, its
     decisions' probabilities, the policy's certainty, Φ and the settings. The choice is the
-    searcher's (:attr:`~apsfast.search.searchers.Searcher.exports`): the beam's arch closest to
-    the target (:func:`select_arch`), or its most likely (:func:`argmax_choice`). With a latency
+    searcher's (:attr:`~apsfast.search.searchers.Searcher.exports`): the beam's arch that
+    ``result.select`` picks under the target (:func:`select_arch`), or its most likely
+    (:func:`argmax_choice`); beside the policy's top arch when they differ (:func:`against_top`,
+    ``chosen["top"]``). With a latency
     ``budget`` every candidate also has its predicted ``latency_ms``, and the choice is by that."""
     target = config.reward.flops_target
     budget = resolve_budget(config, net.flops, budget)
@@ -90,8 +123,10 @@ def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict
     if searcher.exports == "argmax":
         index, why = argmax_choice(candidates, budget.target, key=budget.key, unit=budget.unit)
     else:
-        index, why = select_arch(candidates, budget.target, key=budget.key, unit=budget.unit)
+        index, why = select_arch(candidates, budget.target, key=budget.key, unit=budget.unit,
+                                 rule=config.result.select)
     chosen = candidates[index]
+    top = against_top(candidates, index, key=budget.key)
     extra: dict[str, Any] = {"latency_target": config.reward.latency_target}
     if latency:
         extra["latency"] = {"batch": budget.table.batch, "device": budget.table.key["device"],
@@ -101,7 +136,8 @@ def build_result(net: models.Supernet, searcher: Searcher, config, *, data: dict
     decisions = [{"name": d.name, "widths": list(d.widths), "chosen": d.widths[a], "probs": p}
                  for d, a, p in zip(net.decisions(), chosen["arch"], searcher.probabilities(chosen["arch"]))]
     return {"model": net.name, "options": net.options, "strategy": config.sharing.strategy, **data,
-            "flops_target": target, **extra, "chosen": {**chosen, "rank": index, "why": why}, "candidates": candidates,
+            "flops_target": target, **extra,
+            "chosen": {**chosen, "rank": index, "why": why, **({"top": top} if top else {})}, "candidates": candidates,
             "decisions": decisions, "policy": policy_report(searcher), "phi": phi,
             "max_flops": net.flops(net.max_arch()), "config": config.to_dict()}
 
@@ -135,6 +171,11 @@ def summary_lines(out: Path, result: dict[str, Any]) -> list[str]:
     latency = f"{chosen['latency_ms']:.4g} ms predicted, " if "latency_ms" in chosen else ""
     lines = [f"chosen ({chosen['why']}): {latency}{chosen['flops'] / 1e6:.2f}M MACs, {chosen['params']:,} params, "
              f"probability {chosen['probability']:.3g}; widths {widths}"]
+    top = chosen.get("top", {})
+    if top:
+        lines.append(top["line"])
+    if "warning" in top:
+        lines.append(f"warning: {top['warning']}")
     if "warning" in result["policy"]:
         lines.append(f"warning: {result['policy']['warning']}")
     lines.append(f"result: {out / RESULT}; model: {out / MODEL}; plots: {out / CURVES}, {out / DECISIONS}")

@@ -6,7 +6,8 @@ cannot make the resumed run differ from what it was doing:
 
 * bookkeeping and placement — ``run.log_every``, ``run.checkpoint_every``, ``run.progress``,
   ``run.device``, ``run.dist_backend``, ``data.root`` (the same data moved), ``data.workers``,
-  ``result.beam`` (the beam written at the end), ``result.portable`` (what ``model.pt`` holds);
+  ``result.beam`` and ``result.select`` (the beam written at the end and the choice in it),
+  ``result.portable`` (what ``model.pt`` holds);
 * the length — ``train.epochs`` (``retrain.epochs`` for a retrain), never below the epochs done;
   the cosine schedule then spans the new length from where the run stands;
 * the way out of a divergence — ``train.lr`` and ``train.grad_clip`` (``retrain.lr``,
@@ -28,7 +29,7 @@ from apsfast.search.session import CHECKPOINT, CONFIG
 from apsfast.search.settings import apply_overrides, config_from_dict
 
 _BOOKKEEPING = ("run.log_every", "run.checkpoint_every", "run.progress", "run.device", "run.dist_backend",
-                "data.root", "data.workers", "result.beam", "result.portable")
+                "data.root", "data.workers", "result.beam", "result.select", "result.portable")
 RESUMABLE = {
     "search": (*_BOOKKEEPING, "train.epochs", "train.lr", "train.grad_clip", "retrain.", "analysis."),
     "retrain": (*_BOOKKEEPING, "retrain.epochs", "retrain.lr", "retrain.grad_clip"),

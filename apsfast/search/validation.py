@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from apsfast.search.config import AMP, BASELINES, DEVICES, DIST_BACKENDS, SEARCHER_KINDS, Config, ConfigError
+from apsfast.search.config import AMP, BASELINES, DEVICES, DIST_BACKENDS, SEARCHER_KINDS, SELECTS, Config, ConfigError
 from apsfast.search.strategies import STRATEGIES, supernet_sharing
 from apsfast.sharing import PRECISIONS
 
@@ -140,6 +140,8 @@ def _check_training(config: Config) -> None:
     _positive("retrain.distill_temperature", retrain.distill_temperature)
     _positive("reward.flops_target", config.reward.flops_target, allow_none=True)
     _positive("result.beam", config.result.beam)
+    if config.result.select not in SELECTS:
+        raise ConfigError(f"result.select must be one of {', '.join(SELECTS)}, got {config.result.select!r}")
     if config.analysis.every < 0:
         raise ConfigError(f"analysis.every must be ≥ 0 (0: off), got {config.analysis.every!r}")
     for key in ("pairs", "samples"):

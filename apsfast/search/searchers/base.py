@@ -38,13 +38,13 @@ class Searcher:
     """What picks the archs a search trains and ends with (see the module's documentation).
 
     ``exports``: how the result picks its arch from :meth:`beam` when the search has a target:
-    ``"closest"``, the beam's arch closest to the target without exceeding it (REINFORCE's
-    rewards steer the whole distribution towards the target); ``"argmax"``, the most likely
-    arch whatever its cost (what the differentiable searchers' authors export: their FLOPs
-    loss steers the argmax itself).
+    ``"select"``, by the rule ``result.select`` names (the most likely within the target, or the
+    closest to it without exceeding it: REINFORCE's rewards steer the whole distribution
+    towards the target); ``"argmax"``, the most likely arch whatever its cost (what the
+    differentiable searchers' authors export: their FLOPs loss steers the argmax itself).
     """
 
-    exports: str = "closest"
+    exports: str = "select"
 
     def begin_step(self, done: int) -> None:
         """Told before every weight step of the search phase: ``done`` weight steps of the phase
