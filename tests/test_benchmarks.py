@@ -53,8 +53,21 @@ def test_host_benchmark_quick(tmp_path, capsys):
                    "construction ms at GEMM rate"):
         assert column in text
     assert host.TARGET in text and "float32 GEMM rate" in text
+    # Op counts of every provider; the controller's step is its scoring forward and more.
+    assert sum(row["ops_controller"]) > sum(row["ops_scoring"]) > 0 and row["ops_transition"][1] == 0
+    assert "| controller − scoring |" in text and "controller ops − scoring ops" in text
     printed = capsys.readouterr().out
     assert "# Host-cost benchmark (cpu)" in printed and host.TARGET in printed
+
+
+def test_count_ops_splits_by_device():
+    from apsfast.benchmarks.common import count_ops
+    x = torch.ones(3)
+
+    def two_ops() -> None:
+        x.add(1).mul_(2)
+    assert count_ops(two_ops, torch.device("cpu")) == (2, 0)
+    assert count_ops(two_ops, torch.device("meta")) == (0, 2)  # what a GPU run's host does
 
 
 def test_construction_macs_count_the_reference_products():

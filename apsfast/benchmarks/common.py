@@ -1,5 +1,5 @@
-"""What every benchmark shares: interleaved median timing, peak memory, the forced backend, the
-record of machine, date, commit and command, and writing the results."""
+"""What every benchmark shares: interleaved median timing, peak memory, dispatched op counts, the
+forced backend, the record of machine, date, commit and command, and writing the results."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.benchmark import Timer
 
 import apsfast
@@ -58,6 +60,35 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         level += change
         peak = max(peak, level)
     return peak
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched in its block: those with a tensor on ``device``'s kind
+    among their arguments or results (every op, when that is the host's CPU), and the others."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device_type = device.type
+        self.on_device = self.elsewhere = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.device_type == "cpu" or any(isinstance(t, torch.Tensor) and t.device.type == self.device_type
+                                            for t in pytree.tree_leaves((args, kwargs, out))):
+            self.on_device += 1
+        else:
+            self.elsewhere += 1
+        return out
+
+
+def count_ops(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """The ATen ops one call of ``fn`` dispatches (its backward's included) on ``device`` and
+    elsewhere (on a GPU run: the host's): a machine-independent proxy of the kernel launches
+    and the host work per op of a step. An op a compiled op runs inside itself is not counted,
+    the compiled op is."""
+    with _OpCounter(device) as counter:
+        fn()
+    return counter.on_device, counter.elsewhere
 
 
 def fused_backend(device: str) -> str:

@@ -20,6 +20,12 @@ the same uniformly sampled arch (seed 0):
   batch of the same size, REINFORCE), and ``search step``: the whole step as the loop takes
   it (the weight step, the transition and the controller's step).
 
+Per provider also the ATen ops one call dispatches, its backward's included (a
+``TorchDispatchMode`` count: a machine-independent proxy of a GPU's kernel launches), on the
+supernet's device and elsewhere (on a GPU run, the host's: the controller's policy lives
+there); and, counted alone, ``scoring``: the controller step's forwards of its archs on the
+validation batch, the floor of that step.
+
 Rows: width multipliers ×1 (candidates 16/32/64/96) and ×0.25 (4/8/16/24, where the
 construction's arithmetic is negligible). Per row also the construction's arithmetic: the
 multiply-adds of building the arch's candidate kernels in one weight step (forward, and the
@@ -39,16 +45,21 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from apsfast._order import construct_macs
-from apsfast.benchmarks.common import environment, median_times, report, write_results
+from apsfast.benchmarks.common import count_ops, environment, median_times, report, write_results
 from apsfast.benchmarks.search import (Case, compiled_static_step, cudnn_benchmark, make_search, providers,
                                        scaled_widths, step_data, synchronised)
 from apsfast.nn import aps_layers
 from apsfast.nn.base import APSLayer
+from apsfast.search.steps import count_correct
 
 MODEL, IMAGE_SIZE, BATCH = "resnet20_cifar", 8, 2
 WIDTHS = (1.0, 0.25)
 PROVIDERS = ("static", "static compiled", "weight", "weight+transition", "transition", "controller", "search step")
 TARGET = "(weight+transition)/static ≤ 1.3 at width ×1 (host cost)"
+# At width ×0.25, where a step is host work: the controller step at about the cost of its forward.
+TARGETS_NARROW = ("controller/static ≤ 0.6", "(search step)/static ≤ 1.8", "(weight+transition)/static ≤ 1.6",
+                  "controller ops ≤ scoring ops + 60")
+COUNTED = ("static", "weight", "weight+transition", "transition", "controller", "search step", "scoring")
 GEMM_N = 1024
 
 
@@ -116,13 +127,20 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
         if compiled:
             fns["static compiled"] = compiled
         t = median_times({name: synchronised(fn, search.session.device) for name, fn in fns.items()}, rounds, min_time)
+        archs = [data.arch] * search.config.controller.samples
+
+        def scoring() -> None:
+            count_correct(search.net, archs, data.val_x, data.val_y, search.session.precision)
+        fns["scoring"] = scoring
+        ops = {name: count_ops(fns[name], search.session.device) for name in COUNTED}
         macs, layers = construction_macs(search.net, data.arch)
         static_macs = 3 * BATCH * search.net.flops(data.arch)
     row = {"width": width, "candidates": scaled_widths(MODEL, width), "batch": BATCH, "image_size": IMAGE_SIZE,
            "arch": data.arch, **{f"t_{name}": t[name] for name in PROVIDERS if name in t},
            "weight/static": t["weight"] / t["static"],
            "(weight+transition)/static": t["weight+transition"] / t["static"],
-           "(search step)/static": t["search step"] / t["static"],
+           "(search step)/static": t["search step"] / t["static"], "controller/static": t["controller"] / t["static"],
+           **{f"ops_{name}": list(count) for name, count in ops.items()},
            "construction_macs": macs, "construction_layers": layers, "t_construction_at_gemm": 2 * macs / flops,
            "static_macs": static_macs, "t_static_at_gemm": 2 * static_macs / flops, "gemm_flops": flops}
     if error:
@@ -166,9 +184,22 @@ def markdown(rows: list[dict]) -> str:
                    f"{r['weight/static']:.2f} | {r['(weight+transition)/static']:.2f} | {r['(search step)/static']:.2f} | "
                    f"{r['construction_macs'] / 1e6:.2f} | {_ms(r['t_construction_at_gemm'])} | "
                    f"{r['static_macs'] / 1e6:.2f} | {_ms(r['t_static_at_gemm'])} | {_ms(beyond)} |")
+    out += ["", "ATen ops dispatched by one call, its backward's included, on the supernet's device + elsewhere "
+            "(scoring: the controller step's forwards alone):", "",
+            "| width× | " + " | ".join(COUNTED) + " | controller − scoring |",
+            "|---|" + "---|" * (len(COUNTED) + 1)]
+    for r in rows:
+        counts = [r[f"ops_{name}"] for name in COUNTED]
+        beyond = sum(r["ops_controller"]) - sum(r["ops_scoring"])
+        out.append(f"| {r['width']:g} | " + " | ".join(f"{on} + {off}" for on, off in counts) + f" | {beyond} |")
     at_one = [r for r in rows if r["width"] == 1.0]
     measured = f"{at_one[0]['(weight+transition)/static']:.2f}" if at_one else "not measured"
     out.append(f"\n(weight+transition)/static at width ×1: {measured} — target: {TARGET}")
+    for r in (r for r in rows if r["width"] == 0.25):
+        beyond = sum(r["ops_controller"]) - sum(r["ops_scoring"])
+        out.append(f"width ×0.25: controller/static {r['controller/static']:.2f}, (search step)/static "
+                   f"{r['(search step)/static']:.2f}, (weight+transition)/static {r['(weight+transition)/static']:.2f}, "
+                   f"controller ops − scoring ops {beyond} — targets: {'; '.join(TARGETS_NARROW)}")
     if rows:
         out.append(f"float32 GEMM rate: {rows[0]['gemm_flops'] / 1e9:.1f} GFLOP/s (one {GEMM_N}×{GEMM_N} torch.mm); "
                    f"the arithmetic columns are 2·MACs at that rate. Batch {BATCH}, {IMAGE_SIZE}×{IMAGE_SIZE} inputs.")

@@ -206,9 +206,9 @@ def providers(search: Search, backend: Optional[str] = None, data: Optional[Step
         steps.train_mode(model)
         steps.weight_step(model, opt, precision, x, y)
 
-    def controller() -> None:
-        search.searcher.step(lambda archs: (steps.count_correct(search.net, archs, val_x, val_y, precision)
-                                            / len(val_y)).tolist())
+    def controller() -> None:  # as the schedule's search step: the accuracies stay on the device
+        search.searcher.step(lambda archs: steps.count_correct(search.net, archs, val_x, val_y, precision) / len(val_y),
+                             batch=(val_x, val_y))
 
     def apsfast_step() -> None:
         with using(backend):
