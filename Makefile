@@ -1,6 +1,8 @@
 # The README's two commands. Each first installs whatever is missing, then runs:
 #   make demo   the demo on its embedded default
 #   make test   the whole test suite
+# and the documentation: `make docs` builds the site into site/ (--strict: a broken link, a
+# missing page or an API name that no longer exists fails), `make docs-serve` serves it.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -10,7 +12,7 @@ TORCHVISION_VERSION ?= 0.28.0
 # Backends the suite must find built (a missing one is a test failure, not a skip).
 EXPECT_BACKENDS ?= cpu
 
-.PHONY: demo test install deps zoo-deps
+.PHONY: demo test docs docs-serve install deps zoo-deps
 
 # torch only where none is installed, so an existing (e.g. CUDA) build is never replaced;
 # then the build tools that --no-build-isolation expects to find.
@@ -20,7 +22,7 @@ deps:
 
 # Rebuild the extensions only when their sources or the build changed.
 .build-stamp: setup.py pyproject.toml $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
-	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) install --no-build-isolation -e ".[test,docs]"
 	@touch $@
 
 install: deps .build-stamp
@@ -39,3 +41,12 @@ demo: install
 TEST_WORKERS ?= auto
 test: install zoo-deps
 	APSFAST_EXPECT_BACKENDS="$(EXPECT_BACKENDS)" TRITON_INTERPRET=1 $(PYTHON) -m pytest -n $(TEST_WORKERS)
+
+# The site's generated pages (the home page from the README, the configuration reference from
+# the typed settings) import apsfast, hence the install.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1
+docs: install
+	$(DOCS_ENV) $(PYTHON) -m mkdocs build --strict
+
+docs-serve: install
+	$(DOCS_ENV) $(PYTHON) -m mkdocs serve

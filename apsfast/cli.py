@@ -215,7 +215,7 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
-# The spaces of the paper's experiments: the README's table.
+# The spaces of the paper's experiments: the table of docs/search-spaces.md.
 PAPER_SPACES = (("resnet20_cifar", {}), ("resnet20_cifar", {"widths": "compact"}), ("resnet56_cifar", {}),
                 ("resnet18_imagenet", {}), ("mobilenetv2_imagenet", {}))
 

@@ -1,4 +1,4 @@
-"""Deployment: model.pt loads with torch alone (the README's recipe, in a process where apsfast
+"""Deployment: model.pt loads with torch alone (the recipe of docs/deploy.md, in a process where apsfast
 cannot be imported), ONNX export checked with onnxruntime, torch.export files, and the errors."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from apsfast.search import deploy, export_onnx, export_pt2, load_exported, porta
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
 from apsfast.search.result import save_exported
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DEPLOY_PAGE = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 # A space of each block kind (ResNet-18's blocks are ResNet-20's), and a user model
 # (tests/user_models.py) rebuilt by its factory.
 SPACES = {"resnet20_cifar": dict(widths=[4, 8], num_classes=10, input_size=16),
@@ -56,15 +56,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {name: exported_run(root / name.replace(":", "."), name) for name in SPACES}
 
 
-def readme_recipe() -> str:
-    (block,) = [b for b in re.findall(r"```py\n(.*?)```", README.read_text(), re.S) if "torch.export.load" in b]
+def page_recipe() -> str:
+    (block,) = [b for b in re.findall(r"```py\n(.*?)```", DEPLOY_PAGE.read_text(), re.S) if "torch.export.load" in b]
     return block
 
 
-def test_model_pt_loads_with_torch_alone_as_the_readme_says(runs, tmp_path):
+def test_model_pt_loads_with_torch_alone_as_the_deploy_page_says(runs, tmp_path):
     x = {name: torch.randn(3, *load_checkpoint(run / "model.pt")["input_shape"]) for name, run in runs.items()}
     torch.save(x, tmp_path / "inputs.pt")
-    recipe = readme_recipe()
+    recipe = page_recipe()
     assert '"runs/my-search/model.pt"' in recipe
     # The recipe as written, once per model.pt, in a process where `import apsfast` fails.
     child = textwrap.dedent("""
@@ -164,10 +164,10 @@ def test_export_writes_onnx_that_onnxruntime_runs_like_pytorch(runs, tmp_path, c
 
 
 def test_pt2_of_a_module(runs, tmp_path):
-    # The module the README's recipe rebuilds (the way out for a supernet converted in Python,
+    # The module the deploy page's recipe rebuilds (the way out for a supernet converted in Python,
     # which apsfast cannot rebuild), which refuses .eval().
     namespace: dict = {}
-    exec(readme_recipe().replace("runs/my-search", str(runs["user_models:tiny_cnn"])), namespace)
+    exec(page_recipe().replace("runs/my-search", str(runs["user_models:tiny_cnn"])), namespace)
     model = namespace["model"]
     assert export_pt2(model, tmp_path / "m.pt2", input_shape=[3, 16, 16]) == tmp_path / "m.pt2"
     x = torch.randn(2, 3, 16, 16)

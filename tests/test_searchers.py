@@ -636,7 +636,7 @@ TOY = ["model.options.widths=[1, 8]", "model.options.layer_widths={" + ", ".join
 
 ISTA_IS_GREEDY = pytest.mark.xfail(strict=True, reason=(
     "ISTA's validation forward runs only the width its code selects (gates of value 1): no gradient compares a "
-    "decision's widths, so it cannot tell the better one (README, Searchers)"))
+    "decision's widths, so it cannot tell the better one (docs/searchers.md)"))
 
 
 @pytest.mark.parametrize("kind", ["reinforce", "tas", pytest.param("ista", marks=ISTA_IS_GREEDY)])

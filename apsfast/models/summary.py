@@ -66,7 +66,7 @@ def decisions_markdown(name: str, **options: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The README's table of search spaces."""
+    """The table of search spaces (docs/search-spaces.md)."""
     lines = ["| model | decisions | candidate widths | MACs min … standard … max | params of the standard arch "
              "| supernet params, APS-T/I (of which P/Q) | APS-O (of which P/Q) |",
              "|---|---:|---|---|---:|---:|---:|"]

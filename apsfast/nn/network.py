@@ -37,7 +37,7 @@ def network_sharing_floor(module: nn.Module) -> float:
     per side ``S ≥ max(n, ½(n²/C + n))`` (``n = Σ c_a``, ``C`` the meta width; ``‖MᵀM‖² ≥ n²/C``
     for unit columns and ``‖M_aᵀM_a‖² ≥ c_a``), multiplied over a layer's sides and summed over
     its layers. With ``C = n`` it is Theorem 3.1's minimum ``Σ c_a``; with a narrower meta width
-    the transition lands within about 1% of it (README, the meta width)."""
+    the transition lands within about 1% of it (docs/transition-cost.md)."""
     total = 0.0
     for layer in aps_layers(module):
         factor = 1.0

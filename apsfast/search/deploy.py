@@ -84,7 +84,7 @@ def load_model(source: Source, *, searched: bool = False,
     state = load_checkpoint(path, expect={"kind": "exported"})
     if str(state["model"]).startswith(CONVERTED):
         raise ValueError(f"{str(path)!r} holds {state['model']}, a supernet made by apsfast.convert in Python, which "
-                         f"apsfast cannot rebuild: load it with torch alone (README, 'Deploying') and pass the module "
+                         f"apsfast cannot rebuild: load it with torch alone (docs/deploy.md) and pass the module "
                          f"to apsfast.search.export_onnx(module, path, input_shape={state.get('input_shape')})")
     module = load_exported(path).eval()
     shape = state.get("input_shape")

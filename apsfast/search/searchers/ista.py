@@ -45,7 +45,7 @@ reaches the candidates a decision did not select only through the dictionary's c
 (``AᵀA``) and the FLOPs loss: the search is greedy, and the comparison
 (``apsfast.search.compare``) shows how that fares against REINFORCE and TAS. Where the
 dictionary, the sign of ``z``, the start of ``b`` and the optimiser differ from ISTA-NAS's
-code is in the README's table of differences.
+code is in the table of docs/differences.md.
 """
 from __future__ import annotations
 

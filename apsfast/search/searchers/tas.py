@@ -35,7 +35,7 @@ over an APS supernet's width decisions.
 
 Left out: TAS's depth search, and its per-width batch norms inside the mixture. Where the run
 around it differs from TAS's (the shared warm-up before the logits move, the widest steps) is
-in the README's table of differences.
+in the table of docs/differences.md.
 """
 from __future__ import annotations
 
