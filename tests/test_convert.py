@@ -190,8 +190,73 @@ class BNActNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's and timm's: a layer norm over the channels, through channels-last."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise conv, channels-last layer norm and MLP, a learned scale."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, 1, 1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.act, self.fc2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.scale = nn.Parameter(torch.rand(c, 1, 1))
+
+    def forward(self, x):
+        y = torch.permute(self.dw(x), (0, 2, 3, 1))
+        y = self.fc2(self.act(self.fc1(self.norm(y))))
+        return x + self.scale * y.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 2, 2), LayerNorm2d(16))
+        self.block1 = ConvNeXtBlock(16)
+        self.down = nn.Sequential(LayerNorm2d(16), nn.Conv2d(16, 24, 2, 2))
+        self.block2 = ConvNeXtBlock(24)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.fc(self.block2(self.down(self.block1(self.stem(x)))).mean((2, 3)))
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's weight-standardised conv (normaliser-free networks): the weight standardised per
+    filter and scaled by gain · scale in every forward."""
+
+    def __init__(self, c_in: int, c_out: int, k: int) -> None:
+        super().__init__(c_in, c_out, k, padding=k // 2)
+        self.gain = nn.Parameter(torch.rand(c_out, 1, 1, 1) + 0.5)
+        self.scale = (c_in * k * k) ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, weight.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class NormFree(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv1, self.conv2 = ScaledStdConv2d(3, 16, 3), ScaledStdConv2d(16, 24, 1), \
+            ScaledStdConv2d(24, 16, 3)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = x + 0.2 * self.conv2(F.relu(self.conv1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 MODELS = {"resnet": TinyResNet, "mobilenet": TinyMobileNet, "branches": TwoBranch, "flatten": FlattenHead,
-          "bnact": BNActNet}
+          "bnact": BNActNet, "convnext": TinyConvNeXt, "normfree": NormFree}
 # Per model: options, and the decisions (names and candidate widths) the graph must give.
 EXPECTED = {
     "resnet": ({}, {"stem.0": (8, 16), "layer1.0.conv1": (8, 16), "layer1.1.conv1": (8, 16),
@@ -205,6 +270,10 @@ EXPECTED = {
                                    "mix": (12, 18, 24)}),
     "flatten": ({}, {"features.0": (8, 16), "features.4": (16, 24)}),
     "bnact": ({}, {"stem": (8, 16), "conv": (16, 24)}),
+    # The residual streams keep their widths (layer norms over them, the learned scale);
+    # each block's MLP is searched.
+    "convnext": ({}, {"block1.fc1": (32, 48, 64), "block2.fc1": (48, 72, 96)}),
+    "normfree": ({}, {"stem": (8, 16), "conv1": (16, 24)}),
 }
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from apsfast.models.converter.groups import Groups, Layout, same_structure
+from apsfast.models.converter.rewrite import StandardisedConv2d
 from apsfast.models.converter.trace import SCOPE, shape_of
 
 #: The most searched groups one layer's concatenated input may hold (see ``_fix_long_concatenations``).
@@ -60,6 +61,11 @@ SIZED_RESHAPES = {"view", "reshape", torch.reshape}
 RESHAPES = SIZED_RESHAPES | {"flatten", "squeeze", "unsqueeze", torch.flatten, torch.squeeze,
                              torch.unsqueeze}
 REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+PERMUTES = {"permute", torch.permute}
+#: The conv modules with a rule (a standardised one only dense: its APS form is one layer).
+CONVS = (nn.Conv2d, StandardisedConv2d)
+#: A permute to channels-last, and back: (N, C, H, W) -> (N, H, W, C) -> (N, C, H, W).
+TO_LAST, FROM_LAST = (0, 2, 3, 1), (0, 3, 1, 2)
 SIZE_QUERIES = {"size", "dim", getattr}
 WIDTH_PRESERVING_MODULES = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -74,9 +80,10 @@ class LayerPlan:
     """A conv, batch-norm or linear module of the graph and the layouts it reads and writes.
 
     ``kind``: ``"conv"`` (dense), ``"depthwise"`` (output follows input), ``"grouped"``
-    (``groups`` > 1, not depthwise), ``"bn"``, ``"linear"``, or ``"flat_linear"`` (a linear
+    (``groups`` > 1, not depthwise), ``"bn"``, ``"linear"``, ``"flat_linear"`` (a linear
     layer reading a flattened ``C×H×W`` map: ``inputs`` is the channel layout and ``out_hw``
-    the map's ``(H, W)``, the kernel of the conv it is).
+    the map's ``(H, W)``, the kernel of the conv it is), or ``"token_linear"`` (a linear layer
+    over a channels-last map, a 1×1 conv in effect: ``out_hw`` is ``(H·W, 1)``, its tokens).
     """
 
     path: str
@@ -133,6 +140,7 @@ class ChannelAnalyser:
         self.groups = self.result.groups
         self.layouts: dict[fx.Node, Any] = {}
         self._flat: dict[fx.Node, tuple[Layout, tuple[int, int]]] = {}  # C×H×W flattened: (channels, (H, W))
+        self._last: set[fx.Node] = set()  # values permuted to channels-last (N, H, W, C)
         self._called: set[str] = set()
 
     def run(self) -> Analysis:
@@ -171,14 +179,20 @@ class ChannelAnalyser:
 
     def _call_module(self, node: fx.Node) -> Any:
         module = self.module.get_submodule(node.target)
-        if node.target in self.exclude or (type(module) is nn.Conv2d and module.padding_mode != "zeros"):
+        if node.target in self.exclude or (type(module) in CONVS and module.padding_mode != "zeros"):
             return self._opaque(node)  # APS convs pad with zeros only
-        if type(module) in (nn.Conv2d, nn.BatchNorm2d, nn.Linear):
+        if type(module) is StandardisedConv2d and module.groups != 1:
+            self.result.pinned.append(f"call_module {node.target}: a standardised conv with groups="
+                                      f"{module.groups} has no APS form; kept as traced")
+            return self._opaque(node)
+        if type(module) in (*CONVS, nn.BatchNorm2d, nn.Linear):
             if node.target in self._called:
                 refuse(node, f"{type(module).__name__} {node.target}", "the module is called more than "
                        "once; convert needs one call per conv, batch-norm and linear module")
             self._called.add(node.target)
-        if type(module) is nn.Conv2d:
+        if node.args and node.args[0] in self._last:
+            return self._channels_last_module(node, module)
+        if type(module) in CONVS:
             return self._conv(node, module)
         if type(module) is nn.BatchNorm2d:
             layout = self._unary(node)
@@ -209,6 +223,10 @@ class ChannelAnalyser:
             return None  # arithmetic on sizes and other values without channels
         if any(self.layouts.get(a) is PINNED for a in _tensor_args(node)):
             return self._pin(node, "it reads the result of an op without a channel rule")
+        if op in PERMUTES:
+            return self._permute(node)
+        if any(a in self._last for a in _tensor_args(node)):
+            return self._channels_last(node, op)
         if op in UNARY_FUNCTIONS or op in UNARY_METHODS or getattr(op, "__name__", None) in PER_SAMPLE_NAMES:
             return self._unary(node)
         if op in ELEMENTWISE_FUNCTIONS or op in ELEMENTWISE_METHODS:
@@ -425,3 +443,76 @@ class ChannelAnalyser:
         if len(index) >= 2 and index[0] == whole and index[1] == whole:
             return self._input_layout(node)  # indexes spatial dims only
         return self._pin(node, "it indexes the batch or channel dim")
+
+    # --- channels-last (ConvNeXt's block: permute, LayerNorm, Linear, act, Linear, permute) ---
+
+    def _permute(self, node: fx.Node) -> Any:
+        source = node.args[0]
+        dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else node.kwargs["dims"]
+        before = shape_of(source)
+        dims = tuple(d % len(before) for d in dims) if before is not None else tuple(dims)
+        if isinstance(self.layouts.get(source), tuple) and len(before) == 4:
+            if source not in self._last and dims == TO_LAST:
+                self._last.add(node)
+                return self.layouts[source]
+            if source in self._last and dims == FROM_LAST:
+                return self.layouts[source]
+        return self._pin(node, f"it permutes the dims to {dims}; convert follows channels-last {TO_LAST} "
+                         f"and back {FROM_LAST} only")
+
+    def _same_shape(self, node: fx.Node) -> bool:
+        return shape_of(node) is not None and shape_of(node) == shape_of(node.args[0])
+
+    def _last_layout(self, node: fx.Node) -> Layout:
+        """The layout of a channels-last value passed on unchanged (an activation, dropout)."""
+        self._last.add(node)
+        return self.layouts[node.args[0]]
+
+    def _layer_norm(self, node: fx.Node, normalized_shape: Sequence[int]) -> Any:
+        """A layer norm over the channels of a channels-last value normalises across all of
+        them: their width stays (as a batch norm's would not need), what it returns has the
+        same channels."""
+        if tuple(normalized_shape) != (shape_of(node.args[0])[-1],) or not self._same_shape(node):
+            return self._pin_last(node, f"a layer norm over {tuple(normalized_shape)}, not the channels")
+        self.groups.fix(self.layouts[node.args[0]])
+        return self._last_layout(node)
+
+    def _channels_last(self, node: fx.Node, op: Any) -> Any:
+        """A function or method reading a channels-last value: the channel dim is the last."""
+        if op in UNARY_FUNCTIONS or op in UNARY_METHODS or getattr(op, "__name__", None) in PER_SAMPLE_NAMES:
+            if self._same_shape(node) and op not in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+                                                     "softmax", "log_softmax"):
+                return self._last_layout(node)
+        if op is F.layer_norm and len(node.args) > 1:
+            return self._layer_norm(node, node.args[1])
+        return self._pin_last(node, "convert follows a channels-last value through activations, a layer norm "
+                              "and linear layers only")
+
+    def _channels_last_module(self, node: fx.Node, module: nn.Module) -> Any:
+        """A module reading a channels-last value."""
+        if type(module) is nn.Linear:  # a 1×1 conv over the tokens: its output is a new group
+            out = shape_of(node)
+            layout = (self.groups.new(module.out_features, node.target),)
+            self.result.layers.append(LayerPlan(node.target, "token_linear", self.layouts[node.args[0]], layout,
+                                                (math.prod(out[1:-1]), 1)))
+            self._last.add(node)
+            return layout
+        if type(module) is nn.LayerNorm:
+            return self._layer_norm(node, module.normalized_shape)
+        if isinstance(module, WIDTH_PRESERVING_MODULES) and not isinstance(module, nn.Softmax) \
+                and self._same_shape(node) and not isinstance(module, (nn.MaxPool2d, nn.AvgPool2d,
+                                                                     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            return self._last_layout(node)
+        self.result.pinned.append(f"call_module {node.target}: {type(module).__name__} on a channels-last "
+                                  f"value has no channel rule; kept as traced")
+        return self._opaque(node)
+
+    def _pin_last(self, node: fx.Node, why: str) -> Any:
+        """:meth:`_pin` for an op reading a channels-last value: a same-shaped result stays
+        channels-last (a new fixed group of its last dim)."""
+        self._pin(node, why)
+        out = shape_of(node)
+        if out is None or len(out) != 4 or out != shape_of(node.args[0]):
+            return PINNED if out is None else (self.groups.new(out[1], node.name, fixed=True),)
+        self._last.add(node)
+        return (self.groups.new(out[-1], node.name, fixed=True),)

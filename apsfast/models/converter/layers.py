@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from apsfast.models.converter.rewrite import StandardisedConv2d, standardise
 from apsfast.models.meta_width import conv_meta_widths, meta_width_of
 from apsfast.nn import APSBatchNorm2d, APSConv2d, APSLinear
 from apsfast.nn.base import CandidateTransforms
@@ -60,7 +61,10 @@ def _embed(layer: APSConv2d, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 def aps_conv(conv: nn.Conv2d, in_widths: Sequence[int], out_widths: Sequence[int], depthwise: bool,
              sharing: str, meta_width: Union[str, float] = "sum") -> APSConv2d:
-    """An :class:`APSConv2d` over the candidate widths whose widest kernel is ``conv``'s."""
+    """An :class:`APSConv2d` over the candidate widths whose widest kernel is ``conv``'s (a
+    :class:`StandardisedAPSConv2d` for a :class:`StandardisedConv2d`)."""
+    if isinstance(conv, StandardisedConv2d):
+        return StandardisedAPSConv2d(conv, in_widths, out_widths, sharing, meta_width)
     weight = conv.weight
     layer = APSConv2d(tuple(in_widths), tuple(out_widths), conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, "depthwise" if depthwise else 1, conv.bias is not None, sharing,
@@ -68,6 +72,53 @@ def aps_conv(conv: nn.Conv2d, in_widths: Sequence[int], out_widths: Sequence[int
                       device=weight.device, dtype=weight.dtype)
     _embed(layer, weight, conv.bias)
     return layer
+
+
+class StandardisedAPSConv2d(APSConv2d):
+    """The APS form of a :class:`StandardisedConv2d`: each candidate kernel is standardised per
+    output filter over its own input channels, and ``gain`` is a meta-vector projected like the
+    bias (``Pᵀ g``). At the original widths it computes what the model's conv computes."""
+
+    def __init__(self, conv: StandardisedConv2d, in_widths: Sequence[int], out_widths: Sequence[int], sharing: str,
+                 meta_width: Union[str, float] = "sum") -> None:
+        super().__init__(tuple(in_widths), tuple(out_widths), conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, 1, conv.bias is not None, sharing,
+                         **conv_meta_widths(in_widths, out_widths, sharing, meta_width),
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.eps, self.scale = conv.eps, conv.scale
+        self.gain = None
+        _embed(self, conv.weight, conv.bias)
+        if conv.gain is not None:
+            self.gain = nn.Parameter(torch.ones_like(self.weight[:, 0, 0, 0]))
+            rows = _start(self.out_transforms)
+            with torch.no_grad():
+                self.gain[rows:rows + conv.out_channels].copy_(conv.gain.reshape(-1))
+
+    def _kernel(self, out_index: int, in_index: int) -> Tensor:
+        # Contiguous, as the model's weight is: the statistics are then reduced in its order.
+        return standardise(self._candidate_weight(out_index, in_index).contiguous(),
+                           self._candidate_bias(out_index, self.gain), self.scale, self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_index, in_index = self._indices(x.shape[1])
+        return F.conv2d(x, self._kernel(out_index, in_index), self._candidate_bias(out_index, self.bias),
+                        self.stride, self.padding, self.dilation)
+
+    def to_static(self, in_width: int, out_width: Optional[int] = None) -> StandardisedConv2d:
+        """A :class:`StandardisedConv2d` computing this layer at these widths."""
+        plain = super().to_static(in_width, out_width)
+        out_index = self.out_widths.index(plain.out_channels)
+        with torch.no_grad():
+            conv = StandardisedConv2d(in_width, plain.out_channels, self.kernel_size, self.stride, self.padding,
+                                      self.dilation, bias=plain.bias is not None, eps=self.eps, scale=self.scale,
+                                      gain=self.gain is not None, device=plain.weight.device,
+                                      dtype=plain.weight.dtype)
+            conv.weight.copy_(plain.weight)
+            if plain.bias is not None:
+                conv.bias.copy_(plain.bias)
+            if self.gain is not None:
+                conv.gain.copy_(self._candidate_bias(out_index, self.gain).reshape(conv.gain.shape))
+        return conv
 
 
 class GroupedAPSConv2d(nn.Module):
@@ -148,11 +199,15 @@ class FlattenedAPSLinear(APSConv2d):
     by its channels: it is the conv with an ``H×W`` kernel over the map, so ``Q`` acts on the
     channels and every spatial position shares it. (A transform over the flattened ``C·H·W``
     axis would be ``(H·W)²`` times larger — 24,576² for one layer at 32×32 — and would mix
-    positions.) Its input is the flattened map, its output ``(N, out_features)``."""
+    positions.) Its input is the flattened map, its output ``(N, out_features)``.
+
+    With ``spatial`` ``(1, 1)`` it is a linear layer over the tokens of a channels-last map
+    (ConvNeXt's MLP, a 1×1 conv in effect), whose ``out_widths`` may be searched too: input
+    ``(..., c_i)``, output ``(..., c_o)``."""
 
     def __init__(self, linear: nn.Linear, in_widths: Sequence[int], spatial: tuple[int, int], sharing: str,
-                 meta_width: Union[str, float] = "sum") -> None:
-        outs = (linear.out_features,)
+                 meta_width: Union[str, float] = "sum", out_widths: Optional[Sequence[int]] = None) -> None:
+        outs = tuple(out_widths) if out_widths is not None else (linear.out_features,)
         super().__init__(tuple(in_widths), outs, spatial, 1, 0, 1, 1, linear.bias is not None, sharing,
                          **conv_meta_widths(in_widths, outs, sharing, meta_width),
                          device=linear.weight.device, dtype=linear.weight.dtype)
@@ -163,7 +218,7 @@ class FlattenedAPSLinear(APSConv2d):
         # As a linear layer on the candidate kernel flattened like the input (channel-major),
         # so that the standard arch computes exactly what the model's nn.Linear computes.
         kernel = self.candidate_kernel(x.shape[-1] // (self.spatial[0] * self.spatial[1]))
-        return F.linear(x, kernel.reshape(kernel.shape[0], -1), self.bias)
+        return F.linear(x, kernel.reshape(kernel.shape[0], -1), self._candidate_bias(self.active_out_index, self.bias))
 
     def to_static(self, in_width: int, out_width: Optional[int] = None) -> nn.Linear:
         """A plain ``nn.Linear`` over ``in_width`` channels' flattened maps."""

@@ -48,6 +48,8 @@ def _searched_layer(plan: LayerPlan, plain: nn.Module, analysis: Analysis,
         return aps_linear(plain, ins, sharing, meta_width)
     if plan.kind == "flat_linear":
         return FlattenedAPSLinear(plain, ins, plan.out_hw, sharing, meta_width)
+    if plan.kind == "token_linear":
+        return FlattenedAPSLinear(plain, ins, (1, 1), sharing, meta_width, outs)
     if plan.kind == "grouped":
         return GroupedAPSConv2d(plain, ins, outs, sharing, meta_width)
     return aps_conv(plain, ins, outs, plan.kind == "depthwise", sharing, meta_width)
@@ -71,7 +73,7 @@ def build_supernet(name: str, traced: Traced, analysis: Analysis, ratios: Sequen
         if layer is None:
             continue
         _set_module(module, plan.path, layer)
-        if plan.kind in ("conv", "grouped") and len(candidates[groups.find(plan.outputs[0])]) > 1:
+        if plan.kind in ("conv", "grouped", "token_linear") and len(candidates[groups.find(plan.outputs[0])]) > 1:
             space.drive(groups.name(plan.outputs[0]), f"{PART}.{plan.path}")
     for node in module.graph.nodes:
         if node.name in analysis.reshapes:  # read the live channel count
@@ -82,7 +84,7 @@ def build_supernet(name: str, traced: Traced, analysis: Analysis, ratios: Sequen
     net.leaf_shapes = traced.leaf_shapes
     # Parameters outside the costed layers (a learned scale, what an excluded module holds
     # besides convs, batch norms and linear layers) never change width: counted once here.
-    net.extra_params = standard - sum(s.params for s in net.layer_shapes(net.standard_arch()))
+    net.extra_params = standard - net.params(net.standard_arch())
     return net
 
 
@@ -150,8 +152,9 @@ class ConvertedSupernet(Supernet):
             elif plan.kind == "flat_linear":  # the conv with an H×W kernel that it is: the same cost
                 shapes.append(LayerShape(plan.path, "conv", c_in, c_out, plan.out_hw, (1, 1), 1, (1, 1),
                                          layer.bias is not None))
-            elif plan.kind == "linear":
-                shapes.append(LayerShape(plan.path, "linear", c_in, c_out, bias=layer.bias is not None))
+            elif plan.kind in ("linear", "token_linear"):  # over H·W tokens for the latter
+                shapes.append(LayerShape(plan.path, "linear", c_in, c_out, out_hw=plan.out_hw,
+                                         bias=layer.bias is not None))
             else:
                 groups = c_in if plan.kind == "depthwise" else plan.groups
                 conv = layer.parts[0] if isinstance(layer, GroupedAPSConv2d) else layer
@@ -162,8 +165,14 @@ class ConvertedSupernet(Supernet):
         return shapes
 
     def params(self, arch: Optional[Sequence[int]] = None) -> int:
-        """Learnable parameters of ``export(arch)`` (its layers' and the fixed rest's)."""
-        return super().params(arch) + self.extra_params
+        """Learnable parameters of ``export(arch)`` (its layers', a standardised conv's gain per
+        output channel, and the fixed rest's)."""
+        arch = self.arch if arch is None else self.check_arch(arch)
+        chosen = self._chosen(arch)
+        module = self.get_submodule(PART)
+        gains = sum(self._widths_of(plan, chosen)[1] for plan in self._analysis.layers
+                    if getattr(module.get_submodule(plan.path), "gain", None) is not None)
+        return super().params(arch) + gains + self.extra_params
 
     def export(self, arch: Optional[Sequence[int]] = None, inherit_weights: bool = True) -> fx.GraphModule:
         """A plain graph module with the widths of ``arch``: the converted model's graph with
