@@ -200,7 +200,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from importlib import import_module
-    suite = import_module(f"apsfast.benchmarks.{args.suite}")
+    suite = import_module(f"apsfast.benchmarks.{args.suite.replace('-', '_')}")
     return suite.main(args.rest, prog=f"apsfast bench {args.suite}")
 
 
@@ -356,15 +356,19 @@ def _add_demo_and_compare(sub) -> None:
 
 def _add_bench(sub) -> None:
     """The ``bench`` subcommand's parser."""
-    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|host|profile|data|latency|zoo "
-                                         "[--quick] [--out PATH]`")
-    bench.add_argument("suite", choices=["kernels", "search", "host", "profile", "data", "latency", "zoo"],
+    bench = sub.add_parser("bench", help="benchmarks: `apsfast bench kernels|search|host|profile|data|latency|zoo|"
+                                         "meta-width|transition-every|precision|weight-parts [--quick] [--out PATH]`")
+    bench.add_argument("suite", choices=["kernels", "search", "host", "profile", "data", "latency", "zoo", "meta-width",
+                                         "transition-every", "precision", "weight-parts"],
                        help="kernels: the fused ops against nn.Conv2d and plain PyTorch; search: one search step "
                             "against plain PyTorch and the static network; host: a search step's host cost "
                             "(tiny inputs) against the static network's; profile: where a search step's time "
                             "goes; data: the loaders' images/s; latency: the latency table's predictions against "
                             "the measured latency of exported networks; zoo: convert on torchvision's and timm's "
-                            "CNNs (exact / refused / failed, memory)")
+                            "CNNs (exact / refused / failed, memory); meta-width: memory, transition time and Φ's "
+                            "floor per meta width; transition-every: Φ's path with a transition every k steps; "
+                            "precision: the transition under each float32 matmul precision, per backend; "
+                            "weight-parts: a weight step split into its parts")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help)")
     bench.set_defaults(func=cmd_bench)
 

@@ -201,7 +201,7 @@ def transition_step_all(layers: Sequence[tuple[Optional[Sequence[Tensor]], Optio
             takes bfloat16 products (float32 accumulation, oneDNN) for the gradient GEMMs of
             large layers and keeps every Gram, hence Φ, in float32: on a CPU with AMX the
             MobileNet-v2 space's step takes 0.68× the time and Φ stays within 5e-4 of its
-            float32 path over 1000 steps on ResNet-20 (bench/bench_transition_precision.py;
+            float32 path over 1000 steps on ResNet-20 (``apsfast bench precision``;
             bfloat16 Grams drift 7e-3).
 
     Returns:

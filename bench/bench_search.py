@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apsfast.benchmarks.search import PROVIDERS, Case, make_search, providers
+from apsfast.benchmarks.step import PROVIDERS, Case, make_search, providers
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -113,7 +113,7 @@ for name in $STAGES; do
             show "$OUT/$GPU-$name.md" "^\| mobilenetv2_imagenet@|^weight/limit|^apsfast/limit|^limit compiled" ;;
         precision)  # the transition's tensor-core question: CUDA FMA tiles against Triton's tl.dot
             if [ -n "$CPU" ]; then backends=default; else backends=cuda,triton; fi
-            stage precision 120 $PY bench/bench_transition_precision.py "${DEVICE[@]}" ${QUICK[@]+"${QUICK[@]}"} \
+            stage precision 120 $PY -m apsfast bench precision "${DEVICE[@]}" ${QUICK[@]+"${QUICK[@]}"} \
                 --backends "$backends" --out "$OUT/$GPU-transition-precision" || continue
             show "$OUT/$GPU-transition-precision.md" "^\| (default|cuda|triton) \||Φ_ref" ;;
         errors)  # bad input to each compiled op, each call in its own process

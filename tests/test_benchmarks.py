@@ -137,10 +137,10 @@ def test_search_sweep_batches():
 
 
 def test_transition_precision_benchmark_forces_each_backend(scoped):
-    """The GPU script's precision stage: each backend is forced for its provider only, and two
-    backends' float32 paths of Φ agree, so a drift it reports is the precision's."""
-    from bench import bench_transition_precision as bench
+    """The GPU script's precision stage (apsfast bench precision): each backend is forced for
+    its provider only, and two backends' float32 paths of Φ agree, so a drift it reports is the precision's."""
     from apsfast._backends import ENV_VAR, forced
+    from apsfast.benchmarks import precision as bench
 
     scoped.setenv(ENV_VAR, "cpu")
     with bench.backend("reference"):

@@ -100,16 +100,17 @@ def fused_backend(device: str) -> str:
 
 
 @contextlib.contextmanager
-def forced_backend(name: str) -> Iterator[None]:
-    """Force ``name`` through APSFAST_BACKEND for the duration of the block."""
-    before = os.environ.get(_backends.ENV_VAR)
-    os.environ[_backends.ENV_VAR] = name
+def forced_backend(name: Optional[str]) -> Iterator[None]:
+    """Force ``name`` through APSFAST_BACKEND for the duration of the block; ``None``: no
+    backend forced (the dispatch's choice per op), whatever the variable was."""
+    before = os.environ.pop(_backends.ENV_VAR, None)
+    if name is not None:
+        os.environ[_backends.ENV_VAR] = name
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[_backends.ENV_VAR]
-        else:
+        os.environ.pop(_backends.ENV_VAR, None)
+        if before is not None:
             os.environ[_backends.ENV_VAR] = before
 
 

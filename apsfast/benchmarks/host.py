@@ -3,7 +3,7 @@ the arithmetic is negligible.
 
 ``apsfast bench host`` times ResNet-20's CIFAR APS-T supernet in its transitional state (the
 transition running, so every candidate kernel is built densely; built by
-:func:`apsfast.benchmarks.search.make_search`) at batch 2 on 8×8 inputs, where a step's time is
+:func:`apsfast.benchmarks.step.make_search`) at batch 2 on 8×8 inputs, where a step's time is
 the host's: Python, dispatch and the launch of every op, as on a GPU. Providers, interleaved
 round by round in one process, medians reported, all on the same device-resident batch and
 the same uniformly sampled arch (seed 0):
@@ -46,8 +46,8 @@ import torch
 
 from apsfast._order import construct_macs
 from apsfast.benchmarks.common import count_ops, environment, median_times, report, write_results
-from apsfast.benchmarks.search import (Case, compiled_static_step, cudnn_benchmark, make_search, providers,
-                                       scaled_widths, step_data, synchronised)
+from apsfast.benchmarks.step import (Case, compiled_static_step, cudnn_benchmark, make_search, providers,
+                                     scaled_widths, step_data, synchronised)
 from apsfast.nn import aps_layers
 from apsfast.nn.base import APSLayer
 from apsfast.search.steps import count_correct

@@ -19,7 +19,7 @@ import torch
 
 import apsfast
 from apsfast.benchmarks.common import forced_backend, median_times
-from apsfast.benchmarks.search import Case, make_search, providers, synchronised
+from apsfast.benchmarks.step import Case, make_search, providers, synchronised
 from apsfast.search import strategies
 
 CASES = (Case("resnet20_cifar", 32, 256), Case("mobilenetv2_imagenet", 224, 128))

@@ -1,7 +1,7 @@
 """Where a supernet's weight step goes on a CPU core: the construction of each layer shape, and
 the step split into its parts.
 
-``python bench/weight_step_parts.py [--widths 1,0.25] [--steps N] [--out PATH]``
+``apsfast bench weight-parts [--widths 1,0.25] [--steps N] [--out PATH]``
 
 * construction: ``apsfast.construct`` forward and its meta-weight gradient (a construction
   with the transposed transforms) for the layer shapes of ResNet-20's APS-T space at the
@@ -13,7 +13,7 @@ the step split into its parts.
   steps after 5.
 
 Run it under each checkout (``PYTHONPATH`` set to it) to compare them; glibc's allocator
-settings change the backward (``GLIBC_TUNABLES``: see the README's host-cost section).
+settings change the backward (``GLIBC_TUNABLES``: see docs/performance.md, host cost).
 """
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from apsfast.benchmarks.common import median_times
-from apsfast.benchmarks.search import Case, make_search, step_data
+from apsfast.benchmarks.common import environment, median_times, report
+from apsfast.benchmarks.step import Case, make_search, step_data
 
 META, KERNEL = 208, (3, 3)
 PAIRS = ((16, 16), (96, 96), (32, 96), (96, 32), (16, 64), (64, 16), (64, 64), (32, 32))
@@ -76,22 +77,17 @@ def step_row(width: float, steps: int) -> str:
     return f"| ×{width:g} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {sum(cells):.2f} |"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench weight-parts") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="1,0.25", help="width multipliers of the step rows")
     parser.add_argument("--steps", type=int, default=25, help="timed steps per row")
-    parser.add_argument("--out", type=Path, help="also write the tables to this file")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="also write PATH.md and PATH.jsonl")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lines = ["| c_o → c_i (meta 208, 3×3) | forward µs | meta-weight gradient µs |", "|---|---|---|",
              *construction_rows(), "",
              "| widths | set_arch ms | forward ms | backward ms | SGD ms | weight step ms |", "|---|---|---|---|---|---|",
              *(step_row(float(w), args.steps) for w in args.widths.split(","))]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    report("Where a supernet's weight step goes", environment(f"{prog} --widths {args.widths} --steps {args.steps}"),
+           [], "\n".join(lines), args.out)
+    return 0

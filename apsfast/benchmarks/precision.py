@@ -1,8 +1,8 @@
 """The transition (paper eq. 5) under each float32 matmul precision: its cost on a large space
 and how far Φ's path drifts from the float32 one, per backend.
 
-``python bench/bench_transition_precision.py [--device cpu|cuda] [--backends B,...] [--steps N]
-[--tau T] [--reps R] [--quick] [--out PATH]``
+``apsfast bench precision [--device cpu|cuda] [--backends B,...] [--steps N] [--tau T]
+[--reps R] [--quick] [--out PATH]``
 
 * ms per step: one transition of every layer of the MobileNet-v2 ImageNet supernet
   (transitional sharing, meta widths Σ candidates: 85 sides, nine of them 3360 × 3360),
@@ -25,37 +25,26 @@ float32 FMA tiles whatever it is: the benchmark shows what each costs and how fa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import os
 import statistics
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.benchmark import Timer
 
 import apsfast
 from apsfast import models
-from apsfast._backends import ENV_VAR
-from apsfast.benchmarks.common import environment, report
+from apsfast.benchmarks.common import environment, forced_backend, report
 from apsfast.nn import aps_layers
 
 PRECISIONS = ("highest", "high", "medium")
 BACKENDS = ("default", "reference", "cpu", "triton", "cuda")
 
 
-@contextlib.contextmanager
 def backend(name: str):
-    """``APSFAST_BACKEND=name`` for the body (``default``: unforced), then as it was."""
-    saved = os.environ.pop(ENV_VAR, None)
-    if name != "default":
-        os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        os.environ.pop(ENV_VAR, None)
-        if saved is not None:
-            os.environ[ENV_VAR] = saved
+    """``name`` forced for the body; ``default``: none (what an unforced call dispatches to)."""
+    return forced_backend(None if name == "default" else name)
 
 
 def supernet(name: str, device: str, seed: int = 0) -> torch.nn.Module:
@@ -106,8 +95,8 @@ def drift(device: str, providers: list[tuple[str, str]], steps: int,
             [exact[0], exact[-1]])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench precision") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--backends", default="default",
                         help=f"comma-separated, of {', '.join(BACKENDS)} (default: default, the unforced dispatch)")
@@ -117,7 +106,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: no MobileNet-v2 timing, 20 drift steps, one repetition")
     parser.add_argument("--out", type=Path, help="also write PATH.md and PATH.jsonl")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = str(torch.device(args.device))  # a readable error for a wrong name
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -143,7 +132,7 @@ def main() -> None:
            f"{r['resnet20_max_rel_phi_diff']:.2e} |" for r in rows]
         + ["", f"Φ_ref: the {reference} path; ResNet-20's Φ on it: {phi0:.6g} at the start, "
                f"{phi_end:.6g} after {steps} steps."])
-    command = (f"python bench/bench_transition_precision.py --device {args.device} --backends {args.backends} "
+    command = (f"{prog} --device {args.device} --backends {args.backends} "
                f"--steps {args.steps} --tau {args.tau:g} --reps {args.reps}" + (" --quick" if args.quick else ""))
     env = environment(command)
     env.update(threads=torch.get_num_threads())
@@ -151,7 +140,4 @@ def main() -> None:
         env.update(cpu_capability=torch.backends.cpu.get_cpu_capability(),
                    avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx=torch.cpu._is_amx_tile_supported())
     report(f"The transition under each float32 matmul precision ({device})", env, rows, table, args.out)
-
-
-if __name__ == "__main__":
-    main()
+    return 0
