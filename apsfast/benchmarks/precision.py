@@ -37,8 +37,8 @@ import apsfast
 from apsfast import models
 from apsfast.benchmarks.common import environment, forced_backend, report
 from apsfast.nn import aps_layers
+from apsfast.sharing import PRECISIONS
 
-PRECISIONS = ("highest", "high", "medium")
 BACKENDS = ("default", "reference", "cpu", "triton", "cuda")
 
 
