@@ -9,14 +9,18 @@ address-space cap, and reports per model:
   the output's scale in float32), its MACs and parameters equal the original's (MACs counted
   by forward hooks on the original), and two random archs' exports compute what the supernet
   computes;
+* **nothing searched**: exact, but with no decision (every width kept: the reason names the
+  first op that pinned them);
 * **refused**: convert's one-line ``ValueError`` (a data-dependent branch, memory that would
   not fit, …), **failed**: anything else (an exception, a mismatch, the time or memory cap);
 * the searched decisions, the ops convert pinned (no channel rule: kept at their widths),
   convert's time, and the peak memory of convert and of one training step of the supernet at
   batch 2, each as a multiple of the model's parameter memory.
 
-Models that do not run at the input size themselves are listed as skipped. ``--quick``: three
-small models, a smoke test.
+A model that does not run at the input size is converted at the smallest of
+:data:`LARGER_SIZES` it runs at (Inception-v3 needs 75×75), else listed as skipped.
+``--meta-width`` converts with another ``meta_width=``. ``--quick``: three small models, a
+smoke test.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ TIMM_CNNS = (
     "gernet_s", "hardcorenas_a", "convnext_atto", "convnextv2_atto", "nf_resnet26", "vgg11_bn", "xception41",
     "inception_v3", "hgnetv2_b0", "tresnet_m",
 )
+#: The input sides tried, in order, for a model that does not run at ``--size``.
+LARGER_SIZES = (75, 96, 128, 160, 224)
 QUICK = ("torchvision:resnet18", "timm:efficientnet_b0", "torchvision:squeezenet1_1")
 WIDTHS, ROUND_TO = (0.5, 0.75, 1.0), 8
 
@@ -77,7 +83,18 @@ def _randomised(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def check_one(spec: str, size: int) -> dict[str, Any]:
+def _pinned(messages: list[str]) -> tuple[int, str]:
+    """The number of pinned ops in convert's warnings, and the first."""
+    marker = "(the rest is searched): "  # convert's warning: a header, then the ops
+    ops = [op for m in messages if marker in m for op in m.split(marker, 1)[1].split("; ")]
+    return len(ops), (ops[0] if ops else "")
+
+
+def _meta_width(text: str) -> Any:
+    return text if text in ("sum", "widest") else float(text)
+
+
+def check_one(spec: str, size: int, meta_width: Any = "sum") -> dict[str, Any]:
     """Convert one model and check it (run in a process of its own)."""
     import apsfast
     from apsfast.models import count_macs, zoo
@@ -88,27 +105,35 @@ def check_one(spec: str, size: int) -> dict[str, Any]:
     kwargs = {"aux_logits": False, "init_weights": False} if zoo_name == "torchvision" and \
         name in ("googlenet", "inception_v3") else {}
     model = _randomised(zoo.build(zoo_name, name, **kwargs))
-    x = torch.randn(2, 3, size, size)
     params = sum(p.numel() for p in model.parameters())
     row["params_m"] = round(params / 1e6, 2)
-    try:
-        with torch.no_grad():
-            expected = model(x)
-    except Exception as error:  # the model itself does not run at this size
-        row.update(outcome="skipped", reason=f"does not run at {size}×{size}: {type(error).__name__}")
+    expected, tried = None, [size] + [s for s in LARGER_SIZES if s > size]
+    for side in tried:
+        x = torch.randn(2, 3, side, side)
+        try:
+            with torch.no_grad():
+                expected = model(x)
+            break
+        except Exception as error:  # the model itself does not run at this size
+            failure = f"does not run at {side}×{side}: {type(error).__name__}"
+    if expected is None:
+        row.update(outcome="skipped", reason=failure)
         return row
+    if side != size:
+        row["size"] = side
     before, started = _rss_mb(), time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            net = apsfast.convert(model, x, widths=WIDTHS, round_to=ROUND_TO)
+            net = apsfast.convert(model, x, widths=WIDTHS, round_to=ROUND_TO, meta_width=meta_width)
         except ValueError as error:
             row.update(outcome="refused", reason=str(error).split("\n")[0])
             return row
     row["convert_s"] = round(time.perf_counter() - started, 1)
     param_mb = params * 4 / 2**20
     row["convert_x"] = round((_rss_mb() - before) / param_mb, 1)
-    row["pinned"] = sum(str(w.message).count("; ") + 1 for w in caught if "no channel rule" in str(w.message))
+    row["estimate_x"] = round(net.peak_estimate / 2**20 / param_mb, 1)
+    row["pinned"], first_pinned = _pinned([str(w.message) for w in caught])
     row["decisions"] = len(net.decisions())
     net.eval()
     standard = net.standard_arch()
@@ -119,7 +144,7 @@ def check_one(spec: str, size: int) -> dict[str, Any]:
         scale = expected.abs().max().item() or 1.0
         if (got - expected).abs().max().item() > 1e-5 * scale:
             problems.append(f"standard arch differs by {(got - expected).abs().max().item():.2e}")
-        static_macs = sum(count_macs(model, size).values())
+        static_macs = sum(count_macs(model, side).values())
         if net.flops(standard) != static_macs:
             problems.append(f"MACs {net.flops(standard)} vs {static_macs}")
         if net.params(standard) != params:
@@ -135,17 +160,23 @@ def check_one(spec: str, size: int) -> dict[str, Any]:
     loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(2, dtype=torch.long))
     loss.backward()
     row["step_x"] = round((_rss_mb() - before) / param_mb, 1)
-    row.update(outcome="failed" if problems else "exact", reason="; ".join(problems))
+    if problems:
+        row.update(outcome="failed", reason="; ".join(problems))
+    elif not row["decisions"]:
+        row.update(outcome="nothing searched", reason=f"exact, every width kept: {first_pinned}"[:300])
+    else:
+        row.update(outcome="exact", reason=f"at {side}×{side} (does not run at {size}×{size})" if side != size else "")
     return row
 
 
-def run_one(spec: str, size: int, timeout: float, memory_gb: float) -> dict[str, Any]:
+def run_one(spec: str, size: int, timeout: float, memory_gb: float, meta_width: str = "sum") -> dict[str, Any]:
     """:func:`check_one` in a child process capped at ``timeout`` s and ``memory_gb`` GiB."""
     def cap() -> None:
         limit = int(memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    command = [sys.executable, "-m", "apsfast.benchmarks.zoo", "--one", spec, "--size", str(size)]
+    command = [sys.executable, "-m", "apsfast.benchmarks.zoo", "--one", spec, "--size", str(size),
+               "--meta-width", meta_width]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, preexec_fn=cap)
     except subprocess.TimeoutExpired:
@@ -162,15 +193,17 @@ def run_one(spec: str, size: int, timeout: float, memory_gb: float) -> dict[str,
 def table(rows: list[dict]) -> str:
     """The per-model table, then the counts per zoo."""
     lines = ["| model | outcome | decisions | pinned ops | convert s | convert peak / params | step peak / params "
-             "| params (M) | reason |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| estimate / params | params (M) | reason |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['outcome']} | {r.get('decisions', '')} | {r.get('pinned', '')} | "
                      f"{r.get('convert_s', '')} | {r.get('convert_x', '')} | {r.get('step_x', '')} | "
+                     f"{r.get('estimate_x', '')} | "
                      f"{r.get('params_m', '')} | {r.get('reason', '').replace('|', '/')} |")
-    lines += ["", "| zoo | models | exact | refused | failed | skipped |", "|---|---:|---:|---:|---:|---:|"]
+    outcomes = ("exact", "nothing searched", "refused", "failed", "skipped")
+    lines += ["", "| zoo | models | " + " | ".join(outcomes) + " |", "|---|---:|" + "---:|" * len(outcomes)]
     for zoo in sorted({r["model"].split(":")[0] for r in rows}):
         mine = [r for r in rows if r["model"].startswith(zoo + ":")]
-        counts = [sum(r["outcome"] == o for r in mine) for o in ("exact", "refused", "failed", "skipped")]
+        counts = [sum(r["outcome"] == o for r in mine) for o in outcomes]
         lines.append(f"| {zoo} | {len(mine)} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(lines)
 
@@ -182,19 +215,21 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast bench zoo") 
     parser.add_argument("--size", type=int, default=64, help="input side (default 64)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
     parser.add_argument("--memory-gb", type=float, default=8.0, help="address-space cap per model (default 8)")
+    parser.add_argument("--meta-width", default="sum", type=_meta_width,
+                        help="convert's meta_width: sum (default), widest or a number k >= 1")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.jsonl")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child's model
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.one:
-        print(json.dumps(check_one(args.one, args.size)), flush=True)
+        print(json.dumps(check_one(args.one, args.size, args.meta_width)), flush=True)
         return 0
     specs = args.models.split(",") if args.models else list(QUICK) if args.quick else \
         model_names([z.strip() for z in args.zoos.split(",") if z.strip()])
     rows = []
     for index, spec in enumerate(specs, 1):
-        row = run_one(spec, args.size, args.timeout, args.memory_gb)
+        row = run_one(spec, args.size, args.timeout, args.memory_gb, str(args.meta_width))
         print(f"[{index}/{len(specs)}] {spec}: {row['outcome']} {row.get('reason', '')}"[:200], flush=True)
         rows.append(row)
     command = "apsfast bench zoo " + " ".join(argv if argv is not None else sys.argv[1:])

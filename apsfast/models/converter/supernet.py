@@ -64,7 +64,7 @@ def build_supernet(name: str, traced: Traced, analysis: Analysis, ratios: Sequen
     searched = [root for root in groups.roots() if len(candidates[root]) > 1]
     standard = sum(p.numel() for p in module.parameters())
     element_size = next(module.parameters()).element_size() if standard else 4
-    check_fits(module, analysis, candidates, sharing, meta_width, element_size, name)
+    estimate = check_fits(module, analysis, candidates, sharing, meta_width, element_size, name)
     space = DecisionSpace()
     for root in searched:
         space.add(groups.name(root), candidates[root], groups.width(root))
@@ -82,6 +82,7 @@ def build_supernet(name: str, traced: Traced, analysis: Analysis, ratios: Sequen
     module.recompile()
     net = ConvertedSupernet(name, module, space, analysis, candidates, searched, input_hw, in_channels)
     net.leaf_shapes = traced.leaf_shapes
+    net.peak_estimate = estimate
     # Parameters outside the costed layers (a learned scale, what an excluded module holds
     # besides convs, batch norms and linear layers) never change width: counted once here.
     net.extra_params = standard - net.params(net.standard_arch())
@@ -106,6 +107,7 @@ class ConvertedSupernet(Supernet):
             self.input_size = input_hw
         self.leaf_shapes: dict[str, list[LayerShape]] = {}
         self.extra_params = 0
+        self.peak_estimate = 0  # bytes: convert's estimate of a training step's peak (memory.check_fits)
         self.options: dict[str, Any] = {}
 
     def _check_wiring(self) -> None:
