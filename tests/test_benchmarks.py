@@ -1,6 +1,7 @@
 """The benchmark CLIs run end to end (tiny shapes, one untimed round), and what they count is right."""
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -152,3 +153,14 @@ def test_transition_precision_benchmark_forces_each_backend(scoped):
     assert worst[("cpu", "highest")] == 0.0
     assert worst[("reference", "highest")] < 1e-5
     assert end < start
+
+
+def test_meta_width_and_transition_every_benchmarks(one_thread):
+    # apsfast bench meta-width's row on the CIFAR space, and transition-every's path of Φ.
+    from apsfast.benchmarks import meta_width, transition_every
+    row = meta_width.row("resnet20_cifar", "widest", reps=1)
+    assert row["transforms_mb"] > 0 and row["transition_ms"] > 0
+    assert 0 < row["phi_floor"] < row["phi_start"]
+    phis, seconds = transition_every.trajectory("demo", steps=8, every=2)
+    assert len(phis) == len(transition_every.MARKS) and seconds > 0
+    assert all(math.isfinite(phi) and phi > 0 for phi in phis)
