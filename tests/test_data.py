@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import random
 import struct
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from apsfast.data import (DATASETS, FolderImageSet, ImageSet, TensorImageSet, balanced_subset, cifar10, embedded,
+from apsfast.data import (DATASETS, DatasetImageSet, FolderImageSet, ImageSet, TensorImageSet, balanced_subset, cifar10, embedded,
                           image_folder, load, split)
 from apsfast.data import shapes
 from apsfast.data.cifar import RestrictedUnpickler
@@ -593,3 +594,58 @@ def test_read_ahead_in_order_with_errors_raised_and_early_stop():
     next(endless)
     endless.close()  # a consumer that stops: the producer thread ends
     assert not any(t.name == "apsfast-prefetch" for t in threading.enumerate())
+
+
+# --- a Dataset of your own ---------------------------------------------------------------------
+
+class Noisy(torch.utils.data.Dataset):
+    """Non-square two-channel inputs under a random transform drawing from all three global
+    generators (torch, NumPy, random), as users' transform pipelines do."""
+
+    def __init__(self, n: int = 22) -> None:
+        self.targets = [i % 3 for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        x = torch.full((2, 3, 5), float(i)) + torch.rand(2, 3, 5) + float(np.random.rand()) + random.random()
+        return x, self.targets[i]
+
+
+def test_a_dataset_of_your_own_gives_the_same_batches_from_any_start_and_leaves_the_global_generators():
+    data = DatasetImageSet(Noisy())
+    assert (data.input_shape, data.image_size, data.num_classes, len(data)) == ((2, 3, 5), (3, 5), 3, 22)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    full = collect(data, 4, seed=1, epoch=2)
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+    assert [x.shape[0] for x, _ in full] == [4, 4, 4, 4, 4, 2] and full[0][0].shape[1:] == (2, 3, 5)
+    for (x, y), (x2, y2) in zip(full[2:], collect(data, 4, seed=1, epoch=2, start=2), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # a resume at batch 2: the same samples, the same noise
+    assert not torch.equal(full[0][0], collect(data, 4, seed=1, epoch=3)[0][0])  # another epoch, another draw
+    loaded = DatasetImageSet(Noisy(), loader=lambda items, size: torch.utils.data.DataLoader(items, size))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, collect(loaded, 4, seed=1, epoch=2), strict=True))
+    by_label = DatasetImageSet(Noisy(), sampler=lambda labels, generator: torch.argsort(labels, stable=True))
+    assert collect(by_label, 22, seed=0, epoch=0)[0][1].tolist() == sorted(Noisy().targets)
+    weights, val = split(data, 0.5, seed=0)
+    assert isinstance(weights, DatasetImageSet) and len(weights) + len(val) == 22
+    assert torch.equal(balanced_subset(val, 6, seed=0).targets().bincount(), torch.tensor([2, 2, 2]))
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: DatasetImageSet(torch.utils.data.DataLoader(Noisy())), TypeError, "map-style torch.utils.data.Dataset"),
+    (lambda: DatasetImageSet([]), ValueError, "at least one sample"),
+    (lambda: DatasetImageSet([(np.zeros((2, 3, 5)), 0)]), TypeError, "must give a float tensor"),
+    (lambda: collect(DatasetImageSet([(torch.zeros(1, 3, 3), 0), (torch.zeros(1, 4, 4), 1)]), 2, seed=0, epoch=0),
+     ValueError, r"dataset\[\d\] gives an input of shape \[1, \d, \d\], dataset\[0\] one of \[1, 3, 3\]"),
+    (lambda: DatasetImageSet([(torch.zeros(1, 3, 3), 5)], num_classes=2).targets(), ValueError,
+     r"labels must lie in 0..1 \(2 classes\), got 5"),
+    (lambda: collect(DatasetImageSet(Noisy(), sampler=lambda labels, generator: labels[:3]), 4, seed=0, epoch=0),
+     ValueError, "sampler must return 22 indices"),
+    (lambda: collect(DatasetImageSet(Noisy(), loader=lambda items, size: torch.utils.data.DataLoader(
+        items, size, shuffle=True)), 4, seed=0, epoch=0), ValueError, "no shuffle, sampler or drop_last"),
+], ids=["loader", "empty", "numpy", "shapes", "labels", "sampler", "shuffle"])
+def test_a_dataset_that_does_not_fit_is_refused_by_name(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

@@ -4,16 +4,21 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from apsfast import cli
 from apsfast.models import summary
+from apsfast.search.metrics import read_metrics
+from apsfast.search.schedule import Search
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def python_blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 5, ("README should hold the layer, the search-space and the convert examples, and the "
-                              "factory module and Python search of a model of your own")
+    assert len(blocks) == 7, ("README should hold the layer, the search-space and the convert examples, the "
+                              "factory module and Python search of a model of your own, and the data module and "
+                              "Python search of data of your own")
     return blocks
 
 
@@ -80,3 +85,37 @@ def test_readme_own_model_search_runs(tmp_path, monkeypatch, capsys):
     namespace = run(blocks[4])
     assert namespace["result"]["model"] == "converted:SmallCNN"
     assert 0 <= namespace["summary"]["test_acc"] <= 1
+
+
+def test_readme_own_data_search_resumes_after_a_kill_retrains_and_exports(tmp_path, monkeypatch, capsys):
+    # The data module and the Python search as written: killed in its second epoch (after the
+    # first epoch's checkpoint), run again (it resumes), retrained and exported to ONNX.
+    pytest.importorskip("sklearn")
+    pytest.importorskip("onnxscript")
+    blocks = python_blocks()
+    (tmp_path / "mynets.py").write_text(blocks[3])
+    (tmp_path / "mydata.py").write_text(blocks[5])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    steps, train_step = [], Search.train_step
+
+    def killed(self, *args, **kwargs):
+        steps.append(self.step)
+        if len(steps) == 6:
+            raise KeyboardInterrupt
+        return train_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Search, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(blocks[6])
+    run_dir = tmp_path / "runs" / "digits"
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "result.json").exists()
+    namespace = run(blocks[6])
+    assert "resuming the run in runs/digits" in capsys.readouterr().out
+    assert steps[6] == 4  # the second epoch again from its start (train.steps_per_epoch=4)
+    epochs = read_metrics(run_dir / "metrics.jsonl", kind="epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    result = namespace["result"]
+    assert result["data"] == "python:Digits" and result["config"]["data"]["options"]["input_shape"] == [1, 8, 8]
+    assert 0 <= namespace["summary"]["test_acc"] <= 1
+    assert (run_dir / "digits.onnx").stat().st_size > 0

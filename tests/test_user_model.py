@@ -17,7 +17,7 @@ import apsfast
 from apsfast import cli
 from apsfast.search import ConfigError, Search, load_config, load_exported, retrain, search
 from test_search import TINY, quiet
-from user_models import tiny_cnn
+from user_models import Stripes, tiny_cnn
 
 FACTORY = "user_models:tiny_cnn"
 # test_search's tiny run without its model options (those of the demo's ResNet-20).
@@ -75,9 +75,48 @@ def test_python_search_of_a_converted_supernet(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_command_line_searches_and_retrains_on_a_data_factory(tmp_path):
+    # One-channel 6×10 inputs: the model is converted at the data's shape, read from the data.
+    out, sets = tmp_path / "run", [arg for item in TINY_RUN if not item.startswith("data.") for arg in ("-s", item)]
+    assert cli.main(["search", "--preset", "demo", "--model", FACTORY, *sets, "-s", "data.name=user_models:stripes",
+                     "-s", "model.options={num_classes: 3, in_channels: 1}", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["data"] == "user_models:stripes" and result["input_size"] == [6, 10]
+    assert result["options"]["convert"]["input_size"] == [6, 10] and result["options"]["convert"]["in_channels"] == 1
+    assert cli.main(["search", "--resume", "--out", str(out)]) == 0  # the folder names the factory: it reloads
+    assert cli.main(["train", str(out), "-s", "retrain.epochs=1"]) == 0
+    assert load_exported(out / "retrain" / "retrained.pt")(torch.zeros(2, 1, 6, 10)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("given, message", [
+    (lambda: {"train_data": torch.utils.data.DataLoader(Stripes(8))}, "train_data is a DataLoader: pass its dataset"),
+    (lambda: {"val_data": Stripes(8)}, "val_data was given without train_data"),
+    (lambda: {"train_data": [torch.zeros(3, 8, 8)]}, r"dataset\[0\] must be an \(input, label\) pair"),
+    (lambda: {"train_data": [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)]}, "must give a float tensor"),
+    (lambda: {"train_data": Stripes(64), "val_data": [(torch.zeros(1, 6, 8), 0)]},
+     r"val_data has input_shape \(1, 6, 8\), train_data \(1, 6, 10\)"),
+    (lambda: {"train_data": Stripes(64)}, r"inputs \[C, H, W\] = \[3, 8, 8\], but the data's are \[1, 6, 10\]"),
+], ids=["loader", "val-alone", "not-a-pair", "uint8", "shapes", "model"])
+def test_data_that_does_not_fit_the_run_is_refused(tmp_path, given, message):
+    net = apsfast.convert(tiny_cnn(num_classes=3), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ConfigError, match=message):
+        Search(load_config("demo", overrides=TINY_RUN), tmp_path / "run", model=net, log=quiet, **given())
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_given_its_data_in_python_says_how_to_go_on_from_the_command_line(tmp_path):
+    config = load_config("demo", overrides=[*TINY_RUN, "train.epochs=2", "train.steps_per_epoch=1"])
+    config.model.name, config.model.options = FACTORY, {"num_classes": 3, "in_channels": 1}
+    Search(config, tmp_path, train_data=Stripes(96), log=quiet).run()
+    with pytest.raises(SystemExit, match=r"given its data sets in Python.*retrain\(RUN, train_data=\.\.\., val_data"):
+        cli.main(["train", str(tmp_path), "--out", str(tmp_path / "other")])
+    with pytest.raises(ConfigError, match="a retrain needs the held-out set to score on: pass val_data"):
+        retrain(tmp_path, train_data=Stripes(96), log=quiet)
+
+
 @pytest.mark.parametrize("net, message", [
     (lambda: apsfast.convert(tiny_cnn(num_classes=5), torch.zeros(1, 3, 8, 8)), r"returns shape \[1, 5\].*10 classes"),
-    (lambda: apsfast.convert(tiny_cnn(), torch.zeros(1, 3, 16, 16)), "input size 16, but the data's images are 8×8"),
+    (lambda: apsfast.convert(tiny_cnn(), torch.zeros(1, 3, 16, 16)), r"inputs \[C, H, W\] = \[3, 16, 16\], but the data's are \[3, 8, 8\]"),
     (lambda: apsfast.convert(tiny_cnn(), torch.zeros(1, 3, 8, 8), sharing="ordinal"), "needs sharing='transitional'"),
 ], ids=["classes", "input-size", "sharing"])
 def test_a_supernet_that_does_not_fit_the_run_is_refused(tmp_path, net, message):

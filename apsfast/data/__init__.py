@@ -1,9 +1,11 @@
-"""Image data for the search and the retrain: one interface, three sources, nothing downloaded.
+"""Image data for the search and the retrain: one interface, three sources, nothing downloaded,
+and any map-style ``torch.utils.data.Dataset`` of yours.
 
 * ``embedded`` — generated 16×16 images (:func:`embedded`), the default: nothing to pass;
 * ``cifar10`` — CIFAR-10 from ``cifar-10-batches-py`` (:func:`cifar10`);
 * ``folder`` (alias ``imagenet``) — an ImageFolder tree with ``train/`` and ``val/``
-  (:func:`image_folder`), e.g. ImageNet.
+  (:func:`image_folder`), e.g. ImageNet;
+* your ``Dataset`` of ``(input, label)`` pairs, with its own transform (:class:`DatasetImageSet`).
 
 >>> train, test = apsfast.data.load("embedded")
 >>> weights, val = apsfast.data.split(train, 0.5, seed=0)
@@ -17,12 +19,19 @@ from typing import Any, Optional, Union
 
 from apsfast.data.base import ImageSet, TensorImageSet, balanced_subset, split
 from apsfast.data.cifar import cifar10
+from apsfast.data.dataset import DatasetImageSet
 from apsfast.data.shapes import embedded
 from apsfast.data.folder import AUGMENTS, IMAGENET_MEAN, IMAGENET_STD, FolderImageSet, discover, image_statistics
 from apsfast.data.prefetch import prefetch
 
 DATASETS = ("embedded", "cifar10", "folder")
 ALIASES = {"imagenet": "folder"}
+#: How a run names data sets passed to it in Python (``python:<class name>``): they cannot be
+#: loaded by name, only passed again.
+PYTHON = "python:"
+#: What a data factory (``data.name = package.module:factory``) returns.
+FACTORY_RETURNS = ("the (train, val) pair of data sets: map-style torch.utils.data.Dataset objects or "
+                   "apsfast.data.DatasetImageSet")
 
 _ROOT_HINTS = {"cifar10": "the folder holding cifar-10-batches-py",
                "folder": "the folder holding train/ and val/ with one folder per class"}
@@ -122,5 +131,6 @@ def load(name: str, root: Optional[Union[str, os.PathLike]] = None, *, image_siz
     return image_folder(root, image_size=image_size, num_workers=num_workers, **options)
 
 
-__all__ = ["ALIASES", "AUGMENTS", "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZE", "FolderImageSet", "ImageSet", "TensorImageSet", "balanced_subset", "cifar10", "embedded", "image_folder", "load",
+__all__ = ["ALIASES", "AUGMENTS", "DATASETS", "FACTORY_RETURNS", "PYTHON", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZE", "DatasetImageSet",
+           "FolderImageSet", "ImageSet", "TensorImageSet", "balanced_subset", "cifar10", "embedded", "image_folder", "load",
            "prefetch", "split"]

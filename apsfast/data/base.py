@@ -98,7 +98,8 @@ class ImageSet:
 
     Attributes:
         num_classes: the number of labels (labels are ``0..num_classes-1``).
-        image_size: the side length of the square images in a batch.
+        image_size: the side length of the square images in a batch (``(H, W)`` where a
+            set's inputs are not square, see :attr:`input_shape`).
         mean, std: per-channel normalisation in 0..1 pixel units: a batch holds
             ``(pixel / 255 - mean) / std``.
     """
@@ -107,6 +108,11 @@ class ImageSet:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of one input of a batch: ``(3, S, S)`` for square RGB images."""
+        return (3, self.image_size, self.image_size)
 
     def __len__(self) -> int:
         raise NotImplementedError

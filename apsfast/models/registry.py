@@ -20,8 +20,11 @@ _BUILDERS: dict[str, Callable[..., Supernet]] = {}
 #: from a model object, they cannot be rebuilt by name.
 CONVERTED = "converted:"
 #: The options of :func:`apsfast.convert` a user model's ``convert`` settings may give, with
-#: ``input_size``: the side of the example input ``[1, 3, input_size, input_size]``.
-CONVERT_OPTIONS = ("widths", "round_to", "exclude", "meta_width", "input_size")
+#: ``input_size`` (the side of the example input, or its ``[H, W]``) and ``in_channels`` (its
+#: channels, default 3): the example input is ``[1, in_channels, H, W]``.
+CONVERT_OPTIONS = ("widths", "round_to", "exclude", "meta_width", "input_size", "in_channels")
+#: The build options of a user model (:func:`build_factory`).
+FACTORY_OPTIONS = ("options", "convert", "sharing")
 def register(name: str) -> Callable[[Callable[..., Supernet]], Callable[..., Supernet]]:
     """Register a supernet builder under ``name``; its keyword arguments are its options."""
     def add(builder: Callable[..., Supernet]) -> Callable[..., Supernet]:
@@ -65,6 +68,11 @@ def build(name: str, *, device=None, dtype=None, **options: Any) -> Supernet:
             f"the same supernet again (search(config, out, resume=True, model=net), retrain(RUN, model=net)), or "
             f"search a factory (model.name = package.module:factory) so that the run folder can rebuild it")
     if is_factory(name):
+        unknown = sorted(set(options) - set(FACTORY_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for model {name!r}: a model of your own takes options "
+                            f"(the factory's keyword arguments, e.g. -o 'options={{\"{unknown[0]}\": ...}}') and "
+                            f"convert (apsfast.convert's settings: {', '.join(CONVERT_OPTIONS)})")
         return build_factory(name, device=device, dtype=dtype, **options)
     chosen = {**options_of(name), **options}
     unknown = sorted(set(options) - set(options_of(name)))
@@ -90,8 +98,9 @@ def is_factory(name: str) -> bool:
     return ":" in name and not name.startswith(CONVERTED)
 
 
-def check_factory_name(name: str) -> tuple[str, str]:
-    """``(module, attribute path)`` of ``"package.module:factory"``, checked without importing.
+def check_factory_name(name: str, kind: str = "model", returns: str = "a torch.nn.Module") -> tuple[str, str]:
+    """``(module, attribute path)`` of ``"package.module:factory"``, checked without importing
+    (``kind`` and ``returns`` say in messages what the factory makes: a model, or data sets).
 
     A run's folder names the factory its ``--resume`` and ``apsfast train`` call, so a folder
     is trusted like a script; the standard library and ``torch.hub`` (which fetches code) hold
@@ -100,34 +109,35 @@ def check_factory_name(name: str) -> tuple[str, str]:
     module, _, attribute = name.partition(":")
     if not all(part.isidentifier() for part in module.split(".")) or \
             not all(part.isidentifier() for part in attribute.split(".")):
-        raise ValueError(f"{name!r} is not a model factory: expected package.module:factory (a module Python can "
-                         f"import and a callable in it returning a torch.nn.Module)")
+        raise ValueError(f"{name!r} is not a {kind} factory: expected package.module:factory (a module Python can "
+                         f"import and a callable in it returning {returns})")
     if module.split(".")[0] in sys.stdlib_module_names or module == "torch.hub" or module.startswith("torch.hub."):
-        raise ValueError(f"{name!r} is not a model factory: module {module!r} is part of Python's standard library "
+        raise ValueError(f"{name!r} is not a {kind} factory: module {module!r} is part of Python's standard library "
                          f"or torch.hub; expected package.module:factory in your own code or an installed package")
     return module, attribute
 
 
-def load_factory(name: str) -> Callable[..., Any]:
+def load_factory(name: str, kind: str = "model", returns: str = "a torch.nn.Module") -> Callable[..., Any]:
     """The callable ``"package.module:factory"`` names, imported from ``sys.path`` (installed
-    packages, ``PYTHONPATH``, the folder of a script run with ``python``)."""
-    module_name, attribute = check_factory_name(name)
+    packages, ``PYTHONPATH``, the folder of a script run with ``python``); ``kind`` and
+    ``returns`` as for :func:`check_factory_name`."""
+    module_name, attribute = check_factory_name(name, kind, returns)
     try:
         if module_name.split(".")[0] in ("torchvision", "timm"):  # where torchvision's compiled ops do not load
             zoo.import_timm() if module_name.split(".")[0] == "timm" else zoo.import_torchvision()
         found: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"cannot import module {module_name!r} of the model factory {name!r} ({error}); expected "
+        raise ValueError(f"cannot import module {module_name!r} of the {kind} factory {name!r} ({error}); expected "
                          f"package.module:factory importable from sys.path (e.g. run from its folder with "
                          f"PYTHONPATH=.)") from None
     for part in attribute.split("."):
         if not hasattr(found, part):
             raise ValueError(f"module {module_name!r} has no {attribute!r}: expected package.module:factory "
-                             f"naming a callable that returns a torch.nn.Module")
+                             f"naming a callable that returns {returns}")
         found = getattr(found, part)
     if not callable(found):
         raise ValueError(f"{name!r} is not callable (a {type(found).__name__} object): expected a factory (a "
-                         f"function or class) that returns a torch.nn.Module")
+                         f"function or class) that returns {returns}")
     return found
 
 
@@ -138,10 +148,10 @@ def build_factory(name: str, *, options: Optional[Mapping[str, Any]] = None,
 
     Args:
         name: ``"package.module:factory"``; the factory is called with ``options`` as keyword
-            arguments and must return an ``nn.Module`` (a CNN taking ``[N, 3, H, W]``).
+            arguments and must return an ``nn.Module`` (a CNN taking ``[N, C, H, W]``).
         convert: :func:`apsfast.convert`'s ``widths``, ``round_to``, ``exclude``,
-            ``meta_width``, and ``input_size`` (required): the side of the example input
-            ``[1, 3, S, S]``.
+            ``meta_width``; ``input_size`` (required): the side ``S`` of the example input
+            ``[1, C, S, S]``, or its ``[H, W]``; ``in_channels``: its ``C`` (default 3).
         sharing, device, dtype: as for the registered spaces. The model is built and traced on
             the CPU, then moved (on the meta device: without touching the global RNG).
 
@@ -160,10 +170,10 @@ def build_factory(name: str, *, options: Optional[Mapping[str, Any]] = None,
     if unknown:
         raise TypeError(f"unknown convert setting(s) {unknown} for model {name!r}; the settings are "
                         f"{list(CONVERT_OPTIONS)}")
-    size = settings.pop("input_size", None)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"the convert setting input_size of model {name!r} must be the image side (an int > 0), "
-                         f"got {size!r}")
+    size, channels = settings.pop("input_size", None), settings.pop("in_channels", 3)
+    hw = check_input_size(size, f"the convert setting input_size of model {name!r}", name)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"the convert setting in_channels of model {name!r} must be an int > 0, got {channels!r}")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"the options of model {name!r} must be a mapping of the factory's keyword arguments, "
                         f"got {options!r}")
@@ -179,12 +189,24 @@ def build_factory(name: str, *, options: Optional[Mapping[str, Any]] = None,
         if not isinstance(model, nn.Module):
             raise TypeError(f"the model factory {name!r} returned a {type(model).__name__}; expected a "
                             f"torch.nn.Module")
-        net = convert_model(model, torch.zeros(1, 3, size, size), sharing=sharing, **settings)
+        net = convert_model(model, torch.zeros(1, channels, *hw), sharing=sharing, **settings)
     net.name = name
     net.options = {"options": _plain(options),
                    "convert": {**{key: net.options[key] for key in CONVERT_OPTIONS if key in net.options},
-                               "input_size": size},
+                               "input_size": _plain(size), **({"in_channels": channels} if channels != 3 else {})},
                    "sharing": sharing}
     if device is not None or dtype is not None:
         net.to(device=device, dtype=dtype)
     return net
+
+
+def check_input_size(size: object, what: str, name: str = "NAME") -> tuple[int, int]:
+    """``(H, W)`` of a convert ``input_size``: an int ``S`` (``S × S``) or ``[H, W]``, ints > 0;
+    ``what`` names it in the message, ``name`` the model in its example."""
+    hw = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(hw, (list, tuple)) or len(hw) != 2 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
+        raise ValueError(f"{what} must be the side of the images the model reads (an int > 0) or their [H, W], "
+                         f"got {size!r} (e.g. apsfast models {name} -o 'convert={{\"input_size\": 32}}'; a search sets "
+                         f"it from its data)")
+    return int(hw[0]), int(hw[1])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from apsfast import models
+from apsfast.models.registry import CONVERTED
 from apsfast.models.static import reinitialise
 from apsfast.search.budget import LATENCY, Budget, resolve_budget
 from apsfast.search.checkpoint import load_checkpoint, save_checkpoint
@@ -207,10 +208,25 @@ def fresh_model(result: dict[str, Any], arch: list[int], device: Union[str, torc
     return reinitialise(net.export(net.check_arch(arch), inherit_weights=False).to_empty(device=device))
 
 
-def load_exported(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """The static model a search or a retrain exported (``model.pt``), with its weights."""
+def load_exported(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *,
+                  model: Optional[models.Supernet] = None) -> nn.Module:
+    """The static model a search or a retrain exported (``model.pt``), with its weights.
+    ``model``: the supernet the search was given (``search(..., model=net)``) where the file's
+    model cannot be rebuilt by name (one made by :func:`apsfast.convert` in Python)."""
     state = load_checkpoint(path, expect={"kind": "exported"})
-    net = models.build(state["model"], device="meta", **state["options"])
+    if model is not None:
+        if model.name != state["model"]:
+            raise ValueError(f"{str(path)!r} holds {state['model']}, the model passed is {model.name}: pass the "
+                             f"supernet the search was given")
+        net = model
+    elif str(state["model"]).startswith(CONVERTED):
+        raise ValueError(f"{str(path)!r} holds {state['model']}, a supernet made by apsfast.convert in Python, which "
+                         f"cannot be rebuilt by name: pass it again (load_exported(path, model=net)), or load the "
+                         f"file with torch alone: state = torch.load(path, weights_only=True); model = "
+                         f"torch.export.load(io.BytesIO(state['program'])).module(); "
+                         f"model.load_state_dict(state['state_dict'], assign=True)")
+    else:
+        net = models.build(state["model"], device="meta", **state["options"])
     static = net.export(state["arch"]).to_empty(device=device)
     static.load_state_dict(state["state_dict"])
     return static

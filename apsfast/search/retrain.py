@@ -41,7 +41,7 @@ class Retrain:
     def __init__(self, result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[Union[str, Path]] = None,
                  overrides: Sequence[str] = (), *, resume: bool = False,
                  log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None,
-                 model: Optional[models.Supernet] = None) -> None:
+                 model: Optional[models.Supernet] = None, train_data: Any = None, val_data: Any = None) -> None:
         if isinstance(result_path, Mapping):
             if out_dir is None:
                 raise ValueError("a retrain of a result-like dict needs out_dir")
@@ -56,8 +56,9 @@ class Retrain:
             config = runs.saved_config(out, overrides)
         else:
             config = apply_overrides(config_from_dict(self.result["config"]), overrides)
+        config, data = assemble.given_data(config, train_data, val_data)
         self.config: Config = config
-        plan = assemble.check(config, search=False)
+        plan = assemble.check(config, search=False, data=data)
         self.train_set, self.test_set = plan.train, plan.test
         if self.train_set.num_classes != self.result["num_classes"]:
             raise ConfigError(f"the data has {self.train_set.num_classes} classes, the searched model "
@@ -286,7 +287,8 @@ def describe_arch(result: Mapping[str, Any], arch: Sequence[int],
 def retrain(result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[Union[str, Path]] = None,
             overrides: Sequence[str] = (), *, resume: bool = False,
             log: Optional[Callable[[str], None]] = None, arch: Optional[Sequence[int]] = None,
-            model: Optional[models.Supernet] = None) -> dict[str, Any]:
+            model: Optional[models.Supernet] = None, train_data: Any = None,
+            val_data: Any = None) -> dict[str, Any]:
     """Train the arch of a search result from scratch and report its test accuracy.
 
     Args:
@@ -301,11 +303,15 @@ def retrain(result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[
         model: the supernet the search was given (``search(..., model=net)``) where the
             result's model cannot be rebuilt by name (one made by :func:`apsfast.convert` in
             Python); its arch is exported with fresh weights.
+        train_data, val_data: the data sets a search was given in Python
+            (``search(..., train_data=..., val_data=...)``), passed again: the retrain trains on
+            the whole of ``train_data`` and scores on ``val_data``.
 
     Returns:
         The summary also written to ``retrain.json``: test accuracy, epochs, MACs, params.
     """
-    runner = Retrain(result_path, out_dir, overrides, resume=resume, log=log, arch=arch, model=model)
+    runner = Retrain(result_path, out_dir, overrides, resume=resume, log=log, arch=arch, model=model,
+                     train_data=train_data, val_data=val_data)
     try:
         return runner.run()
     finally:

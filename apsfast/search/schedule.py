@@ -65,15 +65,25 @@ class Search:
             ``config.model`` then describes it (:func:`~apsfast.search.assemble.adopt`). A
             supernet converted in Python cannot be rebuilt from the run's folder: resume such a
             run, and retrain its arch, by passing the same supernet again (``model=``).
+        train_data: data of your own to search on instead of loading ``config.data``: a
+            map-style ``torch.utils.data.Dataset`` of ``(input [C, H, W], label)`` pairs after
+            its own transform, or an :class:`~apsfast.data.DatasetImageSet` (custom sampling and
+            collation); split into weight-training and validation parts by
+            ``data.val_fraction``. The run's ``config.data`` then describes it
+            (:func:`~apsfast.search.assemble.adopt_data`): pass it again to resume the run.
+        val_data: the held-out set of the same classes and input shape (the retrain scores on
+            it; the search only checks that it agrees with ``train_data``).
     """
 
     def __init__(self, config: Config, out_dir: Union[str, Path], *, resume: bool = False,
-                 log: Optional[Callable[[str], None]] = None, model: Optional[models.Supernet] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, model: Optional[models.Supernet] = None,
+                 train_data: Any = None, val_data: Any = None) -> None:
         if model is not None:
             config = assemble.adopt(config, model)
+        config, data = assemble.given_data(config, train_data, val_data)
         self.config = config
         run, train = config.run, config.train
-        plan = assemble.check(config, model=model)
+        plan = assemble.check(config, model=model, data=data)
         note = runs.resume_state(out_dir, resume)
         self.session = session = Session(out_dir, run, expect={"kind": "search", "model": config.model.name}, log=log)
         self.out, self.log, self.processes = session.out, session.log, session.processes
@@ -379,11 +389,12 @@ class Search:
 
 
 def search(config: Config, out_dir: Union[str, Path], *, resume: bool = False,
-           model: Optional[models.Supernet] = None) -> dict[str, Any]:
+           model: Optional[models.Supernet] = None, train_data: Any = None, val_data: Any = None) -> dict[str, Any]:
     """Run a search to its end (see :class:`Search`, also for ``model``: a supernet to search
-    instead of building ``config.model``); returns the result. Under ``torchrun`` every process
-    calls it; the process group is left at the end."""
-    runner = Search(config, out_dir, resume=resume, model=model)
+    instead of building ``config.model``, and ``train_data``/``val_data``: data sets of your own
+    instead of ``config.data``); returns the result. Under ``torchrun`` every process calls it;
+    the process group is left at the end."""
+    runner = Search(config, out_dir, resume=resume, model=model, train_data=train_data, val_data=val_data)
     try:
         return runner.run()
     finally:

@@ -72,7 +72,7 @@ def _check_user_model(model) -> None:
     """A factory's name and the keys of ``model.convert`` (no import here: the factory is
     imported, called and converted by :func:`apsfast.search.assemble.check`, before any file
     is written). A ``converted:`` name is a supernet passed to ``search(model=...)``."""
-    from apsfast.models.registry import CONVERT_OPTIONS, CONVERTED, check_factory_name
+    from apsfast.models.registry import CONVERT_OPTIONS, CONVERTED, check_factory_name, check_input_size
 
     if not model.name.startswith(CONVERTED):
         try:
@@ -83,10 +83,14 @@ def _check_user_model(model) -> None:
     if unknown:
         raise ConfigError(f"model.convert has unknown setting(s) {unknown}; its settings are {list(CONVERT_OPTIONS)} "
                           f"(sharing comes from sharing.strategy)")
-    size = model.convert.get("input_size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ConfigError(f"model.convert.input_size must be the image side (an int > 0) or null (the data's), "
-                          f"got {size!r}")
+    size, channels = model.convert.get("input_size"), model.convert.get("in_channels")
+    try:
+        if size is not None:
+            check_input_size(size, "model.convert.input_size (null: the data's)", model.name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+        raise ConfigError(f"model.convert.in_channels must be an int > 0 or null (the data's), got {channels!r}")
 
 
 def _check_data(data) -> None:
@@ -95,9 +99,11 @@ def _check_data(data) -> None:
     if data.root is not None:  # a shell leaves `~` after `=` alone: -s data.root=~/data
         data.root = os.path.expandvars(os.path.expanduser(data.root))
     data.name = datasets.ALIASES.get(data.name, data.name)
-    if data.name not in datasets.DATASETS:
-        raise ConfigError(f"data.name must be one of {', '.join(datasets.DATASETS)} (or the alias imagenet), got "
-                          f"{data.name!r}")
+    if ":" in data.name:
+        _check_user_data(data)
+    elif data.name not in datasets.DATASETS:
+        raise ConfigError(f"data.name must be one of {', '.join(datasets.DATASETS)} (or the alias imagenet), or "
+                          f"package.module:factory returning your data sets, got {data.name!r}")
     for key, options in (("augment", datasets.AUGMENTS), ("normalize", datasets.NORMALIZE)):
         value = getattr(data, key)
         if value not in options:
@@ -109,6 +115,22 @@ def _check_data(data) -> None:
     for path, value in (("data.image_size", data.image_size), ("data.workers", data.workers)):
         if value is not None and value < (0 if path == "data.workers" else 1):
             raise ConfigError(f"{path} must be {'≥ 0' if path == 'data.workers' else '> 0'}, got {value!r}")
+
+
+def _check_user_data(data) -> None:
+    """A data factory's name (imported by :func:`apsfast.search.assemble.check`, before any file
+    is written), or ``python:…``: data sets passed to ``search(train_data=...)``."""
+    from apsfast import data as datasets
+    from apsfast.models.registry import check_factory_name
+
+    if not data.name.startswith(datasets.PYTHON):
+        try:
+            check_factory_name(data.name, "data", datasets.FACTORY_RETURNS)
+        except ValueError as error:
+            raise ConfigError(f"data.name: {error}") from None
+    if data.image_size is not None:
+        raise ConfigError(f"data.image_size applies to the built-in sets; {data.name!r} gives its inputs' size "
+                          f"(set it in its transform), got {data.image_size!r}")
 
 
 def _check_training(config: Config) -> None:
