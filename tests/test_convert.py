@@ -450,6 +450,28 @@ class Chunked(nn.Module):
         return torch.cat([b, a], 1)
 
 
+class SpaceToDepth(nn.Module):
+    """TResNet's: 2×2 blocks of each channel's map moved into the channels, then back."""
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+        return F.pixel_shuffle(x, 2)
+
+
+class PoolsSmallMaps(nn.Module):
+    """timm's VGG head: a branch on the input's shape (a map smaller than 8×8 is pooled up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, 1, 1)
+
+    def forward(self, x):
+        if x.shape[-1] < 8:
+            x = F.adaptive_avg_pool2d(x, 8)
+        return self.conv(x)
+
+
 class Host(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -489,12 +511,16 @@ def assert_fixed_inner_is_exact(net, model, x) -> None:
     assert net.params(arch) == sum(p.numel() for p in static.parameters())
 
 
-@pytest.mark.parametrize("inner, op", [(Shuffle(), "call_method view (node 'view' in module 'inner')"),
-                                       (Chunked(), "call_function chunk (node 'chunk' in module 'inner')")],
-                         ids=["shuffle", "chunk"])
+@pytest.mark.parametrize("inner, op", [
+    (Shuffle(), "call_method view (node 'view' in module 'inner')"),
+    (Chunked(), "call_function chunk (node 'chunk' in module 'inner')"),
+    (SpaceToDepth(), "call_method view (node 'view' in module 'inner'): it reshapes the spatial dims"),
+    (PoolsSmallMaps(), "module 'inner' branches on a shape"),
+], ids=["shuffle", "chunk", "space_to_depth", "branch_on_shape"])
 def test_an_op_without_a_rule_is_pinned(inner, op):
-    # A channel shuffle mixes channel groups, a chunk cuts one: the channels they read and write
-    # keep their widths, the rest is searched, and the warning names the op.
+    # A channel shuffle mixes channel groups, a chunk cuts one, a space-to-depth moves pixels
+    # into channels: the channels they read and write keep their widths, the rest is searched,
+    # and the warning names the op. A submodule branching on its input's shape is a leaf.
     model = randomised(Host(inner).double()).eval()
     x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
     with pytest.warns(UserWarning, match="have no channel rule") as warned:

@@ -111,7 +111,9 @@ def convert(model: nn.Module, example_input: torch.Tensor, *,
     names = _exclude(model, exclude)
     # Trace a copy: the supernet takes its layers over, the user's model stays as it was.
     traced = trace(copy.deepcopy(model), example_input, names)
-    analysis = ChannelAnalyser(traced.module, names).run()
+    analysis = ChannelAnalyser(traced.module, (*names, *traced.shape_leaves)).run()
+    analysis.pinned[:0] = [f"module {leaf!r} branches on a shape ({why}): traced as a leaf at the example's shapes"
+                           for leaf, why in traced.shape_leaves.items()]
     if analysis.pinned:
         warnings.warn(f"convert: {len(analysis.pinned)} op(s) of {type(model).__name__} have no channel rule; the "
                       f"channels they read and write keep their widths (the rest is searched): "

@@ -390,8 +390,12 @@ class ChannelAnalyser:
         layout = self._input_layout(node)
         before, after = shape_of(node.args[0]), shape_of(node)
         if len(after) >= 2 and after[:2] == before[:2]:
-            if rewrite:  # read the channel count from the live tensor, not the traced sizes
-                self.result.reshapes[node.name] = self._rewrite(node, before, after)
+            how = self._rewrite(before, after) if rewrite else None
+            if rewrite and how is None:
+                return self._pin(node, f"it reshapes the spatial dims of {tuple(before)} to {tuple(after)} "
+                                 f"in a way convert does not follow (e.g. a space-to-depth)")
+            if how is not None:  # read the channel count from the live tensor, not the traced sizes
+                self.result.reshapes[node.name] = how
             return layout
         if len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
             # Channels flattened with the spatial dims (before a linear layer): channel c fills
@@ -407,15 +411,16 @@ class ChannelAnalyser:
                          f"the channel dim (e.g. a channel shuffle)")
 
     @staticmethod
-    def _rewrite(node: fx.Node, before: torch.Size, after: torch.Size) -> tuple:
+    def _rewrite(before: torch.Size, after: torch.Size) -> Optional[tuple]:
+        """How :func:`~apsfast.models.converter.layers.channel_view` redoes a reshape keeping
+        ``(N, C)``; ``None`` for one it does not follow."""
         if after[2:] == before[2:]:
             return ("same",)
         if math.prod(after[2:]) == 1 and math.prod(before[2:]) == 1:
             return ("ones", len(after) - 2)
         if len(after) == 3:
             return ("flat",)
-        refuse(node, _op_name(node), f"it reshapes the spatial dims of {tuple(before)} to "
-               f"{tuple(after)} in a way convert does not follow")
+        return None
 
     def _reduce(self, node: fx.Node) -> Optional[Layout]:
         layout = self._input_layout(node)

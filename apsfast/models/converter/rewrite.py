@@ -161,8 +161,8 @@ def _module_conv(module: fx.GraphModule, node: fx.Node) -> None:
     owner_path, owner = found
     held = {name: getattr(owner, t.target.rpartition(".")[2]) for name, t in tensors.items() if t is not None}
     w = held["weight"]
-    if w.dim() != 4:
-        return
+    if w.dim() != 4 or not all(isinstance(t, nn.Parameter) for t in held.values()):
+        return  # a fixed filter held in a buffer (an anti-aliasing blur): left to the analysis
     settings = dict(stride=_argument(node, 3, "stride", 1), padding=_argument(node, 4, "padding", 0),
                     dilation=_argument(node, 5, "dilation", 1), groups=_argument(node, 6, "groups", 1),
                     bias="bias" in held, device="meta")

@@ -2,7 +2,10 @@
 
 The tracer treats excluded submodules as leaves (their inside is never traced, so whatever
 they do to their channels is opaque and their widths stay fixed) and records, on every
-node, the submodule whose ``forward`` created it, so that a refusal can name it. Shapes come
+node, the submodule whose ``forward`` created it, so that a refusal can name it. A submodule
+that branches on its input's *shape* (timm's VGG head pools a map smaller than 7×7 up to it)
+is traced as a leaf too: shapes are the example input's everywhere in convert, so it computes
+and costs what it did on it. A branch on the values of a tensor is refused. Shapes come
 from one run of the traced graph on the example input (``ShapeProp``) in eval mode, which
 leaves the model's running statistics alone.
 """
@@ -28,6 +31,11 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.exclude = frozenset(exclude)
         self.failed_in: Optional[str] = None
+        self.branch_on_shape = False  # the trace failed on a branch that reads only sizes
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        self.branch_on_shape = _reads_only_sizes(obj.node)
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.exclude or super().is_leaf_module(m, module_qualified_name)
@@ -47,13 +55,33 @@ class _Tracer(fx.Tracer):
         return proxy
 
 
+def _reads_only_sizes(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on tensors through their sizes alone (``x.shape``,
+    ``x.size()``, ``x.dim()``), not their values."""
+    pending, seen = [node], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if (node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))) \
+                or (node.op == "call_method" and node.target in ("size", "dim")):
+            continue
+        if node.op in ("placeholder", "get_attr", "call_module"):
+            return False
+        pending += node.all_input_nodes
+    return True
+
+
 @dataclass
 class Traced:
-    """A traced model: its graph module (sharing the model's submodules), and the shapes of
-    the conv, batch-norm and linear layers inside the opaque leaves, at the example input."""
+    """A traced model: its graph module (sharing the model's submodules), the shapes of the
+    conv, batch-norm and linear layers inside the opaque leaves at the example input, and the
+    submodules traced as leaves because they branch on a shape (with why)."""
 
     module: fx.GraphModule
     leaf_shapes: dict[str, list[LayerShape]] = field(default_factory=dict)
+    shape_leaves: dict[str, str] = field(default_factory=dict)
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str]) -> Traced:
@@ -63,15 +91,21 @@ def trace(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str])
     Raises ``ValueError`` naming the submodule where tracing failed (data-dependent control
     flow and the like) and how to proceed.
     """
-    tracer = _Tracer(exclude)
-    try:
-        graph = tracer.trace(model)
-    except Exception as error:  # TraceError (control flow on values), or any op fx cannot proxy
-        where = tracer.failed_in
-        hint = (f"pass exclude=[{where!r}] to keep that submodule fixed and opaque (its widths are "
-                f"not searched)" if where else "rewrite the model's own forward without it")
-        raise ValueError(f"convert: torch.fx cannot trace {type(model).__name__} in module "
-                         f"{where or '(top level)'!r}: {error}; {hint}") from error
+    shape_leaves: dict[str, str] = {}
+    while True:
+        tracer = _Tracer((*exclude, *shape_leaves))
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as error:  # TraceError (control flow on values), or any op fx cannot proxy
+            where = tracer.failed_in
+            if tracer.branch_on_shape and where and where not in shape_leaves:
+                shape_leaves[where] = str(error).split("\n")[0]
+                continue
+            hint = (f"pass exclude=[{where!r}] to keep that submodule fixed and opaque (its widths are "
+                    f"not searched)" if where else "rewrite the model's own forward without it")
+            raise ValueError(f"convert: torch.fx cannot trace {type(model).__name__} in module "
+                             f"{where or '(top level)'!r}: {error}; {hint}") from error
     module = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -79,7 +113,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str])
                          f"{len(placeholders)} arguments {[n.target for n in placeholders]}")
     functional_layers(module)
     leaves = [n.target for n in graph.nodes if n.op == "call_module"]
-    traced = Traced(module)
+    traced = Traced(module, shape_leaves=shape_leaves)
     _propagate(traced, leaves, example_input)
     return traced
 
