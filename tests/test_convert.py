@@ -472,6 +472,18 @@ class PoolsSmallMaps(nn.Module):
         return self.conv(x)
 
 
+class Ghost(nn.Module):
+    """GhostNet's: a concatenation sliced to its own width (x[:, :C] of C channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([y, F.relu(y)], 1)[:, :16]
+
+
 class Host(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -527,6 +539,17 @@ def test_an_op_without_a_rule_is_pinned(inner, op):
         net = apsfast.convert(model, x)
     assert op in str(warned[0].message)
     assert_fixed_inner_is_exact(net, model, x)
+
+
+def test_a_slice_of_every_channel_passes_them_on():
+    model = randomised(Host(Ghost()).double()).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=F64)
+    net = apsfast.convert(model, x, round_to=4)
+    assert [d.name for d in net.decisions()] == ["stem.0", "inner.conv", "conv"]
+    arch = net.min_arch()
+    net.eval().set_arch(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(net.export(arch)(x), net(x))
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

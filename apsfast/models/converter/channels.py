@@ -445,9 +445,16 @@ class ChannelAnalyser:
             return None
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         whole = slice(None, None, None)
-        if len(index) >= 2 and index[0] == whole and index[1] == whole:
-            return self._input_layout(node)  # indexes spatial dims only
+        if len(index) >= 2 and index[0] == whole and (index[1] == whole or self._covers(index[1], shape_of(source)[1])):
+            return self._input_layout(node)  # indexes spatial dims only (GhostNet's x[:, :C] of C channels)
         return self._pin(node, "it indexes the batch or channel dim")
+
+    @staticmethod
+    def _covers(index: Any, size: int) -> bool:
+        """Whether ``index`` is a slice taking all ``size`` elements, in order."""
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            return False
+        return index.start in (None, 0) and (index.stop is None or (isinstance(index.stop, int) and index.stop >= size))
 
     # --- channels-last (ConvNeXt's block: permute, LayerNorm, Linear, act, Linear, permute) ---
 
