@@ -85,6 +85,37 @@ def test_scoring_in_one_call_equals_the_unrolled_policy(options):
             torch.testing.assert_close(g, w, msg=name)
 
 
+@pytest.mark.parametrize("options", [{}, {"layers": 2, "layer_input": True,
+                                          "budget": lambda prefix: 1 - prefix.sum(1) / 10}])
+def test_sampling_is_the_gumbel_max_of_the_policy(options):
+    # The host's draw is argmax(logits + G) per decision with the policy's modules, fed back
+    # autoregressively, on the noise the generator gives (float64: no near ties).
+    torch.manual_seed(0)
+    policy = Controller(CHOICES, hidden_size=16, **options).double()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.mul_(10)  # far from uniform, so a wrong feed shows
+    archs = policy.sample_archs(256, torch.Generator().manual_seed(4))
+    gumbel = -torch.empty(256, len(CHOICES), max(CHOICES)).exponential_(generator=torch.Generator().manual_seed(4)).log()
+    batch = archs.shape[0]
+    state = [(torch.zeros(batch, 16, dtype=torch.float64),) * 2] * (1 + len(policy.upper))
+    x, want = policy.start.expand(batch, -1), []
+    with torch.no_grad():
+        for k, (head, n) in enumerate(zip(policy.heads, CHOICES)):
+            if policy.positions is not None:
+                x = x + policy.positions.weight[k]
+            if policy.budget_in is not None:
+                prefix = torch.stack(want, 1) if want else torch.zeros(batch, 0, dtype=torch.long)
+                x = x + policy.budget_in(policy.budget(prefix).to(x)[:, None])
+            for layer, cell in enumerate([policy.lstm, *policy.upper]):
+                state[layer] = cell(x, state[layer])
+                x = state[layer][0]
+            want.append((head(x) + gumbel[:, k, :n]).argmax(-1))
+            x = policy.embeddings[k](want[-1])
+    assert torch.equal(archs, torch.stack(want, 1))
+    assert len(set(map(tuple, archs.tolist()))) > 10  # draws, not one arch
+
+
 def test_sampling_draws_from_the_policy():
     # Gumbel-max per decision, fed back autoregressively: the frequencies of whole archs match
     # their likelihoods (a policy made far from uniform, so a wrong feed or draw shows).
@@ -176,6 +207,28 @@ def test_leave_one_out_baseline():
     for grad, param in zip(expected, policy.parameters()):
         assert (grad is None) == (param.grad is None)
         assert grad is None or torch.allclose(param.grad, grad, atol=1e-7)
+
+
+def test_reinforce_takes_the_gradient_of_its_loss_with_few_ops():
+    # The gradient through the packed tensors is autograd's through every parameter, to the
+    # bit; an update and a sample dispatch a fixed handful of ops, not some per decision.
+    from apsfast.benchmarks.common import count_ops
+    policy = controller(2, choices=(4,) * 13 + (3,) * 6)
+    trainer = Reinforce(policy, baseline="leave_one_out")
+    archs = policy.sample_archs(4, torch.Generator().manual_seed(0))
+    rewards = [0.2, 0.5, 0.1, 0.6]
+    trainer.optimizer.step = lambda: None  # keep the gradients to compare
+    trainer.step(policy.rollout(archs), rewards)
+    packed = [None if p.grad is None else p.grad.clone() for p in policy.parameters()]
+    trainer.step(policy.rollout(archs)._replace(packed=()), rewards)  # autograd's accumulation
+    for got, param in zip(packed, policy.parameters(), strict=True):
+        assert (got is None) == (param.grad is None)  # the last decision's embedding is never read
+        assert got is None or torch.equal(got, param.grad)
+    del trainer.optimizer.step
+    trainer.step(policy.rollout(archs), rewards)  # the optimizer's state made
+    cpu = torch.device("cpu")
+    assert count_ops(lambda: trainer.step(policy.rollout(archs), rewards), cpu)[0] <= 110  # 270 per parameter
+    assert count_ops(lambda: policy.sample_archs(4), cpu)[0] <= 6  # 400 as torch ops per decision
 
 
 def test_leave_one_out_ignores_how_hard_the_batch_is():

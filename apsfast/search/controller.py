@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,12 +18,32 @@ from apsfast.search import steps
 
 class Rollout(NamedTuple):
     """Architectures ``[B, D]`` with their log-probabilities and entropies ``[B]``, and the
-    per-decision candidate probabilities along them (``D`` tensors ``[B, n_k]``)."""
+    per-decision candidate probabilities along them (``D`` tensors ``[B, n_k]``).
+
+    ``packed``: the tensors the likelihoods read the controller's parameters through, each with
+    the parameters it holds (a concatenation of some, or one parameter itself): what
+    :class:`Reinforce` differentiates, one gradient per tensor instead of an autograd node and
+    an accumulation per parameter."""
 
     archs: Tensor
     log_prob: Tensor
     entropy: Tensor
-    probs: list[Tensor]
+    probs: Sequence[Tensor]
+    packed: tuple[tuple[Tensor, tuple[nn.Parameter, ...]], ...] = ()
+
+
+class _Probabilities(Sequence[Tensor]):
+    """Each decision's candidate probabilities ``[B, n_k]``, cut from the padded ``[D, B, max n]``
+    when read (a rollout that trains the policy never reads them)."""
+
+    def __init__(self, padded: Tensor, counts: tuple[int, ...]) -> None:
+        self.padded, self.counts = padded, counts
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        return self.padded[k, :, :self.counts[k]]
 
 
 def _choice_counts(decisions: Sequence[Any]) -> tuple[int, ...]:
@@ -75,6 +96,7 @@ class Controller(nn.Module):
         self.budget = budget
         self.budget_in = nn.Linear(1, hidden_size) if budget is not None else None
         self._layout_cache: Optional[tuple[torch.device, tuple[Tensor, Tensor, Tensor]]] = None
+        self._host_cache: Optional[tuple[tuple, dict[str, Any]]] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -109,35 +131,34 @@ class Controller(nn.Module):
         return [(zero, zero)] * (1 + len(self.upper))
 
     def _layout(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Where each decision's candidates sit among all heads' outputs: the offset of each
-        decision ``[D]``, a gather index ``[D, max n]`` onto them (repeating the last candidate
-        past ``n_k``), and the mask of real candidates ``[D, max n]``."""
+        """Where each decision's candidates sit: the row of decision ``k``'s first embedding in
+        the table of :meth:`_teacher_inputs` ``[D − 1]`` (for ``k < D − 1``), a gather index
+        ``[D, 1, max n]`` onto all heads' outputs (repeating the last candidate past ``n_k``),
+        and the mask of the padding past ``n_k`` ``[D, 1, max n]``; made once per device."""
         if self._layout_cache is None or self._layout_cache[0] != device:
             counts = torch.tensor(self.num_choices, device=device)
             offsets = counts.cumsum(0) - counts
             column = torch.arange(max(self.num_choices), device=device)
             index = offsets[:, None] + torch.minimum(column[None], counts[:, None] - 1)
-            self._layout_cache = (device, (offsets, index, column[None] < counts[:, None]))
+            self._layout_cache = (device, (offsets[:-1] + 1, index[:, None], column[None, None] >= counts[:, None, None]))
         return self._layout_cache[1]
 
-    def _teacher_inputs(self, archs: Tensor) -> Tensor:
+    def _teacher_inputs(self, archs: Tensor) -> tuple[Tensor, Tensor]:
         """Every decision's input ``[D, B, H]`` for known ``archs`` ``[B, D]``: the start vector,
-        then the embedding of each previous choice (one lookup in all tables at once), plus the
-        optional features — what :meth:`sample_archs` feeds its LSTM one decision at a time."""
-        batch, count = archs.shape
-        first = self.start.expand(batch, -1)[None]
-        if count > 1:
-            offsets = self._layout(archs.device)[0]
-            table = torch.cat([e.weight for e in self.embeddings[:-1]])
-            x = torch.cat([first, F.embedding((archs[:, :-1] + offsets[:-1]).t(), table)])
-        else:
-            x = first
+        then the embedding of each previous choice (one lookup in a table of the start vector
+        and every embedding, returned too), plus the optional features — what
+        :meth:`sample_archs` feeds its LSTM one decision at a time."""
+        count = archs.shape[1]
+        table = torch.cat([self.start, *(e.weight for e in self.embeddings[:-1])])
+        # The start vector is the table's row 0, decision k's choices follow at 1 + offset[k].
+        rows = F.pad(archs[:, :-1] + self._layout(archs.device)[0], (1, 0)).t()
+        x = F.embedding(rows, table)
         if self.positions is not None:
             x = x + self.positions.weight[:, None]
         if self.budget_in is not None:
             left = torch.stack([self.budget(archs[:, :k]).to(x) for k in range(count)])
             x = x + self.budget_in(left[..., None])
-        return x
+        return x, table
 
     def _score(self, archs: Tensor) -> Rollout:
         """Log-probabilities, entropies and probabilities of known ``archs`` ``[B, D]``: the
@@ -147,45 +168,89 @@ class Controller(nn.Module):
         layers = 1 + len(self.upper)
         zero = self.start.new_zeros(layers, batch, self.hidden_size)
         weights = [w for cell in self._cells() for w in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
-        out, _, _ = torch.lstm(self._teacher_inputs(archs), (zero, zero), weights, True, layers, 0.0,
-                               self.training, False, False)
-        logits = F.linear(out, torch.cat([h.weight for h in self.heads]), torch.cat([h.bias for h in self.heads]))
-        _, index, real = self._layout(archs.device)
+        x, table = self._teacher_inputs(archs)
+        out, _, _ = torch.lstm(x, (zero, zero), weights, True, layers, 0.0, self.training, False, False)
+        head_weight, head_bias = torch.cat([h.weight for h in self.heads]), torch.cat([h.bias for h in self.heads])
+        logits = F.linear(out, head_weight, head_bias)
+        _, index, padding = self._layout(archs.device)
         # Each decision's logits side by side [D, B, max n], the padding at −∞: one softmax
         # for all decisions, with zero probability (and a zero gradient) past n_k.
-        padded = logits.gather(2, index[:, None].expand(-1, batch, -1)).masked_fill(~real[:, None], -math.inf)
+        padded = logits.gather(2, index.expand(-1, batch, -1)).masked_fill(padding, -math.inf)
         logp = F.log_softmax(padded, dim=-1)
         p = logp.exp()
         log_prob = logp.gather(2, archs.t()[..., None]).squeeze(2).sum(0)
-        entropy = -(p * logp.masked_fill(~real[:, None], 0.0)).sum(-1).sum(0)
-        return Rollout(archs, log_prob, entropy, [p[k, :, :n] for k, n in enumerate(self.num_choices)])
+        entropy = -(p * logp.masked_fill(padding, 0.0)).sum(-1).sum(0)
+        packed = ((table, (self.start, *(e.weight for e in self.embeddings[:-1]))),
+                  (head_weight, tuple(h.weight for h in self.heads)), (head_bias, tuple(h.bias for h in self.heads)),
+                  *((w, (w,)) for w in weights),
+                  *((w, (w,)) for m in (self.positions, self.budget_in) if m is not None for w in m.parameters()))
+        return Rollout(archs, log_prob, entropy, _Probabilities(p, self.num_choices), packed)
+
+    def _host_weights(self) -> dict[str, Any]:
+        """The parameters as NumPy arrays sharing their memory (copies, for a controller off
+        the CPU), made once: the optimizer and ``load_state_dict`` write the parameters in
+        place, and a conversion (``.double()``, ``.to()``) gives them new memory, which the
+        key sees."""
+        params = list(self.parameters())
+        key = tuple((p.device, p.data_ptr()) for p in params)
+        if self._host_cache is None or self._host_cache[0] != key or self.start.device.type != "cpu":
+            def host(p: Tensor) -> np.ndarray:
+                return p.detach().cpu().numpy()
+            self._host_cache = (key, {
+                "start": host(self.start), "embeddings": [host(e.weight) for e in self.embeddings],
+                "cells": [(host(c.weight_ih), host(c.weight_hh), host(c.bias_ih), host(c.bias_hh))
+                          for c in self._cells()],
+                "heads": [(host(h.weight), host(h.bias)) for h in self.heads],
+                "positions": None if self.positions is None else host(self.positions.weight),
+                "budget_in": None if self.budget_in is None else (host(self.budget_in.weight)[:, 0],
+                                                                  host(self.budget_in.bias))})
+        return self._host_cache[1]
 
     @torch.no_grad()
     def sample_archs(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
         """Draw ``batch`` architectures ``[batch, D]`` (no likelihoods, no graph): per decision
         one LSTM step and the Gumbel-max choice ``argmax(logits + G)``, which is a draw from the
-        softmax; the noise of all decisions is drawn at once."""
+        softmax; the noise of all decisions is drawn at once, from ``generator``.
+
+        The policy runs in NumPy on the host, on the parameters' memory: a step of a
+        64-wide LSTM is a few microseconds of arithmetic, and as torch ops each decision cost
+        about 20 dispatched ops (400 a sample of 19 decisions, 2 ms on a CPU core)."""
         batch = _checks.positive_int("batch", batch)
-        noise = torch.empty(batch, len(self.num_choices), max(self.num_choices), device=self.start.device)
-        gumbel = -noise.exponential_(generator=generator).log()
-        state = self._zero_state(batch)
-        cells = [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in self._cells()]
-        x = self.start.expand(batch, -1)
-        chosen: list[Tensor] = []
-        # The modules' functions called directly: a module call's own overhead is about half
-        # of this loop's time.
-        for k, (head, n) in enumerate(zip(self.heads, self.num_choices)):
-            x = self._input(x, k, chosen)
-            for layer, weights in enumerate(cells):
-                state[layer] = torch.lstm_cell(x, state[layer], *weights)
-                x = state[layer][0]
-            chosen.append(torch.addmm(head.bias, x, head.weight.t()).add_(gumbel[:, k, :n]).argmax(-1))
-            x = F.embedding(chosen[-1], self.embeddings[k].weight)
-        return torch.stack(chosen, 1)
+        noise = torch.empty(batch, len(self.num_choices), max(self.num_choices))
+        gumbel = -noise.exponential_(generator=generator).log_().numpy()
+        w = self._host_weights()
+        dtype = w["start"].dtype
+        state = [(np.zeros((batch, self.hidden_size), dtype), np.zeros((batch, self.hidden_size), dtype))
+                 for _ in w["cells"]]
+        biases = [b_ih + b_hh for _, _, b_ih, b_hh in w["cells"]]
+        x = np.broadcast_to(w["start"], (batch, self.hidden_size))
+        chosen = np.zeros((batch, len(self.num_choices)), np.int64)
+        hidden = self.hidden_size
+        for k, ((head_w, head_b), n) in enumerate(zip(w["heads"], self.num_choices)):
+            if w["positions"] is not None:
+                x = x + w["positions"][k]
+            if w["budget_in"] is not None:
+                left = self.budget(torch.from_numpy(chosen[:, :k])).to(self.start.dtype).cpu().numpy()
+                x = x + (left[:, None] * w["budget_in"][0] + w["budget_in"][1])
+            for layer, ((w_ih, w_hh, _, _), bias) in enumerate(zip(w["cells"], biases)):
+                h, c = state[layer]
+                gates = x @ w_ih.T + h @ w_hh.T + bias  # input, forget, cell, output (torch's order)
+                act = 1 / (1 + np.exp(-gates))
+                c = act[:, hidden:2 * hidden] * c + act[:, :hidden] * np.tanh(gates[:, 2 * hidden:3 * hidden])
+                x = act[:, 3 * hidden:] * np.tanh(c)
+                state[layer] = (x, c)
+            chosen[:, k] = (x @ head_w.T + head_b + gumbel[:, k, :n]).argmax(-1)
+            x = w["embeddings"][k][chosen[:, k]]
+        return torch.from_numpy(chosen).to(self.start.device)
 
     def sample(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Rollout:
         """Draw ``batch`` architectures; their log-probabilities carry gradients."""
-        return self._score(self.sample_archs(batch, generator))
+        return self.rollout(self.sample_archs(batch, generator))
+
+    def rollout(self, archs: Tensor) -> Rollout:
+        """The likelihoods of ``archs`` ``[B, D]`` that :meth:`sample_archs` drew (unchecked:
+        :meth:`evaluate` checks given architectures)."""
+        return self._score(archs)
 
     def evaluate(self, archs: Sequence[Sequence[int]] | Tensor) -> Rollout:
         """Log-probabilities, entropies and per-decision probabilities of given architectures."""
@@ -254,26 +319,44 @@ class Reinforce:
 
     def step(self, rollout: Rollout, rewards: Tensor | Sequence[float] | float) -> dict[str, float]:
         """One policy-gradient step on the sampled ``rollout`` with its ``rewards`` ``[B]``."""
-        rewards = torch.as_tensor(rewards, dtype=rollout.log_prob.dtype, device=rollout.log_prob.device)
-        rewards = rewards.expand_as(rollout.log_prob)
-        if not bool(torch.isfinite(rewards).all()):
-            raise ValueError(f"rewards must be finite, got {rewards.tolist()}")
+        # Checked on the host, where a searcher's rewards are (a tensor's are read back once).
+        values = rewards.tolist() if isinstance(rewards, Tensor) else rewards
+        values = [float(v) for v in values] if isinstance(values, Sequence) else [float(values)]
+        if not all(map(math.isfinite, values)):
+            raise ValueError(f"rewards must be finite, got {values}")
+        count = len(rollout.log_prob)
+        rewards = torch.tensor(values * count if len(values) == 1 else values, dtype=rollout.log_prob.dtype,
+                               device=rollout.log_prob.device)
         mean = float(rewards.mean())
         self.baseline = mean if self.baseline is None else \
             self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean
         if self.leave_one_out:
-            count = rewards.numel()
             if count < 2:
                 raise ValueError("the leave_one_out baseline needs at least 2 archs per step, got 1")
             advantage = rewards - (rewards.sum() - rewards) / (count - 1)
         else:
             advantage = rewards - self.baseline
-        loss = -(advantage * rollout.log_prob).mean() - self.entropy_weight * rollout.entropy.mean()
+        entropy = rollout.entropy.mean()
+        loss = -(advantage * rollout.log_prob).mean() - self.entropy_weight * entropy
         self.optimizer.zero_grad()
-        loss.backward()
+        self._backward(loss, rollout)
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "reward": mean, "baseline": self.baseline,
-                "entropy": float(rollout.entropy.detach().mean())}
+        return {"loss": loss.item(), "reward": mean, "baseline": self.baseline, "entropy": entropy.item()}
+
+    @staticmethod
+    def _backward(loss: Tensor, rollout: Rollout) -> None:
+        """``loss.backward()`` into the parameters' ``.grad`` (all ``None`` before): the gradient
+        of each tensor of ``rollout.packed``, split into its parameters' (views of it). The
+        same values as autograd's accumulation, without the per-parameter slice and
+        accumulation it dispatches (120 ops of a 19-decision controller's update)."""
+        if not rollout.packed:
+            loss.backward()
+            return
+        grads = torch.autograd.grad(loss, [tensor for tensor, _ in rollout.packed], allow_unused=True)
+        for grad, (_, params) in zip(grads, rollout.packed):
+            if grad is not None:
+                for param, part in zip(params, grad.split([p.shape[0] for p in params]) if len(params) > 1 else (grad,)):
+                    param.grad = part
 
     def state_dict(self) -> dict[str, Any]:
         """Controller, optimizer and baseline: everything a resume needs."""

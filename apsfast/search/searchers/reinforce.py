@@ -51,7 +51,7 @@ class ReinforceSearcher(Searcher):
         self._pending: Optional[tuple[list[Arch], Readback]] = None
 
     def sample_train_arch(self) -> Arch:
-        return self.controller.sample_archs(1, self.generator)[0].tolist()
+        return self.controller.sample_archs(1, self.generator).tolist()[0]
 
     def step(self, score: Score, batch: Optional[Batch] = None) -> dict[str, float]:
         """Score this step's archs, and train the policy on the previous step's.
@@ -77,7 +77,7 @@ class ReinforceSearcher(Searcher):
         self._pending = None
         rewards = [flops_reward(acc, self.flops(arch), self.target, self.alpha, self.beta)
                    for acc, arch in zip(accuracies.tolist(), archs)]
-        return self.reinforce.step(self.controller.evaluate(archs), rewards)
+        return self.reinforce.step(self.controller.rollout(torch.tensor(archs)), rewards)
 
     def beam(self, size: int) -> list[tuple[Arch, float]]:
         return self.controller.beam_search(size)
