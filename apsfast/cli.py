@@ -328,12 +328,12 @@ def _add_export(sub) -> None:
     export = sub.add_parser(
         "export", help="write a searched or retrained network for deployment: ONNX (--onnx) or a torch.export "
         "program (--pt2)", description="Write the network of RUN with its weights, in eval mode, for inputs "
-        "[batch, 3, S, S] (S: the search's image size; batch dynamic). RUN is a search's folder (its retrained "
+        "[batch, C, H, W] (the search's input shape; batch dynamic). RUN is a search's folder (its retrained "
         "model, retrain/retrained.pt, if `apsfast train RUN` has finished one, else model.pt: the chosen arch with "
         "the supernet's weights), a retrain's folder (retrained.pt), or an exported model.pt / retrained.pt file.")
     export.add_argument("run", metavar="RUN", help="a search's folder, a retrain's folder, or a model.pt file")
-    export.add_argument("--onnx", metavar="PATH", help="write an ONNX file (needs pip install apsfast[onnx]); "
-                        "checked against PyTorch with onnxruntime when it is installed")
+    export.add_argument("--onnx", metavar="PATH", help="write an ONNX file (needs pip install onnx onnxscript "
+                        "onnxruntime); checked against PyTorch with onnxruntime when it is installed")
     export.add_argument("--pt2", metavar="PATH", help="write a torch.export program with its weights (.pt2)")
     export.add_argument("--searched", action="store_true",
                         help="with a search's folder: its searched model.pt even where a retrained model exists")

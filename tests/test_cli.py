@@ -118,6 +118,10 @@ def test_models_table_and_decisions(capsys):
     (["-o", "residual=stage"], "needs a model NAME"),
     (["resnet20_cifar", "-o", "residual"], "expected KEY=VALUE"),
     (["resnet21"], "unknown model 'resnet21'"),
+    # A model of your own (tests/user_models.py): the input size is a convert setting, said so.
+    (["user_models:tiny_cnn"], """e.g. apsfast models user_models:tiny_cnn -o 'convert={"input_size": 32}'"""),
+    (["user_models:tiny_cnn", "-o", "input_size=16"], """e.g. -o 'convert={"input_size": ...}'"""),
+    (["user_models:tiny_cnn", "-o", "width=16"], """e.g. -o 'options={"width": ...}'"""),
 ])
 def test_models_bad_options_are_clear(capsys, args, message):
     from apsfast import cli

@@ -215,7 +215,7 @@ def test_export_errors_name_what_is_wrong(runs, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"apsfast.convert in Python.*input_shape=\[3, 16, 16\]"):
         deploy.load_model(tmp_path / "converted.pt")
     monkeypatch.setattr(deploy.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=re.escape("pip install apsfast[onnx] (or pip install onnx onnxscript")):
+    with pytest.raises(ImportError, match=re.escape("pip install onnx onnxscript onnxruntime (apsfast's onnx extra: pip install --no-build-isolation")):
         export_onnx(run, tmp_path / "m.onnx")
 
 

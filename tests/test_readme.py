@@ -75,13 +75,14 @@ def test_readme_own_model_search_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     commands = shell_commands("--model mynets:small_cnn")
-    assert [c[0] for c in commands] == ["search", "search", "train"]
+    assert [c[0] for c in commands] == ["search", "search", "train", "export"]
     for command in commands:
         assert cli.main(command) == 0
     result = json.loads((tmp_path / "runs" / "mynets" / "result.json").read_text())
     assert result["model"] == "mynets:small_cnn" and [d["name"] for d in result["decisions"]] == ["stem.0", "block.0"]
     assert "the search in runs/mynets is complete" in capsys.readouterr().out
     assert (tmp_path / "runs" / "mynets" / "retrain" / "retrain.json").is_file()
+    assert (tmp_path / "runs" / "mynets.pt2").stat().st_size > 0
     namespace = run(blocks[4])
     assert namespace["result"]["model"] == "converted:SmallCNN"
     assert 0 <= namespace["summary"]["test_acc"] <= 1

@@ -13,7 +13,7 @@ from PIL import Image
 
 from apsfast import data as datasets
 from apsfast.search import ConfigError, Controller, Search, load_config, retrain
-from apsfast.search.runs import changes, saved_config
+from apsfast.search.runs import changes, saved_config, where
 from test_search import TINY, quiet, tiny
 
 
@@ -155,3 +155,8 @@ def test_retrain_with_distillation_from_the_widest_arch(tmp_path):
                    log=quiet)["epochs"] == 1
     with pytest.raises(ConfigError, match="retrain.distill must be widest or the path"):
         retrain(tmp_path, tmp_path / "kd3", ["retrain.distill=nowhere.pt"], log=quiet)
+
+
+def test_a_resume_says_where_the_run_stands_as_the_console_counts_epochs():
+    assert where(0, 10) == "at epoch 1/10" and where(9, 10) == "at epoch 10/10"
+    assert where(10, 10) == "after its last epoch (10/10)"  # a finished run: not "at epoch 11"

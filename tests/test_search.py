@@ -164,7 +164,7 @@ def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
     interrupted.train_step = stop_at_step_6
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
-    with pytest.raises(FileExistsError, match="pass --resume"):
+    with pytest.raises(FileExistsError, match=r"pass --resume \(resume=True in Python\)"):
         Search(tiny(), tmp_path / "cut", log=quiet)
     resumed = Search(tiny(), tmp_path / "cut", resume=True, log=quiet)
     assert resumed.step == 4  # the checkpoint of step 4 (the one of step 6 never happened)

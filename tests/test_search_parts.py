@@ -334,6 +334,23 @@ def test_plots_are_written(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_decisions_with_candidates_of_their_own_get_a_legend_each(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from apsfast.search.plots import plot_decisions
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    epochs = [{"epoch": e, "phase": "search", "probs": [[0.5, 0.5], [0.2, 0.3, 0.5]]} for e in range(3)]
+    decisions = [{"name": "stem.0", "widths": [8, 16]}, {"name": "block.0", "widths": [12, 24, 32]}]
+    plot_decisions(epochs, decisions, tmp_path / "d.png", title="a converted model")
+    (fig,) = figures
+    assert not fig.legends
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes] == [["8", "16"], ["12", "24", "32"]]
+    same = [{"name": "a", "widths": [2, 4]}, {"name": "b", "widths": [2, 4]}]
+    plot_decisions([{"epoch": 0, "phase": "search", "probs": [[0.5, 0.5]] * 2}], same, tmp_path / "e.png")
+    assert [t.get_text() for t in figures[1].legends[0].get_texts()] == ["2", "4"]
+    assert all(ax.get_legend() is None for ax in figures[1].axes)
+
+
 def test_config_defaults_are_the_authors():
     config = Config()
     assert (config.train.lr, config.train.momentum, config.train.weight_decay, config.train.batch_size) == \

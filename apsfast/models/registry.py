@@ -70,9 +70,10 @@ def build(name: str, *, device=None, dtype=None, **options: Any) -> Supernet:
     if is_factory(name):
         unknown = sorted(set(options) - set(FACTORY_OPTIONS))
         if unknown:
+            section = "convert" if unknown[0] in CONVERT_OPTIONS else "options"
             raise TypeError(f"unknown option(s) {unknown} for model {name!r}: a model of your own takes options "
-                            f"(the factory's keyword arguments, e.g. -o 'options={{\"{unknown[0]}\": ...}}') and "
-                            f"convert (apsfast.convert's settings: {', '.join(CONVERT_OPTIONS)})")
+                            f"(the factory's keyword arguments) and convert (apsfast.convert's settings: "
+                            f"{', '.join(CONVERT_OPTIONS)}), e.g. -o '{section}={{\"{unknown[0]}\": ...}}'")
         return build_factory(name, device=device, dtype=dtype, **options)
     chosen = {**options_of(name), **options}
     unknown = sorted(set(options) - set(options_of(name)))

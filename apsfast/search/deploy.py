@@ -25,7 +25,8 @@ OPSET = 18
 #: Where ``apsfast train RUN`` puts the retrained chosen arch, inside the search's folder.
 RETRAINED = Path("retrain") / "retrained.pt"
 ONNX_PACKAGES = ("onnx", "onnxscript")
-INSTALL_ONNX = "pip install apsfast[onnx] (or pip install onnx onnxscript onnxruntime)"
+INSTALL_ONNX = ("pip install onnx onnxscript onnxruntime (apsfast's onnx extra: pip install --no-build-isolation "
+                "'.[onnx]' in its source folder)")
 Source = Union[str, os.PathLike, nn.Module]
 
 
@@ -174,7 +175,7 @@ def export_onnx(source: Source, path: Union[str, os.PathLike], *, searched: bool
     """Write the network of ``source`` (a run folder, an exported file or a module: see
     :func:`load_model`) to ``path`` as one ONNX file: input ``"input"`` of shape
     ``[batch, C, H, W]`` (``batch`` dynamic), output ``"logits"``, eval mode, float32, opset
-    ``opset``. Needs the ``onnx`` and ``onnxscript`` packages (``pip install apsfast[onnx]``).
+    ``opset``. Needs the ``onnx`` and ``onnxscript`` packages (:data:`INSTALL_ONNX`).
     Returns the path written."""
     check_onnx_export(opset)
     output_path(path)

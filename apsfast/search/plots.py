@@ -44,14 +44,17 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: Union[str, Path], *, tit
 def plot_decisions(epochs: Sequence[dict[str, Any]], decisions: Sequence[dict[str, Any]],
                    path: Union[str, Path], *, title: str = "") -> Path:
     """One panel per decision: the probability of each candidate width along the controller's
-    most likely arch, over the epochs after warm-up."""
+    most likely arch, over the epochs after warm-up. Where every decision has the same
+    candidates one legend serves the figure, else each panel has its own (a converted model's
+    decisions have widths of their own)."""
     plt = _pyplot()
     search = [r for r in epochs if r["phase"] == "search" and r.get("probs")]
     count = len(decisions)
     cols = min(6, count)
     rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 1.9 * rows), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 0.6, 1.9 * rows + 0.5), sharex=True, sharey=True,
+                             squeeze=False, layout="constrained")  # room for the titles and the legend
+    shared = all(list(d["widths"]) == list(decisions[0]["widths"]) for d in decisions)
     x = [r["epoch"] + 1 for r in search]
     for k, (ax, decision) in enumerate(zip(axes.flat, decisions)):
         for a, width in enumerate(decision["widths"]):
@@ -59,15 +62,17 @@ def plot_decisions(epochs: Sequence[dict[str, Any]], decisions: Sequence[dict[st
         ax.set_title(decision["name"], fontsize=7)
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=6)
+        if not shared:
+            ax.legend(title="width", fontsize=5, title_fontsize=5, loc="best")
     for ax in list(axes.flat)[count:]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="width", loc="upper right", fontsize=7, title_fontsize=7)
+    if shared:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, title="width", loc="outside right upper", fontsize=7, title_fontsize=7)
     fig.supxlabel("epoch", fontsize=8)
     fig.supylabel("probability", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.07, right=0.9, bottom=0.1, top=0.9, wspace=0.15, hspace=0.45)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -140,7 +140,8 @@ class Retrain:
         self.sums["seen"] = int(state["sums"]["seen"])
         changed = runs.changes(state["config_dict"], self.config.to_dict())
         extra = f" with {runs.described(changed)}" if changed else ""
-        self.log(f"resumed retraining from {self.session.checkpoint} at epoch {self.epoch + 1}, step {self.step}{extra}")
+        self.log(f"resumed retraining from {self.session.checkpoint} {runs.where(self.epoch, self.config.retrain.epochs)}, "
+                 f"step {self.step}{extra}")
 
     def _check_finite(self) -> None:
         if not bool(torch.isfinite(self.sums["loss"])):

@@ -97,8 +97,8 @@ def resume_state(out: Union[str, Path], resume: bool) -> Optional[str]:
     has_checkpoint = (out / CHECKPOINT).exists()
     if not resume:
         if has_checkpoint:
-            raise FileExistsError(f"{str(out)!r} already holds a run (checkpoint.pt): pass --resume to continue it, "
-                                  f"or another output folder")
+            raise FileExistsError(f"{str(out)!r} already holds a run (checkpoint.pt): pass --resume (resume=True in "
+                                  f"Python) to continue it, or another output folder")
         return None
     if has_checkpoint:
         return f"resuming the run in {out}"
@@ -107,6 +107,12 @@ def resume_state(out: Union[str, Path], resume: bool) -> Optional[str]:
     raise FileNotFoundError(f"cannot resume: {str(out)!r} holds no checkpoint"
                             f"{'' if out.exists() else ' (the folder does not exist)'}; check --out, or start the run "
                             f"without --resume")
+
+
+def where(done: int, epochs: int) -> str:
+    """Where a resumed run stands, ``done`` of its ``epochs`` epochs finished, as the console
+    counts epochs (from 1): ``at epoch 3/10``, or ``after its last epoch (10/10)``."""
+    return f"after its last epoch ({epochs}/{epochs})" if done >= epochs else f"at epoch {done + 1}/{epochs}"
 
 
 def described(items: Iterable[tuple[str, Any, Any]]) -> str:

@@ -184,7 +184,8 @@ class Search:
         for key in ("seen", "reward", "entropy", "controller_steps"):
             self.sums[key] = state["epoch_sums"][key]
         extra = f" with {runs.described(changed)}" if changed else ""
-        self.log(f"resumed from {self.session.checkpoint} at epoch {self.epoch + 1}, step {self.step}{extra}")
+        self.log(f"resumed from {self.session.checkpoint} {runs.where(self.epoch, self.config.train.epochs)}, "
+                 f"step {self.step}{extra}")
 
     # --- the schedule -------------------------------------------------------------------
 
