@@ -227,3 +227,13 @@ def test_command_line_errors_are_one_line(tmp_path):
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     shown = cli("search", "--preset", "demo", "-s", "train.lr=0.5", "--print-config")
     assert shown.returncode == 0 and "lr: 0.5" in shown.stdout
+
+
+def test_a_target_every_arch_meets_is_warned_of(tmp_path):
+    lines: list[str] = []
+    Search(tiny("reward.flops_target=1e12"), tmp_path, log=lines.append)
+    (warning,) = [line for line in lines if line.startswith("warning: ")]
+    assert warning.startswith("warning: reward.flops_target = 1e+12 MACs is at or above the widest arch's")
+    lines.clear()
+    Search(tiny("reward.flops_target=3e4"), tmp_path / "under", log=lines.append)  # between 2.2e4 and the widest
+    assert not [line for line in lines if line.startswith("warning: ")]

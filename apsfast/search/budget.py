@@ -87,7 +87,9 @@ def search_budget(config: Config, net: models.Supernet, session) -> Budget:
     read its file), then the target checked against it."""
     reward = config.reward
     if reward.latency_target is None:
-        return macs_budget(config, net.flops)
+        budget = macs_budget(config, net.flops)
+        _warn_above_widest(session, budget, net)
+        return budget
     path = session.out / LATENCY
     if session.main:
         session.log(f"reward.latency_target = {reward.latency_target:g} ms at {reward.latency_batch} images: the "
@@ -102,4 +104,18 @@ def search_budget(config: Config, net: models.Supernet, session) -> Budget:
     check_latency_target(config, net, table)
     session.log(f"predicted latency: {table.predict(net.min_arch()):.4g} ms (narrowest arch) to "
                 f"{table.predict(net.max_arch()):.4g} ms (widest); target {reward.latency_target:g} ms")
-    return latency_budget(table, reward.latency_target)
+    budget = latency_budget(table, reward.latency_target)
+    _warn_above_widest(session, budget, net)
+    return budget
+
+
+def _warn_above_widest(session, budget: Budget, net: models.Supernet) -> None:
+    """A ``warning:`` line where the target is at or above the widest arch's cost: every arch
+    meets it, so it steers nothing (the search runs as without one)."""
+    if budget.target is None:
+        return
+    widest = budget.cost(net.max_arch())
+    if budget.target >= widest:
+        session.log(f"warning: {budget.setting} = {budget.target:.4g} {budget.unit} is at or above the widest arch's "
+                    f"{widest:.4g} {budget.unit}: every arch meets it, so it steers nothing (lower it below "
+                    f"{widest:.4g} to search under a budget)")
