@@ -66,6 +66,8 @@ def test_overrides_are_typed_and_win_over_the_preset(tmp_path):
     ("train.warmup_epochs=600", "train.warmup_epochs must be in [0, train.epochs=600)"),
     ("sharing.strategy=slimmable", "sharing.strategy must be one of ordinal, independent, transitional, learned"),
     ("sharing.tau=0", "sharing.tau must be > 0"),
+    ("sharing.transition_fall=1", "sharing.transition_fall must be a fraction 0 < x < 1, got 1"),
+    ("sharing.transition_end=0", "sharing.transition_end must be a fraction 0 < x ≤ 1, got 0"),
     ("model.name=vgg", "model.name must be one of"),
     ("model.options.depth=3", "unknown option(s) ['depth']"),
     ("model.options.sharing=ordinal", "model.options may not set ['sharing']"),

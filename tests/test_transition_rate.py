@@ -1,11 +1,16 @@
 """APS-T's default transition rate spans the search phase: Φ falls by at least 30% over it and
-the middle of the phase has done between 25% and 85% of the fall, for every preset's space.
+the middle of the phase has done between 25% and 85% of the fall, for every preset's space;
+on the demo's, Φ follows its line without plateaus or cliffs and then holds, so that the
+meta-weights have the end of the phase to adapt.
 
 The transition depends on P, Q only, so it runs here without data. The demo preset runs its
 whole search phase (368 steps); the paper's presets run their space (ImageNet ones with their
 candidate counts and structure at narrower widths) over a 120- or 240-step phase: the steered rate
 works in fractions of the phase, so the length changes the step size, not the shape."""
 from __future__ import annotations
+
+import json
+from functools import lru_cache
 
 import pytest
 import torch
@@ -16,10 +21,14 @@ from apsfast.search import load_config
 from apsfast.search.strategies import TransitionRate, transition
 
 
-def phase_fall(name: str, options: dict, steps: int) -> tuple[float, float]:
+@lru_cache(maxsize=None)
+def phase_path(name: str, options: str, steps: int, fall: float, end: float) -> tuple[list[float], TransitionRate]:
+    """Φ before each of the phase's ``steps`` transitions and after the last, at the steered
+    rate of the settings ``fall`` and ``end``; and the rate (``options``: the space's as JSON,
+    a key of the cache)."""
     torch.manual_seed(0)
-    net = models.build(name, **options)
-    rate = TransitionRate(None, steps)
+    net = models.build(name, **json.loads(options))
+    rate = TransitionRate(None, steps, fall=fall, end=end)
     phis = []
     with torch.no_grad():
         for step in range(1, steps + 1):
@@ -27,6 +36,12 @@ def phase_fall(name: str, options: dict, steps: int) -> tuple[float, float]:
             phis.append(float(phi))
             rate.observe(step, phi)
     phis.append(float(network_sharing_level(net)))
+    return phis, rate
+
+
+def phase_fall(name: str, options: dict, steps: int, sharing) -> tuple[float, float]:
+    phis, _ = phase_path(name, json.dumps(options, sort_keys=True), steps, sharing.transition_fall,
+                         sharing.transition_end)
     start, middle, end = phis[0], phis[steps // 2], phis[-1]
     return (start - end) / start, (start - middle) / (start - end)
 
@@ -41,7 +56,7 @@ def preset_case(preset: str, widths=None, steps=None):
         per_epoch = (round(6000 * (1 - config.data.val_fraction)) // train.batch_size)
         steps = per_epoch * (train.epochs - train.warmup_epochs)
     assert config.sharing.tau is None  # the preset uses the steered rate
-    return config.model.name, options, steps
+    return config.model.name, options, steps, config.sharing
 
 
 @pytest.mark.parametrize("preset, widths, steps", [
@@ -51,10 +66,31 @@ def preset_case(preset: str, widths=None, steps=None):
     pytest.param("mobilenetv2_imagenet", [2, 3, 4, 5], 120, id="mobilenetv2_imagenet-narrow"),
 ])
 def test_phi_falls_over_the_whole_search_phase(preset, widths, steps):
-    name, options, steps = preset_case(preset, widths, steps)
-    fall, done_at_middle = phase_fall(name, options, steps)
+    name, options, steps, sharing = preset_case(preset, widths, steps)
+    fall, done_at_middle = phase_fall(name, options, steps, sharing)
     assert fall >= 0.30, f"Φ fell by {fall:.0%} only"
     assert 0.25 <= done_at_middle <= 0.85, f"{done_at_middle:.0%} of the fall was done at the middle"
+
+
+def test_phi_follows_its_line_then_holds():
+    # The demo's whole phase: a staircase (the former bang-bang law: flat for a fifth of the
+    # phase, a third of the fall in two epochs, flat again) or a fall that runs to the last step
+    # fails here.
+    name, options, steps, sharing = preset_case("demo")
+    phis, rate = phase_path(name, json.dumps(options, sort_keys=True), steps, sharing.transition_fall,
+                            sharing.transition_end)
+    start, total = phis[0], phis[0] - phis[-1]
+    ends = round(steps * sharing.transition_end)
+    tenth = steps // 10
+    for first in range(2 * tenth, ends - tenth + 1, tenth // 2):  # past the ordinal plateau, up to the line's end
+        window = phis[first] - phis[first + tenth]
+        line = rate.target(first) - rate.target(first + tenth)
+        assert 0.3 * line <= window <= 2.5 * line, (
+            f"Φ fell {window / start:.1%} of its start over steps {first}–{first + tenth}, its line {line / start:.1%}")
+    for step in range(3 * tenth, steps + 1, tenth // 2):  # near the line from a third of the phase on
+        assert abs(phis[step] - rate.target(step)) <= 0.2 * total, f"Φ off its line at step {step}"
+    held = phis[min(ends + tenth // 2, steps)] - phis[-1]
+    assert held <= 0.05 * total, f"Φ still fell {held / total:.0%} of its fall after the line's end"
 
 
 def test_a_fixed_tau_is_kept():

@@ -91,8 +91,11 @@ class TrainConfig:
 @dataclass
 class SharingConfig:
     """The APS strategy. ``tau`` is APS-T's transition rate (eq. 5 at the width-free rate, one
-    step per weight step after warm-up): ``null`` (the default) steers it so that Φ's fall
-    spans the whole search phase, whatever its length; a number fixes it.
+    step per weight step after warm-up): ``null`` (the default) steers it so that Φ
+    falls by ``transition_fall`` (a fraction of its start; APS-I's Φ is 59% below APS-O's on the
+    demo's space) along a line that ends at the fraction ``transition_end`` of the search phase,
+    whatever its length, and then holds, so that the meta-weights adapt to the transforms they
+    end with; a number fixes it.
     ``transforms_lr`` is the SGD rate of P, Q under ``learned`` (default: ``train.lr``).
     ``transition_every`` = k > 1 takes one step of k·τ every k weight steps instead of one of τ
     after each: a k-th of the transition's cost, for a coarser path of P, Q.
@@ -102,6 +105,8 @@ class SharingConfig:
 
     strategy: str = "transitional"
     tau: Optional[float] = None
+    transition_fall: float = 0.35
+    transition_end: float = 0.65
     transforms_lr: Optional[float] = None
     transition_every: int = 1
     transition_precision: Optional[str] = None

@@ -119,8 +119,9 @@ class Search:
         self.searcher: Searcher = build_searcher(self.decisions, config, self.net.flops, net=self.net,
                                                  search_steps=self.search_steps, budget=self.budget)
         self.arch_generator = torch.Generator().manual_seed(run.seed + 1)
-        self.rate = strategies.TransitionRate(config.sharing.tau, self.search_steps,
-                                              every=config.sharing.transition_every)
+        sharing = config.sharing
+        self.rate = strategies.TransitionRate(sharing.tau, self.search_steps, fall=sharing.transition_fall,
+                                              every=sharing.transition_every, end=sharing.transition_end)
         # Position: the next epoch and batch to run, weight steps done, and the validation stream's.
         self.epoch = self.batch = self.step = self.val_epoch = self.val_batch = 0
         self.done = False

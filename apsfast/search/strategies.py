@@ -66,28 +66,40 @@ class TransitionRate:
     """APS-T's τ over the search phase.
 
     A fixed ``tau`` is used as it is. Without one (``sharing.tau: null``, the default) τ is
-    steered so that Φ's fall spans the whole search phase, whatever its length: the target is
-    ``Φ₀ · (1 − fall · u)`` at the fraction ``u`` of the phase done, and every 1% of the phase
-    τ is multiplied by ``GAIN`` when Φ is above the target and divided by ``GAIN⁴`` when
-    below, within ``[tau_min, TAU_MAX / every]`` (the fast brake: once Φ leaves its plateau it falls
-    on its own, and a slow brake lets it run far ahead of the target). A fixed τ cannot do this: the ordinal start is a
-    near-stationary point, so Φ stays flat for a number of steps set by the start's noise and
-    then falls within a few hundred (measured on the demo space at τ = k/N over N steps: k = 1
-    leaves 98% of the fall for the second half, k = 3 has done 89% of it by the middle).
+    steered so that Φ follows a line: ``Φ₀ · (1 − fall · min(u / end, 1))`` at the fraction
+    ``u`` of the phase done. The fall is over at the fraction ``end`` of the phase; what is left
+    of it, with Φ held, is for the meta-weights to adapt to the transforms they end with (a
+    fall that runs to the last step, where the cosine learning rate is near zero, leaves the
+    supernet 15–25 points less accurate than at its best: README, the transition rate).
+
+    A fixed τ cannot do this: the ordinal start is a near-stationary point, so Φ stays flat for
+    a number of steps set by the start's noise and then falls within a few hundred (measured on
+    the demo space at τ = k/N over N steps: k = 1 leaves 98% of the fall for the second half,
+    k = 3 has done 89% of it by the middle). Nor can a bang-bang law (×g above the line, ÷g⁴
+    below), which overshoots once Φ leaves its plateau, then brakes τ a thousandfold and
+    plateaus again: a staircase. Φ depends on P, Q alone, so its path under a given τ is
+    deterministic and locally proportional to τ; the law here is a ratio one. Every 1% of the
+    phase, the fall per unit τ seen over the last interval predicts what τ brings Φ onto the
+    line one interval ahead, and τ moves to it by at most a factor ``STEP`` per point, within
+    ``[tau_min, TAU_MAX / every]``.
 
     Φ is copied back at those points (a hundred per phase) without waiting, and read at the
-    next one (:mod:`apsfast.search.readback`): τ follows Φ one point late, and no step waits
-    for the device. The state (τ, Φ₀, the Φ on its way) is part of the run's checkpoint.
+    next one (:mod:`apsfast.search.readback`): τ follows Φ one point late (the prediction
+    allows for the interval under way), and no step waits for the device. The state (τ, Φ₀,
+    the last point read and the Φ on its way) is part of the run's checkpoint.
     """
 
-    GAIN = 1.3
+    STEP = 2.0  # most τ changes per adaptation point, up or down
+    CATCH_UP = 2.0  # most Φ falls per interval behind the line, in the line's own falls per interval
+    GROWTH = 4.0  # most the fall per unit τ is assumed to change per interval
     TAU_MAX = 1e-2  # stable on every space measured; 1e-1 diverges (README, the transition rate)
     POINTS = 100  # adaptations per search phase
 
-    def __init__(self, tau: Optional[float], steps: int, fall: float = 0.7, every: int = 1) -> None:
+    def __init__(self, tau: Optional[float], steps: int, fall: float = 0.35, every: int = 1,
+                 end: float = 0.65) -> None:
         self.fixed = tau is not None
         self.steps = max(int(steps), 1)
-        self.fall = fall
+        self.fall, self.end = fall, end
         self.tau = float(tau) if self.fixed else 1.0 / self.steps
         self.tau_min = self.tau / 1000
         # One transition every `every` weight steps takes a step of every·τ: the stable bound
@@ -95,7 +107,16 @@ class TransitionRate:
         self.tau_max = self.TAU_MAX / every
         self.every = max(1, self.steps // self.POINTS)
         self.phi0: Optional[float] = None
+        # The last point read: (step, Φ, τ in force over the interval after it), and the fall
+        # per unit τ over the interval before it.
+        self._last: Optional[tuple[int, float, float]] = None
+        self._per_tau = 0.0
         self._pending: Optional[tuple[int, Readback]] = None  # (step, Φ then) on its way to the host
+
+    def target(self, step: int) -> float:
+        """Φ's line at the ``step``-th weight step of the phase."""
+        assert self.phi0 is not None
+        return self.phi0 * (1 - self.fall * min(step / (self.steps * self.end), 1.0))
 
     def observe(self, step: int, phi: Optional[Tensor], span: int = 1) -> None:
         """After the transition at the ``step``-th weight step of the phase (1-based), the
@@ -105,22 +126,43 @@ class TransitionRate:
             return
         previous, self._pending = self._pending, (step, Readback(phi.reshape(1)))
         if previous is not None:
-            self._adapt(previous[0], previous[1].tolist()[0])
+            self._adapt(previous[0], previous[1].tolist()[0], step)
 
-    def _adapt(self, step: int, value: float) -> None:
+    def _adapt(self, step: int, value: float, now: int) -> None:
+        """Φ was ``value`` at ``step``; τ set now holds from ``now`` to the next point."""
         if self.phi0 is None:
             self.phi0 = value
+        last, self._last = self._last, (step, value, self.tau)
+        if last is None:
             return
-        target = self.phi0 * (1 - self.fall * min(step / self.steps, 1.0))
-        scale = self.GAIN if value > target else self.GAIN ** -4
-        self.tau = min(max(self.tau * scale, self.tau_min), self.tau_max)
+        # The fall per unit τ over the last interval, and how much it grew over the one before:
+        # leaving the ordinal plateau it grows several-fold per interval (an unstable
+        # equilibrium, left exponentially), and a prediction without that growth overshoots.
+        per_tau = max(last[1] - value, 0.0) / last[2]
+        growth = min(max(per_tau / self._per_tau, 1 / self.GROWTH), self.GROWTH) if self._per_tau > 0 else 1.0
+        self._per_tau = per_tau
+        if per_tau <= 0:
+            wanted = self.tau * self.STEP
+        else:
+            # The interval under way (at the τ in force now), then the one τ is set for.
+            # Behind the line (as on leaving the plateau) Φ catches up at most CATCH_UP times
+            # the line's own pace, so that the catching up is not a cliff either.
+            expected = value - per_tau * growth * self.tau
+            pace = self.target(now) - self.target(now + (now - step))
+            fall = min(expected - self.target(now + (now - step)), self.CATCH_UP * pace)
+            wanted = fall / (per_tau * growth ** 2)
+        wanted = min(max(wanted, self.tau / self.STEP), self.tau * self.STEP)
+        self.tau = min(max(wanted, self.tau_min), self.tau_max)
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self._pending is None else (self._pending[0], self._pending[1].tolist()[0])
-        return {"tau": self.tau, "phi0": self.phi0, "pending": pending}
+        return {"tau": self.tau, "phi0": self.phi0, "last": self._last, "per_tau": self._per_tau, "pending": pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tau, self.phi0 = state["tau"], state["phi0"]
+        last = state.get("last")
+        self._last = None if last is None else tuple(last)
+        self._per_tau = state.get("per_tau", 0.0)
         pending = state.get("pending")
         self._pending = None if pending is None else \
             (pending[0], Readback(torch.tensor([pending[1]], dtype=torch.float64)))

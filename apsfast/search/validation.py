@@ -38,6 +38,12 @@ def _check_model(config: Config) -> None:
         raise ConfigError(f"sharing.strategy must be one of {', '.join(STRATEGIES)}, got {sharing.strategy!r}")
     _positive("sharing.tau", sharing.tau, allow_none=True)
     _positive("sharing.transforms_lr", sharing.transforms_lr, allow_none=True)
+    for name, value, closed in (("transition_fall", sharing.transition_fall, False),
+                                ("transition_end", sharing.transition_end, True)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1 \
+                or (value == 1 and not closed):
+            bound = "0 < x ≤ 1" if closed else "0 < x < 1"
+            raise ConfigError(f"sharing.{name} must be a fraction {bound}, got {value!r}")
     if sharing.transition_precision is not None and sharing.transition_precision not in PRECISIONS:
         raise ConfigError(f"sharing.transition_precision must be null or one of {', '.join(PRECISIONS)}, "
                           f"got {sharing.transition_precision!r}")
