@@ -59,7 +59,7 @@ TARGET = "(weight+transition)/static ≤ 1.3 at width ×1 (host cost)"
 # At width ×0.25, where a step is host work: the controller step at about the cost of its forward.
 TARGETS_NARROW = ("controller/static ≤ 0.6", "(search step)/static ≤ 1.8", "(weight+transition)/static ≤ 1.6",
                   "controller ops ≤ scoring ops + 60")
-COUNTED = ("static", "weight", "weight+transition", "transition", "controller", "search step", "scoring")
+COUNTED = ("static", "weight", "weight+transition", "transition", "search step", "controller", "scoring")
 GEMM_N = 1024
 
 
@@ -127,12 +127,12 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
         if compiled:
             fns["static compiled"] = compiled
         t = median_times({name: synchronised(fn, search.session.device) for name, fn in fns.items()}, rounds, min_time)
-        archs = [data.arch] * search.config.controller.samples
-
-        def scoring() -> None:
-            count_correct(search.net, archs, data.val_x, data.val_y, search.session.precision)
-        fns["scoring"] = scoring
-        ops = {name: count_ops(fns[name], search.session.device) for name in COUNTED}
+        ops = {name: count_ops(fns[name], search.session.device) for name in COUNTED[:-1]}
+        # The arch the controller step (counted last) just scored — the supernet keeps the last one
+        # set — as often as it scores one: a forward's ops depend on the arch (a projection or not).
+        archs = [list(search.net.arch)] * search.config.controller.samples
+        ops["scoring"] = count_ops(lambda: count_correct(search.net, archs, data.val_x, data.val_y,
+                                                         search.session.precision), search.session.device)
         macs, layers = construction_macs(search.net, data.arch)
         static_macs = 3 * BATCH * search.net.flops(data.arch)
     row = {"width": width, "candidates": scaled_widths(MODEL, width), "batch": BATCH, "image_size": IMAGE_SIZE,
