@@ -33,11 +33,11 @@ def fake_timer(monkeypatch):
     """Deterministic op and network timings; ``calls`` counts the op measurements."""
     calls = {"ops": 0}
 
-    def op_ms(op, batch, device, repeats=1, warmup=1):
-        calls["ops"] += 1
-        return fake_op_ms(op, batch, device)
+    def ops_ms(ops, batch, device, *args, **kwargs):
+        calls["ops"] += len(ops)
+        return {key: latency.Timing(fake_op_ms(op, batch, device), 0.0) for key, op in ops.items()}
 
-    monkeypatch.setattr(latency, "measure_op", op_ms)
+    monkeypatch.setattr(latency, "measure_ops", ops_ms)
     monkeypatch.setattr(latency, "measure_network", lambda *args, **kwargs: 1.0)
     return calls
 
@@ -110,6 +110,8 @@ def test_the_table_is_cached_and_measured_again_for_another_device_or_batch(fake
     (["reward.latency_target=-1"], "reward.latency_target must be > 0"),
     (["reward.latency_target=0"], "reward.latency_target must be > 0"),
     (["reward.latency_batch=0"], "reward.latency_batch must be an integer ≥ 1"),
+    (["reward.latency_runtime=tensorrt"], "reward.latency_runtime must be one of torch, torch.compile, onnxruntime"),
+    (["reward.latency_threads=0"], "reward.latency_threads must be an integer ≥ 1 or null"),
 ])
 def test_latency_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -158,3 +160,58 @@ def test_latency_benchmark_quick(tmp_path):
     assert summary[0]["choice"]["measured_ms"] > 0 and summary[0]["choice"]["uniform_measured_ms"] > 0
     assert all(r["command"].startswith("apsfast bench latency") for r in rows)
     assert "Pearson r" in (tmp_path / "cpu.md").read_text()
+
+
+@pytest.mark.parametrize("op", [
+    latency.Op("conv", 6, 8, (3, 3), (2, 2), (1, 1), (1, 1), 2, (7, 9), False, True),
+    latency.Op("conv", 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, (5, 5), True, False),
+    latency.Op("bn", 5, 5, in_hw=(3, 4)),
+    latency.Op("linear", 6, 3, bias=True),
+], ids=["conv-bn-grouped-stride2", "depthwise-bias", "bn", "linear"])
+def test_an_op_written_to_onnx_computes_what_its_module_does(op):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from apsfast.models.runtime import runner
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module, x = op.module("cpu"), op.input(2, "cpu")
+        for bn in (m for m in module if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    with torch.no_grad():
+        want = module(x.clone())
+    got = runner(module, x, "onnxruntime", threads=1, op=True)()[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_timings_are_medians_of_interleaved_rounds_with_the_threads_restored():
+    threads = torch.get_num_threads()
+    timings = latency.time_calls({"a": lambda: sum(range(1000)), "b": lambda: None}, "cpu", repeats=5, warmup=1,
+                                 threads=1)
+    assert set(timings) == {"a", "b"} and timings["a"].ms > timings["b"].ms > 0
+    assert all(t.spread >= 0 for t in timings.values()) and torch.get_num_threads() == threads
+
+
+def test_a_table_measured_elsewhere_is_read_for_the_same_space_batch_and_runtime(fake_timer, tmp_path):
+    net, path = tiny_net(), tmp_path / "measured-there.json"
+    table = LatencyTable.measure(net, 1, "cpu")
+    saved = table.to_json()
+    saved["key"].update(device="another CPU", threads=4)  # measured on the machine the network will run on
+    path.write_text(json.dumps(saved))
+    read, note = latency.read_table(path, net, 1, "torch")
+    arch = net.sample_uniform(torch.Generator().manual_seed(1))
+    assert read.predict(arch) == pytest.approx(table.predict(arch)) and "another CPU, 4 thread(s)" in note
+    with pytest.raises(ValueError, match=r"measured for another batch: batch: 1 \(the run's: 8\)"):
+        latency.read_table(path, net, 8, "torch")
+    with pytest.raises(ValueError, match="measured for another options, decisions"):
+        latency.read_table(path, tiny_net("block"), 1, "torch")
+    with pytest.raises(ValueError, match="is not a latency table"):
+        latency.read_table(tmp_path / "missing.json", net, 1, "torch")
+    # A search given the file reads it (nothing measured) and keeps a copy with the run.
+    measured = fake_timer["ops"]
+    lines: list[str] = []
+    Search(tiny("reward.latency_target=5", f"reward.latency_table={path}"), tmp_path / "run", log=lines.append)
+    assert fake_timer["ops"] == measured and any("latency table read from" in line for line in lines)
+    assert json.loads((tmp_path / "run" / LATENCY).read_text())["key"]["device"] == "another CPU"
+    with pytest.raises(ConfigError, match="reward.latency_table: .*measured for another batch"):
+        Search(tiny("reward.latency_target=5", "reward.latency_batch=2", f"reward.latency_table={path}"),
+               tmp_path / "other", log=quiet)

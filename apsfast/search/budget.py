@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from apsfast import models
-from apsfast.models.latency import LatencyTable, load_or_measure
+from apsfast.models.latency import LatencyTable, load_or_measure, read_table
 from apsfast.search.config import Config, ConfigError
 
 Arch = list[int]
@@ -92,11 +92,22 @@ def search_budget(config: Config, net: models.Supernet, session) -> Budget:
         return budget
     path = session.out / LATENCY
     if session.main:
-        session.log(f"reward.latency_target = {reward.latency_target:g} ms at {reward.latency_batch} images: the "
-                    f"per-layer latency table on {session.device} comes first, then the target is checked against "
-                    f"it, before training")
-        table, note = load_or_measure(path, net, reward.latency_batch, session.device,
-                                      progress=lambda total, desc: session.progress(total, 0, desc))
+        session.log(f"reward.latency_target = {reward.latency_target:g} ms at {reward.latency_batch} images on "
+                    f"{reward.latency_runtime}: the per-layer latency table comes first, then the target is checked "
+                    f"against it, before training")
+        if reward.latency_table is not None:  # measured elsewhere: copied into the run, read from there on a resume
+            source = path if path.is_file() else reward.latency_table
+            try:
+                table, note = read_table(source, net, reward.latency_batch, reward.latency_runtime, session.device)
+            except ValueError as error:
+                raise ConfigError(f"reward.latency_table: {error}") from None
+            if source != path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                table.save(path)
+        else:
+            table, note = load_or_measure(path, net, reward.latency_batch, session.device,
+                                          runtime=reward.latency_runtime, threads=reward.latency_threads,
+                                          progress=lambda total, desc: session.progress(total, 0, desc))
         session.log(note)
     session.processes.barrier()
     if not session.main:  # process 0's table, so every process computes the same rewards

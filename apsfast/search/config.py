@@ -177,13 +177,20 @@ class RewardConfig:
     """``acc·(F/T)^α`` at or below the target ``flops_target`` (MACs; ``40M``, ``1.2G`` are
     accepted), ``acc·(F/T)^β`` above it; no target: the accuracy alone. ``latency_target``
     instead (one of the two, or neither): ``F`` and ``T`` are milliseconds at
-    ``latency_batch`` images on the run's device, predicted from a per-layer table measured
-    when the run starts (``latency.json`` in the run's folder; :mod:`apsfast.search.budget`);
+    ``latency_batch`` images on ``latency_runtime`` (``torch``: eager PyTorch on the run's
+    device; ``torch.compile``; ``onnxruntime``: its CPU provider, the graph ``apsfast export
+    --onnx`` writes) with ``latency_threads`` intra-op threads (null: the run's), predicted from
+    a per-layer table measured when the run starts (``latency.json`` in the run's folder;
+    :mod:`apsfast.search.budget`), or read from ``latency_table``: a table measured once
+    elsewhere (``apsfast bench latency --table PATH`` on the machine the network will run on);
     the searchers' cost loss and the result's choice then work in milliseconds too."""
 
     flops_target: Optional[float] = None
     latency_target: Optional[float] = None
     latency_batch: int = 1
+    latency_runtime: str = "torch"
+    latency_threads: Optional[int] = 1
+    latency_table: Optional[str] = None
     alpha: float = 0.0
     beta: float = -0.1
 

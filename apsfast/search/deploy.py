@@ -4,9 +4,7 @@ alone: :mod:`apsfast.search.portable`)."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -15,18 +13,14 @@ import torch
 from torch import nn
 
 from apsfast.models.registry import CONVERTED
+from apsfast.models.runtime import INSTALL_ONNX, OPSET, onnx_program
 from apsfast.search.checkpoint import load_checkpoint
 from apsfast.search.portable import BATCH, check_shape, for_tracing, input_shape_of, trace_program
 from apsfast.search.result import MODEL, RESULT, load_exported
 
-#: ONNX opset of :func:`export_onnx`: the oldest the torch.export-based exporter writes natively,
-#: read by every current runtime (onnxruntime ≥ 1.14, TensorRT ≥ 8.6, OpenVINO).
-OPSET = 18
 #: Where ``apsfast train RUN`` puts the retrained chosen arch, inside the search's folder.
 RETRAINED = Path("retrain") / "retrained.pt"
-ONNX_PACKAGES = ("onnx", "onnxscript")
-INSTALL_ONNX = ("pip install onnx onnxscript onnxruntime (apsfast's onnx extra: pip install --no-build-isolation "
-                "'.[onnx]' in its source folder)")
+ONNX_PACKAGES = ("onnx", "onnxscript")  # what writing a file needs (onnxruntime runs it)
 Source = Union[str, os.PathLike, nn.Module]
 
 
@@ -132,19 +126,9 @@ def write_onnx(model: Deployable, path: Union[str, os.PathLike], opset: int = OP
     check_onnx_export(opset)
     out = output_path(path)
     static, example = for_tracing(model.module, model.input_shape)
-    # The exporter logs a line for each torchvision op it skips when torchvision is absent, and
-    # warns of torch's own deprecations.
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-            onnx_program = torch.onnx.export(static, example, input_names=["input"], output_names=["logits"],
-                                             opset_version=opset, dynamo=True, dynamic_shapes=BATCH, verbose=False)
-    finally:
-        registration.setLevel(level)
-    return _written(out, lambda tmp: onnx_program.save(str(tmp), external_data=False))
+    program = onnx_program(static, example, opset, dynamic_shapes=BATCH, input_names=["input"],
+                           output_names=["logits"])
+    return _written(out, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 def write_pt2(model: Deployable, path: Union[str, os.PathLike]) -> Path:

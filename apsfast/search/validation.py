@@ -245,3 +245,19 @@ def _check_reward(config: Config) -> None:
             or reward.latency_batch < 1:
         raise ConfigError(f"reward.latency_batch must be an integer ≥ 1 (images per timed forward), got "
                           f"{reward.latency_batch!r}")
+    threads = reward.latency_threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"reward.latency_threads must be an integer ≥ 1 or null (the run's threads), got {threads!r}")
+    if reward.latency_table is not None and not isinstance(reward.latency_table, str):
+        raise ConfigError(f"reward.latency_table must be the path of a latency table or null, got "
+                          f"{reward.latency_table!r}")
+    from apsfast.models.runtime import RUNTIMES, check_runtime
+
+    if reward.latency_runtime not in RUNTIMES:
+        raise ConfigError(f"reward.latency_runtime must be one of {', '.join(RUNTIMES)}, got "
+                          f"{reward.latency_runtime!r}")
+    if reward.latency_target is not None:
+        try:
+            check_runtime(reward.latency_runtime)
+        except ImportError as error:
+            raise ConfigError(f"reward.latency_runtime = {reward.latency_runtime!r}: {error}") from None
