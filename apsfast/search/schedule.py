@@ -64,7 +64,9 @@ class Search:
             :func:`apsfast.convert`), trained in place and moved to the run's device; the run's
             ``config.model`` then describes it (:func:`~apsfast.search.assemble.adopt`). A
             supernet converted in Python cannot be rebuilt from the run's folder: resume such a
-            run, and retrain its arch, by passing the same supernet again (``model=``).
+            run, and retrain its arch, by passing the same supernet again (``model=``). It starts
+            from the weights it has: ``run.seed`` seeds what the run draws, not what was built
+            before it, so seed the model's construction (``torch.manual_seed``) to repeat a run.
         train_data: data of your own to search on instead of loading ``config.data``: a
             map-style ``torch.utils.data.Dataset`` of ``(input [C, H, W], label)`` pairs after
             its own transform, or an :class:`~apsfast.data.DatasetImageSet` (custom sampling and
