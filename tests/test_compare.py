@@ -65,3 +65,11 @@ def test_a_cut_comparison_keeps_the_runs_it_finished(tmp_path):
     kept = compare.finished(lines, jobs)
     assert len(kept) == 1 and kept[0]["digest"] == "x"  # a run with other settings is not reused
     assert compare.finished(tmp_path / "nothing.jsonl", jobs) == []
+
+
+def test_each_rule_chooses_from_the_same_beam():
+    beam = [{"flops": 90, "loglik": -0.1}, {"flops": 50, "loglik": -3.0}, {"flops": 80, "loglik": -5.0}]
+    result = {"candidates": beam, "flops_target": 85, "chosen": {"rank": 2}, "config": {"result": {"select": "closest"}}}
+    assert compare.choices(result, ["likely", "closest"], "select") == {"likely": 1, "closest": 2}
+    assert compare.choices(result, [], "select") == {"closest": 2}  # the result's own choice
+    assert compare.choices(result, ["likely", "closest"], "argmax") == {"argmax": 0}
