@@ -258,15 +258,15 @@ def test_a_checkpoint_of_the_loop_sgd_goes_on_with_the_loop():
     torch.testing.assert_close(params[1].detach(), torch.full((2,), 0.9))
 
 
-def test_select_arch_takes_the_closest_to_the_target_without_exceeding_it():
+def test_select_arch_takes_the_most_likely_or_the_closest_within_the_target():
     beam = [cand(90, -1.0), cand(50, -1.5), cand(80, -2.0), cand(80, -1.8), cand(120, -0.5)]
     assert select_arch(beam, None)[0] == 0
-    assert select_arch(beam, 85)[0] == 3  # 80 MACs, the more likely of the two
-    assert select_arch(beam, 90)[0] == 0
-    index, why = select_arch(beam, 40)
-    assert index == 1 and "no arch of the beam is within" in why
-    assert select_arch(beam, 85, rule="likely")[0] == 1  # the first within: 50 MACs at rank 1
-    assert select_arch(beam, 40, rule="likely")[0] == 1  # none within: the cheapest, as the other rule
+    assert select_arch(beam, 85)[0] == 1  # the default, likely: the first within, 50 MACs at rank 1
+    assert select_arch(beam, 85, rule="closest")[0] == 3  # 80 MACs, the more likely of the two
+    assert select_arch(beam, 90, rule="closest")[0] == select_arch(beam, 90)[0] == 0
+    for rule in ("likely", "closest"):
+        index, why = select_arch(beam, 40, rule=rule)
+        assert index == 1 and "no arch of the beam is within" in why  # none within: the cheapest
     with pytest.raises(ValueError, match="rule must be one of likely, closest, got 'best'"):
         select_arch(beam, 85, rule="best")
 

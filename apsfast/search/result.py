@@ -38,7 +38,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def select_arch(candidates: list[dict[str, Any]], target: Optional[float], *, key: str = "flops",
-                unit: str = "MACs", rule: str = "closest") -> tuple[int, str]:
+                unit: str = "MACs", rule: str = "likely") -> tuple[int, str]:
     """The candidate (index into the beam, most likely first) that ``rule`` picks under
     ``target``: ``likely``, the most likely within it; ``closest``, the closest to it without
     exceeding it, ties to the more likely. Without a target the most likely; with no candidate

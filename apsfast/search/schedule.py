@@ -4,8 +4,8 @@ and the steps of :mod:`apsfast.search.steps`.
 Warm-up epochs train the meta-weights on uniformly sampled archs with P, Q frozen. Then each
 weight step trains the arch the searcher samples, APS-T takes one transition step, and every
 ``controller.every`` weight steps the searcher takes a search step on a validation batch. At
-the end the searcher's beam is ranked and its choice (the arch closest to the FLOPs target
-without exceeding it, or for TAS and ISTA their argmax) is written to ``result.json`` and
+the end the searcher's beam is ranked and its choice (by ``result.select``: the most likely
+arch within the target, or the closest to it; for TAS and ISTA their argmax) is written to ``result.json`` and
 exported (:mod:`apsfast.search.result`).
 
 Everything random comes from generators whose states are checkpointed with the weights, the
