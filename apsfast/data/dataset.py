@@ -29,9 +29,11 @@ SamplerFunction = Callable[[Tensor, torch.Generator], Indices]
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """The global torch, ``random`` and NumPy generators seeded by ``seed`` inside, restored after."""
+    """The global torch (CPU), ``random`` and NumPy generators seeded by ``seed`` inside,
+    restored after (``torch.manual_seed`` would also reseed every GPU's generator, which the
+    run draws from)."""
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
     try:
