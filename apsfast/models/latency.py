@@ -71,8 +71,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sample(fn: Callable[[], object], device: torch.device, number: int) -> float:
-    """Milliseconds per call of ``number`` calls of ``fn``."""
+def _sample(fn: Callable[[], object], device: torch.device, number: int,
+            clock: Callable[[], float] = time.perf_counter) -> float:
+    """Milliseconds per call of ``number`` calls of ``fn`` (on the CPU by ``clock``)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -81,30 +82,34 @@ def _sample(fn: Callable[[], object], device: torch.device, number: int) -> floa
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / number
-    started = time.perf_counter()
+    started = clock()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - started) * 1e3 / number
+    return (clock() - started) * 1e3 / number
 
 
 def time_calls(calls: dict[str, Callable[[], object]], device: Union[str, torch.device], repeats: int = REPEATS,
                warmup: int = WARMUP, threads: Optional[int] = None) -> dict[str, Timing]:
     """:class:`Timing` of each of ``calls`` on ``device``: ``warmup`` calls each, then
     ``repeats`` rounds in which each is timed once over enough calls to last about
-    ``REPEAT_SECONDS``; torch's intra-op threads pinned to ``threads`` (``None``: as they are)."""
+    ``REPEAT_SECONDS``; torch's intra-op threads pinned to ``threads`` (``None``: as they are).
+    On the CPU with one thread a timing reads this thread's CPU time (``time.thread_time``): the
+    work runs on it, and time it spends waiting for a core that other processes hold (on a
+    shared machine, most of a timing) does not count."""
     device = torch.device(device)
+    clock = time.thread_time if device.type == "cpu" and threads == 1 else time.perf_counter
     numbers = {}
     with pinned_threads(threads):
         for key, fn in calls.items():
             for _ in range(max(warmup, 1)):
                 fn()
             _sync(device)
-            once = _sample(fn, device, 1) / 1e3
+            once = _sample(fn, device, 1, clock) / 1e3
             numbers[key] = max(1, min(MAX_NUMBER, int(REPEAT_SECONDS / max(once, 1e-7))))
         samples: dict[str, list[float]] = {key: [] for key in calls}
         for _ in range(max(repeats, 1)):
             for key, fn in calls.items():
-                samples[key].append(_sample(fn, device, numbers[key]))
+                samples[key].append(_sample(fn, device, numbers[key], clock))
     out = {}
     for key, values in samples.items():
         median = statistics.median(values)
