@@ -69,7 +69,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from apsfast.search import assemble
-    from apsfast.search.config import dump_config
+    from apsfast.search.explain import commented_yaml
     from apsfast.search.runs import saved_config
     from apsfast.search.schedule import search
     from apsfast.search.settings import load_config
@@ -83,7 +83,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             config = load_config(args.preset, args.config, args.set or [], model=args.model)
         if args.print_config:
             assemble.check(config, with_data=config.data.name == "embedded" or config.data.root is not None)
-            print(dump_config(config), end="")
+            print(commented_yaml(config), end="")
             return 0
         name = config.model.name.replace(":", ".") if args.model or not args.preset else args.preset
         out = args.out or os.path.join("runs", f"{name}-{config.sharing.strategy}")
@@ -285,7 +285,8 @@ def _add_search_and_train(sub) -> None:
     from apsfast.search.config import presets
     search = sub.add_parser("search", help="search channel numbers: warm-up, transition and controller, beam "
                             "search, export", description="Run a search. Settings: the defaults, then --preset, "
-                            "then --config, then each -s; `--print-config` shows the result.")
+                            "then --config, then each -s; `--print-config` shows the result, each field with its "
+                            "meaning.")
     search.add_argument("--preset", choices=presets(), help="the paper's settings for a model (or `demo`)")
     search.add_argument("--config", metavar="FILE", help="a YAML config (sections as `--print-config` shows)")
     search.add_argument("--model", metavar="MODULE:FACTORY",
@@ -299,7 +300,9 @@ def _add_search_and_train(sub) -> None:
     search.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint, with its own settings (config.yaml); "
                              "-s may change only bookkeeping, train.epochs, train.lr and train.grad_clip")
-    search.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    search.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit: every field with its meaning and allowed values "
+                             "(the configuration reference of the docs, from the same metadata)")
     search.set_defaults(func=cmd_search)
     train = sub.add_parser("train", help="retrain a searched arch from scratch and report its test accuracy",
                            description="Retrain a search's chosen arch (RUN), its N most likely archs (--top N), or "

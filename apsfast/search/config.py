@@ -7,7 +7,9 @@ A config is a :class:`Config` of sections (``model``, ``data``, ``train``, ``sha
 (``apsfast/search/presets/<name>.yaml``), then a YAML file, then ``section.key=value``
 overrides, and checks every field's type and range; errors name the field, the value and what
 was expected (the reading and type checks: :mod:`apsfast.search.overrides`; the ranges:
-:mod:`apsfast.search.validation`).
+:mod:`apsfast.search.validation`). Every field carries its meaning in one line and its allowed
+values (:func:`setting`): the configuration reference of the docs and ``--print-config``'s
+comments are rendered from them (:mod:`apsfast.search.explain`).
 """
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from apsfast.data import AUGMENTS, NORMALIZE
+from apsfast.models.runtime import RUNTIMES
 from apsfast.search.overrides import ConfigError  # noqa: F401  (the settings' one error, imported from here)
+from apsfast.search.strategies import STRATEGIES
+from apsfast.sharing import PRECISIONS
 
 PRESET_DIR = Path(__file__).with_name("presets")
 DEVICES = ("auto", "cpu", "cuda")
@@ -29,6 +35,17 @@ DIST_BACKENDS = ("auto", "nccl", "gloo")
 SEARCHER_KINDS = ("reinforce", "tas", "ista")  # apsfast.search.searchers.SEARCHERS
 BASELINES = ("moving_average", "leave_one_out")  # controller.baseline: apsfast.search.controller.Reinforce
 SELECTS = ("likely", "closest")  # result.select: apsfast.search.result.select_arch
+
+
+def setting(default: Union[Any, Callable[[], Any]], doc: str, allowed: Union[tuple, str, None] = None) -> Any:
+    """A field of the config with its meaning in one line (``doc``) and, where its values are a
+    fixed set or a range, ``allowed``: what the configuration reference and ``--print-config``
+    show (:mod:`apsfast.search.explain`). A callable ``default`` makes each config its own
+    (a fresh dict or list)."""
+    metadata = {"doc": doc, "allowed": allowed}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -40,9 +57,12 @@ class ModelConfig:
     settings (``widths``, ``round_to``, ``exclude``; ``input_size``, the example input's side,
     defaults to the data's image size). ``convert`` applies to such a model only."""
 
-    name: str = "resnet20_cifar"
-    options: dict = field(default_factory=dict)
-    convert: dict = field(default_factory=dict)
+    name: str = setting("resnet20_cifar", "a registered search space (`apsfast models`), or `package.module:factory` "
+                        "for a model of your own")
+    options: dict = setting(dict, "the space's build options (`widths`, `layer_widths`, `residual`, `num_classes`, "
+                            "`input_size`, `meta_width`, …), or the factory's keyword arguments")
+    convert: dict = setting(dict, "`apsfast.convert`'s settings for a model of your own: `widths`, `round_to`, "
+                            "`exclude`, `input_size`, `in_channels`")
 
 
 @dataclass
@@ -57,14 +77,21 @@ class DataConfig:
     ``imagenet``). The train split is divided into weight-training and controller-validation
     parts."""
 
-    name: str = "embedded"
-    root: Optional[str] = None
-    image_size: Optional[int] = None
-    val_fraction: float = 0.5
-    workers: Optional[int] = None
-    augment: str = "auto"
-    normalize: str = "auto"
-    options: dict = field(default_factory=dict)
+    name: str = setting("embedded", "the image set: `embedded` (generated), `cifar10`, `folder` (alias `imagenet`), "
+                        "or `package.module:factory` returning `(train, val)` sets")
+    root: Optional[str] = setting(None, "the set's folder (`~` and environment variables expand); null for `embedded`")
+    image_size: Optional[int] = setting(None, "a built-in set's image side; null: read from the images",
+                                        allowed="> 0, or null")
+    val_fraction: float = setting(0.5, "the part of the train split that scores archs for the controller (the rest "
+                                  "trains the weights)", allowed="in (0, 1)")
+    workers: Optional[int] = setting(None, "loader processes of a folder set or a data set of yours; null: chosen "
+                                     "from the cores", allowed="≥ 0, or null")
+    augment: str = setting("auto", "a folder set's training transform; `auto`: CIFAR's pad-crop-flip up to 64 px, a "
+                           "random resized crop above", allowed=AUGMENTS)
+    normalize: str = setting("auto", "a folder set's normalisation; `auto`: the set's own statistics up to 64 px, "
+                             "ImageNet's above", allowed=NORMALIZE)
+    options: dict = setting(dict, "the set's own options (`embedded`: `num_train`, `num_test`, `num_classes`; a "
+                            "factory: its keyword arguments)")
 
 
 @dataclass
@@ -76,16 +103,22 @@ class TrainConfig:
     wide candidates otherwise stay undertrained and the controller cannot tell them from the
     narrow ones. 0 (the default) samples every step, as the paper does."""
 
-    epochs: int = 600
-    warmup_epochs: int = 200
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    nesterov: bool = False
-    grad_clip: Optional[float] = None
-    steps_per_epoch: Optional[int] = None
-    widest_every: int = 0
+    epochs: int = setting(600, "epochs of the search, warm-up included", allowed="> 0")
+    warmup_epochs: int = setting(200, "first epochs on uniformly sampled archs with P, Q frozen",
+                                 allowed="in [0, epochs)")
+    batch_size: int = setting(256, "global batch of a weight step (divided among the processes under torchrun)",
+                              allowed="> 0")
+    lr: float = setting(0.1, "SGD learning rate of the meta-weights, on a cosine schedule over all epochs",
+                        allowed="> 0")
+    momentum: float = setting(0.9, "SGD momentum", allowed="in [0, 1)")
+    weight_decay: float = setting(2e-4, "SGD weight decay", allowed="≥ 0")
+    nesterov: bool = setting(False, "Nesterov momentum")
+    grad_clip: Optional[float] = setting(None, "clip the weights' gradient norm to this; null: no clipping",
+                                         allowed="> 0, or null")
+    steps_per_epoch: Optional[int] = setting(None, "cap on the weight steps of an epoch; null: the whole "
+                                             "weight-training part", allowed="> 0, or null")
+    widest_every: int = setting(0, "train the widest arch at every k-th weight step instead of the sampled one; 0: "
+                                "never", allowed="≥ 0")
 
 
 @dataclass
@@ -101,15 +134,22 @@ class SharingConfig:
     after each: a k-th of the transition's cost, for a coarser path of P, Q.
     ``transition_precision``: torch's float32 matmul precision for the transition's products
     (``highest``, ``high``: TF32 on GPUs, ``medium``: bf16 gradient products); ``null`` leaves
-    the process's setting (README, the transition's cost)."""
+    the process's setting (docs/transition-cost.md)."""
 
-    strategy: str = "transitional"
-    tau: Optional[float] = None
-    transition_fall: float = 0.35
-    transition_end: float = 0.65
-    transforms_lr: Optional[float] = None
-    transition_every: int = 1
-    transition_precision: Optional[str] = None
+    strategy: str = setting("transitional", "how P, Q evolve: APS-O, APS-I, APS-T (the transition) or trained by the "
+                            "task loss (`learned`)", allowed=STRATEGIES)
+    tau: Optional[float] = setting(None, "APS-T's transition rate (width-free eq. 5); null: steered so that Φ falls "
+                                   "over the search phase", allowed="> 0, or null")
+    transition_fall: float = setting(0.35, "steered rate: the fraction of its start that Φ falls by",
+                                     allowed="in (0, 1)")
+    transition_end: float = setting(0.65, "steered rate: the fraction of the search phase by which Φ has fallen, then "
+                                    "holds", allowed="in (0, 1]")
+    transforms_lr: Optional[float] = setting(None, "SGD rate of P, Q under `learned`; null: `train.lr`",
+                                             allowed="> 0, or null")
+    transition_every: int = setting(1, "one transition step of k·τ every k weight steps (a k-th of its cost)",
+                                    allowed="≥ 1")
+    transition_precision: Optional[str] = setting(None, "float32 matmul precision of the transition's products; null: "
+                                                  "the process's", allowed=PRECISIONS)
 
 
 @dataclass
@@ -122,19 +162,21 @@ class ControllerConfig:
     paper's, decay ``baseline_decay``) or ``leave_one_out`` (each arch against the others
     scored on the same batch; needs ``samples`` ≥ 2)."""
 
-    kind: str = "reinforce"
-    hidden_size: int = 64
-    layers: int = 1
-    layer_input: bool = False
-    flops_input: bool = False
-    lr: float = 1.6e-4
-    betas: list = field(default_factory=lambda: [0.5, 0.999])
-    weight_decay: float = 0.0
-    baseline_decay: float = 0.99
-    baseline: str = "moving_average"
-    entropy_weight: float = 4e-3
-    samples: int = 1
-    every: int = 1
+    kind: str = setting("reinforce", "the searcher: the paper's LSTM with REINFORCE, TAS or ISTA",
+                        allowed=SEARCHER_KINDS)
+    hidden_size: int = setting(64, "LSTM hidden size", allowed="> 0")
+    layers: int = setting(1, "LSTM layers", allowed="> 0")
+    layer_input: bool = setting(False, "feed the LSTM each decision's index (the authors' controller)")
+    flops_input: bool = setting(False, "feed the LSTM the MACs budget left (the authors' controller)")
+    lr: float = setting(1.6e-4, "Adam learning rate of the controller", allowed="> 0")
+    betas: list = setting(lambda: [0.5, 0.999], "Adam betas of the controller", allowed="two numbers in [0, 1)")
+    weight_decay: float = setting(0.0, "Adam weight decay of the controller", allowed="≥ 0")
+    baseline_decay: float = setting(0.99, "decay of the moving-average baseline", allowed="in [0, 1)")
+    baseline: str = setting("moving_average", "REINFORCE's baseline: a moving average, or each arch against the "
+                            "others of its batch", allowed=BASELINES)
+    entropy_weight: float = setting(4e-3, "weight of the policy's entropy bonus", allowed="≥ 0")
+    samples: int = setting(1, "archs scored per search step (`leave_one_out` needs ≥ 2)", allowed="> 0")
+    every: int = setting(1, "one search step every this many weight steps after warm-up", allowed="> 0")
 
 
 @dataclass
@@ -146,13 +188,15 @@ class TasConfig:
     MACs) while the most likely arch is outside ``[reward.flops_target − flops_tolerance·(the
     widest arch's MACs), target]``."""
 
-    lr: float = 1e-3
-    betas: list = field(default_factory=lambda: [0.5, 0.999])
-    weight_decay: float = 1e-3
-    tau_max: float = 5.0
-    tau_min: float = 0.1
-    flops_weight: float = 2.0
-    flops_tolerance: float = 0.05
+    lr: float = setting(1e-3, "Adam learning rate of the width logits", allowed="> 0")
+    betas: list = setting(lambda: [0.5, 0.999], "Adam betas of the width logits", allowed="two numbers in [0, 1)")
+    weight_decay: float = setting(1e-3, "Adam weight decay of the width logits", allowed="≥ 0")
+    tau_max: float = setting(5.0, "Gumbel-softmax temperature at the search phase's start (cosine to `tau_min`)",
+                             allowed="≥ tau_min")
+    tau_min: float = setting(0.1, "Gumbel-softmax temperature at the search phase's end", allowed="> 0")
+    flops_weight: float = setting(2.0, "weight of the FLOPs loss on the expected MACs", allowed="≥ 0")
+    flops_tolerance: float = setting(0.05, "the band below the target, as a fraction of the widest arch's MACs, where "
+                                     "the FLOPs loss is off", allowed="in [0, 1)")
 
 
 @dataclass
@@ -163,13 +207,14 @@ class IstaConfig:
     steps (a few hundred on the built-in spaces); ``b`` trained by Adam (``lr``, ``betas``)
     with ``flops_weight`` and ``flops_tolerance`` as in ``tas``."""
 
-    ratio: float = 0.75
-    iterations: int = 2000
-    sparsity: float = 0.01
-    lr: float = 0.01
-    betas: list = field(default_factory=lambda: [0.5, 0.999])
-    flops_weight: float = 2.0
-    flops_tolerance: float = 0.05
+    ratio: float = setting(0.75, "rows of the dictionary per width candidate (fewer measurements than candidates)",
+                           allowed="in (0, 1)")
+    iterations: int = setting(2000, "cap on the (accelerated) ISTA steps of one recovery", allowed="> 0")
+    sparsity: float = setting(0.01, "L1 weight of the LASSO", allowed="≥ 0")
+    lr: float = setting(0.01, "Adam learning rate of the code `b`", allowed="> 0")
+    betas: list = setting(lambda: [0.5, 0.999], "Adam betas of the code `b`", allowed="two numbers in [0, 1)")
+    flops_weight: float = setting(2.0, "weight of the FLOPs loss, as in `tas`", allowed="≥ 0")
+    flops_tolerance: float = setting(0.05, "the FLOPs loss's band below the target, as in `tas`", allowed="in [0, 1)")
 
 
 @dataclass
@@ -185,14 +230,22 @@ class RewardConfig:
     elsewhere (``apsfast bench latency --table PATH`` on the machine the network will run on);
     the searchers' cost loss and the result's choice then work in milliseconds too."""
 
-    flops_target: Optional[float] = None
-    latency_target: Optional[float] = None
-    latency_batch: int = 1
-    latency_runtime: str = "torch"
-    latency_threads: Optional[int] = 1
-    latency_table: Optional[str] = None
-    alpha: float = 0.0
-    beta: float = -0.1
+    flops_target: Optional[float] = setting(None, "MACs budget (`40.8M`, `1.2G`); null: none",
+                                            allowed="> 0, or null; not with latency_target")
+    latency_target: Optional[float] = setting(None, "budget in milliseconds at `latency_batch` images on the run's "
+                                              "device, from a measured per-layer table; null: none",
+                                              allowed="> 0, or null; not with flops_target")
+    latency_batch: int = setting(1, "images per timed forward of the latency table", allowed="≥ 1")
+    latency_runtime: str = setting("torch", "the runtime the milliseconds are measured on: eager PyTorch on the run's "
+                                   "device, `torch.compile`, or onnxruntime's CPU provider", allowed=RUNTIMES)
+    latency_threads: Optional[int] = setting(1, "intra-op threads while the latency table is timed (pinned); null: "
+                                             "the run's", allowed="≥ 1, or null")
+    latency_table: Optional[str] = setting(None, "a latency table measured elsewhere (`apsfast bench latency --table "
+                                           "PATH`) to read instead of measuring one; null: measured when the run "
+                                           "starts")
+    alpha: float = setting(0.0, "exponent of `F/T` in the reward at or under the target")
+    beta: float = setting(-0.1, "exponent of `F/T` in the reward above the target (−0.1: soft, −1: MnasNet's hard "
+                          "form)")
 
 
 @dataclass
@@ -206,9 +259,11 @@ class ResultConfig:
     ``torch.export`` program of the network, so that it loads with torch alone (tracing it
     takes about a second at the end of a run)."""
 
-    beam: int = 10
-    select: str = "likely"
-    portable: bool = True
+    beam: int = setting(10, "the most likely archs the result is chosen from", allowed="> 0")
+    select: str = setting("likely", "the choice under a target: the beam's arch closest to it without exceeding it, "
+                          "or its most likely within it", allowed=SELECTS)
+    portable: bool = setting(True, "store a weight-free `torch.export` program in every `model.pt`, so that it loads "
+                             "with torch alone")
 
 
 @dataclass
@@ -219,18 +274,22 @@ class RetrainConfig:
     at its widest arch) or the path of an exported ``model.pt``, weighted ``distill_alpha`` at
     temperature ``distill_temperature``."""
 
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = True
-    grad_clip: Optional[float] = None
-    label_smoothing: float = 0.0
-    distill: Optional[str] = None
-    distill_alpha: float = 0.9
-    distill_temperature: float = 4.0
-    steps_per_epoch: Optional[int] = None
+    epochs: int = setting(200, "epochs of the retrain from scratch", allowed="> 0")
+    batch_size: int = setting(128, "batch of the retrain", allowed="> 0")
+    lr: float = setting(0.1, "SGD learning rate of the retrain, cosine schedule", allowed="> 0")
+    momentum: float = setting(0.9, "SGD momentum", allowed="in [0, 1)")
+    weight_decay: float = setting(5e-4, "SGD weight decay", allowed="≥ 0")
+    nesterov: bool = setting(True, "Nesterov momentum")
+    grad_clip: Optional[float] = setting(None, "clip the gradient norm to this; null: no clipping",
+                                         allowed="> 0, or null")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", allowed="in [0, 1)")
+    distill: Optional[str] = setting(None, "knowledge distillation from `widest` (the search's supernet at its widest "
+                                     "arch) or an exported `model.pt`; null: none",
+                                     allowed="widest, a model.pt path, or null")
+    distill_alpha: float = setting(0.9, "weight of the distillation loss", allowed="in [0, 1]")
+    distill_temperature: float = setting(4.0, "distillation temperature", allowed="> 0")
+    steps_per_epoch: Optional[int] = setting(None, "cap on the steps of an epoch; null: the whole train split",
+                                             allowed="> 0, or null")
 
 
 @dataclass
@@ -240,9 +299,10 @@ class AnalysisConfig:
     sampled archs on one batch, the coupled-gradient norm of §3.3, Φ, the mean and max
     validation accuracy of ``samples`` sampled archs, and each decision's probabilities."""
 
-    every: int = 0
-    pairs: int = 4
-    samples: int = 8
+    every: int = setting(0, "record the paper's analysis (eq. 3's alignment, the coupled norm, Φ, sampled archs' "
+                         "accuracy) every this many weight steps; 0: off", allowed="≥ 0")
+    pairs: int = setting(4, "pairs of sampled archs for the gradient alignment", allowed="> 0")
+    samples: int = setting(8, "sampled archs scored on a fixed validation batch", allowed="> 0")
 
 
 @dataclass
@@ -254,15 +314,19 @@ class RunConfig:
     ``channels_last``: that memory format for the supernet and its inputs; ``dist_backend``:
     the process group's under ``torchrun`` (``auto``: NCCL on GPUs, gloo on CPUs)."""
 
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    dist_backend: str = "auto"
-    checkpoint_every: int = 500
-    log_every: int = 20
-    eval_batches: int = 10
-    progress: bool = True
+    seed: int = setting(0, "seed of every random stream of the run", allowed="≥ 0")
+    device: str = setting("auto", "`auto`: CUDA where there is one, else CPU; or `cuda:N`", allowed=DEVICES)
+    amp: str = setting("none", "autocast of the forward passes (float32 master weights; fp16 with a loss scaler)",
+                       allowed=AMP)
+    channels_last: bool = setting(False, "the supernet and its inputs in channels_last memory format")
+    dist_backend: str = setting("auto", "process group under torchrun; `auto`: NCCL on GPUs, gloo on CPUs",
+                                allowed=DIST_BACKENDS)
+    checkpoint_every: int = setting(500, "a checkpoint every this many weight steps (and at every epoch's end)",
+                                    allowed="> 0")
+    log_every: int = setting(20, "a metrics line every this many weight steps", allowed="> 0")
+    eval_batches: int = setting(10, "validation batches of the per-epoch accuracy of the most likely arch",
+                                allowed="> 0")
+    progress: bool = setting(True, "a progress bar per epoch where stderr is a terminal")
 
 
 @dataclass
