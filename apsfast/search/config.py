@@ -260,8 +260,8 @@ class ResultConfig:
     takes about a second at the end of a run)."""
 
     beam: int = setting(10, "the most likely archs the result is chosen from", allowed="> 0")
-    select: str = setting("likely", "the choice under a target: the beam's arch closest to it without exceeding it, "
-                          "or its most likely within it", allowed=SELECTS)
+    select: str = setting("likely", "the choice under a target: likely, the beam's most likely arch within it; "
+                          "closest, its arch closest to it without exceeding it", allowed=SELECTS)
     portable: bool = setting(True, "store a weight-free `torch.export` program in every `model.pt`, so that it loads "
                              "with torch alone")
 
