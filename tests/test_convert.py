@@ -627,6 +627,19 @@ def test_a_supernet_that_would_not_fit_is_refused_before_it_is_built(monkeypatch
     assert "'fuse.0'" in str(error.value) or "'grouped.0'" in str(error.value)
 
 
+def test_the_memory_budget_is_the_stated_limit_where_one_is_set(monkeypatch):
+    # Under ulimit -v the budget is the limit less what the process maps, whatever else the
+    # machine holds; without one, what the machine has available.
+    from apsfast.models.converter import memory
+
+    monkeypatch.setattr(memory, "_address_space_limit", lambda: 2**50)
+    free, source = memory.available_bytes()
+    assert source == "the 1048576.0 GiB address-space limit (ulimit -v) leaves" and 2**49 < free < 2**50
+    monkeypatch.setattr(memory, "_address_space_limit", lambda: -1)
+    free, source = memory.available_bytes()
+    assert source == "this machine has available" and 0 < free < 2**50
+
+
 def test_a_functional_batch_norm_keeps_its_momentum():
     # BatchNormAct2d with momentum=None (a cumulative average) traces a factor of 0.0; the
     # module it becomes must average again, not freeze its statistics.

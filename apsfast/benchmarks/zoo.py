@@ -11,8 +11,9 @@ address-space cap, and reports per model:
   computes;
 * **nothing searched**: exact, but with no decision (every width kept: the reason names the
   first op that pinned them);
-* **refused**: convert's one-line ``ValueError`` (a data-dependent branch, memory that would
-  not fit, …), **failed**: anything else (an exception, a mismatch, the time or memory cap);
+* **refused**: convert's one-line ``ValueError`` (a branch on a tensor's values, memory that
+  would not fit, …); where a memory refusal names ``meta_width="widest"`` as fitting, the model
+  is converted again with it, as a user would, and the row says so; **failed**: anything else (an exception, a mismatch, the time or memory cap);
 * the searched decisions, the ops convert pinned (no channel rule: kept at their widths),
   convert's time, and the peak memory of convert and of one training step of the supernet at
   batch 2, each as a multiple of the model's parameter memory.
@@ -50,6 +51,8 @@ TIMM_CNNS = (
     "gernet_s", "hardcorenas_a", "convnext_atto", "convnextv2_atto", "nf_resnet26", "vgg11_bn", "xception41",
     "inception_v3", "hgnetv2_b0", "tresnet_m",
 )
+#: What convert's memory refusal says when ``meta_width="widest"`` fits (then taken).
+FITS_AT_WIDEST = "meta_width='widest' would take"
 #: The input sides tried, in order, for a model that does not run at ``--size``.
 LARGER_SIZES = (75, 96, 128, 160, 224)
 QUICK = ("torchvision:resnet18", "timm:efficientnet_b0", "torchvision:squeezenet1_1")
@@ -127,8 +130,18 @@ def check_one(spec: str, size: int, meta_width: Any = "sum") -> dict[str, Any]:
         try:
             net = apsfast.convert(model, x, widths=WIDTHS, round_to=ROUND_TO, meta_width=meta_width)
         except ValueError as error:
-            row.update(outcome="refused", reason=str(error).split("\n")[0])
-            return row
+            refusal = str(error).split("\n")[0]
+            if FITS_AT_WIDEST not in refusal or "too much as well" in refusal:
+                row.update(outcome="refused", reason=refusal)
+                return row
+            # A refusal for memory that names a meta width that fits: taken, as a user would.
+            caught.clear()
+            row["meta_width"] = "widest"
+            try:
+                net = apsfast.convert(model, x, widths=WIDTHS, round_to=ROUND_TO, meta_width="widest")
+            except ValueError as again:
+                row.update(outcome="refused", reason=str(again).split("\n")[0])
+                return row
     row["convert_s"] = round(time.perf_counter() - started, 1)
     param_mb = params * 4 / 2**20
     row["convert_x"] = round((_rss_mb() - before) / param_mb, 1)
@@ -165,7 +178,10 @@ def check_one(spec: str, size: int, meta_width: Any = "sum") -> dict[str, Any]:
     elif not row["decisions"]:
         row.update(outcome="nothing searched", reason=f"exact, every width kept: {first_pinned}"[:300])
     else:
-        row.update(outcome="exact", reason=f"at {side}×{side} (does not run at {size}×{size})" if side != size else "")
+        notes = [f"at {side}×{side} (does not run at {size}×{size})"] if side != size else []
+        if "meta_width" in row:
+            notes.append(f"at meta_width='widest' (convert's refusal at {meta_width!r}: {refusal.split(' (')[0]})")
+        row.update(outcome="exact", reason="; ".join(notes))
     return row
 
 
