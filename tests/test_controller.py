@@ -227,7 +227,8 @@ def test_reinforce_takes_the_gradient_of_its_loss_with_few_ops():
     del trainer.optimizer.step
     trainer.step(policy.rollout(archs), rewards)  # the optimizer's state made
     cpu = torch.device("cpu")
-    assert count_ops(lambda: trainer.step(policy.rollout(archs), rewards), cpu)[0] <= 110  # 270 per parameter
+    # 108 here; 223 through autograd's accumulation per parameter, 270 before the packed heads
+    assert count_ops(lambda: trainer.step(policy.rollout(archs), rewards), cpu)[0] <= 150
     assert count_ops(lambda: policy.sample_archs(4), cpu)[0] <= 6  # 400 as torch ops per decision
 
 
