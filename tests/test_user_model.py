@@ -151,3 +151,31 @@ def test_a_factory_that_does_not_fit_stops_before_any_file(tmp_path, args, messa
     text = str(stopped.value)
     assert text.startswith("apsfast search: ") and "\n" not in text
     assert not out.exists()
+
+
+def test_a_search_on_a_dataset_of_your_own_resumes_to_the_same_result(tmp_path):
+    # Its random transform draws from the global generator: the resumed run must draw the same.
+    config = load_config("demo", overrides=[*TINY_RUN, "train.steps_per_epoch=2"])
+    net = lambda: apsfast.convert(tiny_cnn(num_classes=3, in_channels=1), torch.zeros(1, 1, 6, 10))  # noqa: E731
+    torch.manual_seed(0)
+    expected = Search(config, tmp_path / "whole", model=net(), train_data=Stripes(160), log=quiet).run()
+    torch.manual_seed(0)
+    interrupted = Search(config, tmp_path / "cut", model=net(), train_data=Stripes(160), log=quiet)
+    original, calls = interrupted.train_step, []
+
+    def stop_at_step_4(*args):
+        calls.append(1)
+        if len(calls) == 4:  # mid-way through the second epoch
+            raise KeyboardInterrupt
+        return original(*args)
+
+    interrupted.train_step = stop_at_step_4
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    torch.manual_seed(0)
+    supernet = net()
+    resumed = Search(config, tmp_path / "cut", resume=True, model=supernet, train_data=Stripes(160), log=quiet)
+    assert resumed.step == 2  # the first epoch's end: the checkpoint before the kill
+    assert resumed.run() == expected
+    with pytest.raises(ConfigError, match="a resume may not change data.options"):
+        Search(config, tmp_path / "cut", resume=True, model=supernet, train_data=Stripes(96), log=quiet)
