@@ -152,7 +152,7 @@ def test_a_search_with_a_latency_target_chooses_by_predicted_latency(fake_timer,
 
 
 def test_latency_benchmark_quick(tmp_path):
-    assert bench_latency.main(["--quick", "--out", str(tmp_path / "cpu")]) == 0
+    assert bench_latency.main(["--quick", "--out", str(tmp_path / "cpu"), "--table", str(tmp_path / "demo.json")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "cpu.jsonl").read_text().splitlines()]
     summary = [r for r in rows if r["table"] == "summary"]
     assert len(summary) == 1 and summary[0]["archs"] == 5 and len(rows) == 6
@@ -160,6 +160,11 @@ def test_latency_benchmark_quick(tmp_path):
     assert summary[0]["choice"]["measured_ms"] > 0 and summary[0]["choice"]["uniform_measured_ms"] > 0
     assert all(r["command"].startswith("apsfast bench latency") for r in rows)
     assert "Pearson r" in (tmp_path / "cpu.md").read_text()
+    stable = summary[0]["stability"]
+    assert 0 <= stable["median"] <= stable["max"] and 0 <= stable["within_5pct"] <= 1
+    net = models.build(*bench_latency.SPACES["demo"][:1], device="meta", **bench_latency.SPACES["demo"][1])
+    table, _ = latency.read_table(tmp_path / "demo.json", net, 32, "torch")  # what reward.latency_table reads
+    assert len(table.entries) == summary[0]["ops"]
 
 
 @pytest.mark.parametrize("op", [

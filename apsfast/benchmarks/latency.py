@@ -21,7 +21,9 @@ Spaces: ``demo`` (ResNet-20, widths 4/8/16 per stage, one width per stage, 16×1
 ``demo`` preset's) and ``resnet20`` (CIFAR ResNet-20, the paper's widths 16/32/64/96 per
 block, 32×32). ``--quick``: the demo space, 5 archs, one timing each (a smoke test).
 ``--table PATH`` writes the (first) space's table as a file that ``reward.latency_table``
-reads: a search elsewhere then predicts the latency of this machine and runtime.
+reads: a search elsewhere then predicts the latency of this machine and runtime; where PATH
+holds a table of an earlier run (same space, batch and runtime), the report first compares the
+two runs op by op.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ import torch
 
 from apsfast import models
 from apsfast.benchmarks.common import environment, report
-from apsfast.models.latency import REPEATS, THREADS, WARMUP, LatencyTable, measure_network, static_network
+from apsfast.models.latency import (REPEATS, THREADS, WARMUP, LatencyTable, measure_network, read_table,
+                                    static_network)
 from apsfast.models.layer_ops import input_hw
 from apsfast.models.runtime import RUNTIMES, check_runtime
 
@@ -80,13 +83,20 @@ def bench_space(space: str, net: models.Supernet, *, batch: int, device: str, ar
                 ratio: float, samples: int, result: Optional[dict] = None, runtime: str = "torch",
                 threads: Optional[int] = THREADS, table_path: Optional[Path] = None) -> tuple[dict, list[dict]]:
     """The summary row of one space and its per-arch rows (and its table written to
-    ``table_path``)."""
+    ``table_path``; a table of the same space, batch and runtime there before, from an earlier
+    run, is compared with this one first: how two runs agree)."""
     from apsfast.search.retrain import uniform_arch
     measure = lambda arch: measure_network(static_network(net, arch, device), batch, net.in_channels,  # noqa: E731
                                            input_hw(net), device, runtime, threads, repeats, warmup)
     timed = dict(runtime=runtime, threads=threads, repeats=repeats, warmup=warmup, progress=_bar)
     table = LatencyTable.measure(net, batch, device, **timed)
+    previous = None
     if table_path is not None:
+        if table_path.is_file():
+            try:
+                previous = read_table(table_path, net, batch, runtime, device)[0]
+            except ValueError:  # another space, batch or runtime: nothing to compare with
+                previous = None
         table.save(table_path)
     generator = torch.Generator().manual_seed(0)
     chosen_archs: list[list[int]] = []
@@ -110,6 +120,9 @@ def bench_space(space: str, net: models.Supernet, *, batch: int, device: str, ar
                "mare": statistics.fmean(abs(p - m) / m for p, m in zip(predicted, measured)),
                "measured_min_ms": min(measured), "measured_max_ms": max(measured), "late_ops": table.late,
                "stability": stability(table, LatencyTable.measure(net, batch, device, **timed))}
+    if previous is not None and set(previous.entries) == set(table.entries):
+        summary["previous_run"] = {"table": str(table_path), "measured_on": previous.key["device"],
+                                   **stability(previous, table)}
     # The choice at equal MACs.
     if result is not None:
         pick = net.check_arch(result["chosen"]["arch"])
@@ -173,6 +186,12 @@ def markdown(rows: list[dict]) -> str:
             f"{r['measured_min_ms']:.3g}–{r['measured_max_ms']:.3g} | {r['rest_ms']:.3g} | "
             f"{r['stability']['max']:.1%} / {r['stability']['median']:.1%}, {r['stability']['within_5pct']:.0%} |"
             for r in summaries]
+    runs = [r for r in summaries if "previous_run" in r]
+    if runs:
+        out += ["", "Against the table an earlier run wrote to the same `--table` file (every op, two runs):", "",
+                "| space | max / median diff | within 5% |", "|---|---|---|"]
+        out += [f"| {r['space']} | {r['previous_run']['max']:.1%} / {r['previous_run']['median']:.1%} | "
+                f"{r['previous_run']['within_5pct']:.0%} |" for r in runs]
     out += ["", "Choice at equal MACs (measured latency of both):", "",
             "| space | compared | arch MACs | arch ms (pred. / meas.) | uniform MACs | uniform ms (pred. / meas.) | "
             "uniform / arch |", "|---|---|---|---|---|---|---|"]
