@@ -68,6 +68,10 @@ def test_python_search_of_a_converted_supernet(tmp_path, capsys):
         cli.main(["search", "--resume", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"apsfast train: .*converted:TinyCNN.*retrain\(.*model=net\)"):
         cli.main(["train", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"pass it again \(load_exported\(path, model=net\)\), or load the file "
+                                         r"with torch alone: state = torch.load"):
+        load_exported(tmp_path / "model.pt")
+    assert load_exported(tmp_path / "model.pt", model=net)(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
     summary = retrain(tmp_path, model=net, log=quiet)
     assert 0 <= summary["test_acc"] <= 1 and summary["widths"] == result["chosen"]["widths"]
     with pytest.raises(ConfigError, match="pass the supernet the search was given"):
