@@ -67,16 +67,17 @@ def test_widest_every_trains_the_widest_arch_at_every_kth_step(tmp_path, every):
 def test_without_a_budget_the_search_finds_the_widest(tmp_path):
     # The paper's §5.2 on a reduced demo (two widths, 8x8 images, 200 steps, 16 archs per
     # controller step): on data where wider networks score higher, APS-T chooses the widest arch.
-    # A short search is a random outcome, so this is a statement over seeds: at least 2 of 3
-    # choose >= 90% of the widest arch's MACs (with a miss rate of 1 in 10 per seed it fails 1
-    # time in 36; 3 of 4 would fail 1 in 20, 4 of 5 1 in 12, each a seed's 25 s dearer, in a
-    # suite that must stay under five minutes on two cores). Measured on a 2-core AMD
-    # EPYC (AVX-512 with bf16), chosen MACs / widest for seeds 0-4: 0.95, 0.95, 1.0, 1.0, 1.0 on
-    # 1 thread; 1.0, 1.0, 1.0, 0.95, 0.95 on 2 threads; seeds 5-9 on 1 thread: 0.82, 0.99, 0.95,
-    # 0.99, 1.0. A miss narrows a block's inner conv, whose width moves accuracy least. With 8
-    # archs per step and 60 search steps (this test before), 1 thread gave 0.77, 0.55, 1.0, 0.91,
-    # 0.98 on seeds 0-4: its single-seed 80% bar held on some processors and not on others;
-    # 12 archs per step gave 4 of 5 on either thread count (0.82 and 0.79 on seed 1).
+    # A short search is a random outcome, so this is a statement over seeds: over seeds 0-2
+    # the chosen arch takes at least 85% of the widest arch's MACs on average and none less than
+    # 70%. Measured with the transition that holds Φ over the last third of the phase
+    # (sharing.transition_fall/end), chosen MACs / widest for seeds 0-9 on one thread: 1.0, 0.95,
+    # 1.0, 1.0, 1.0, 0.77, 0.99, 0.95, 0.99, 0.80: a miss (1 seed in 5) narrows a block's inner
+    # conv, whose width moves accuracy least, to about 0.8, so even two misses of three pass and
+    # only three fail (1 time in 125), while a uniformly random arch takes about 40% of the
+    # widest's MACs. The former form, at least 2 of 3 seeds at 90%, would fail 1 time in 10 at that
+    # miss rate. Before this transition, on a 2-core AMD EPYC (AVX-512 with bf16), seeds 0-4 gave
+    # 0.95, 0.95, 1.0, 1.0, 1.0 on one thread and 1.0, 1.0, 1.0, 0.95, 0.95 on two; with 8 archs
+    # per step and 60 search steps, 0.77, 0.55, 1.0, 0.91, 0.98 on one thread.
     overrides = ["model.options.widths=[4, 16]", "data.image_size=8", "train.epochs=20", "train.warmup_epochs=8",
                  "train.batch_size=64", "train.steps_per_epoch=10", "controller.lr=1e-2", "controller.samples=16",
                  "run.eval_batches=1", "run.checkpoint_every=1000", "run.progress=false", "result.portable=false"]
@@ -85,7 +86,7 @@ def test_without_a_budget_the_search_finds_the_widest(tmp_path):
         config = load_config("demo", overrides=[*overrides, f"run.seed={seed}"])
         result = Search(config, tmp_path / str(seed), log=quiet).run()
         fractions.append(result["chosen"]["flops"] / result["max_flops"])
-    assert sum(f >= 0.9 for f in fractions) >= 2, fractions
+    assert sum(fractions) / len(fractions) >= 0.85 and min(fractions) >= 0.7, fractions
 
 
 def test_search_end_to_end_writes_everything(tmp_path):
