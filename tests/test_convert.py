@@ -613,11 +613,15 @@ def test_a_supernet_that_would_not_fit_is_refused_before_it_is_built(monkeypatch
     monkeypatch.setattr(convert_supernet, "check_fits", lambda *a: estimates.append(check(*a)) or estimates[-1])
     net = apsfast.convert(model, x)
     # The estimate is what the APS layers then hold (their parameters, transforms and statistics),
-    # their gradients in a training step, and the model with its traced copy.
+    # their gradients in a training step, the model with its traced copy, and the gradients of
+    # the layers kept plain.
     layers = [*aps_layers(net), *(m for m in net.modules() if isinstance(m, apsfast.nn.APSBatchNorm2d))]
     tensors = {id(t): t for m in layers for t in [*m.parameters(), *m.buffers()]}.values()
     held = sum(t.numel() * t.element_size() * (2 if t.requires_grad else 1) for t in tensors)
-    held += 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    searched = [path for path, m in net.get_submodule("net").named_modules() if m in layers]
+    kept = [p for name, p in model.named_parameters() if not any(name.startswith(f"{path}.") for path in searched)]
+    held += 2 * sum(p.numel() * p.element_size() for p in model.parameters())  # the model and its copy
+    held += sum(p.numel() * p.element_size() for p in kept)  # the gradients of the layers kept plain
     assert 0.9 * held <= estimates[0] <= 1.1 * held, (estimates[0], held)
     monkeypatch.setattr(memory, "available_bytes", lambda: (estimates[0], "a stated limit leaves"))
     monkeypatch.setattr(convert_supernet, "aps_conv", lambda *a, **k: pytest.fail("built past the check"))

@@ -7,7 +7,7 @@ by the meta width's factor per side (``Σ widths / widest``, 2.25 for the ratios
 side, so where a layer's weight is thin for its width (1×1 expansions, depthwise convs,
 squeeze-excitation) they outweigh it, and a layer that reads a concatenation of searched groups
 has one candidate per *total* width of the segments. :func:`check_fits` adds it all up, with
-the meta-weights' gradients of a training step and the model with its traced copy, and refuses
+the gradients of a training step and the model with its traced copy, and refuses
 a supernet the budget cannot hold before the first tensor is made, naming the layers that
 dominate, a ``meta_width=`` and the blocks to ``exclude=`` that fit.
 
@@ -114,10 +114,14 @@ def supernet_layers(module: fx.GraphModule, analysis: Analysis, candidates: dict
 def check_fits(module: fx.GraphModule, analysis: Analysis, candidates: dict[int, tuple[int, ...]], sharing: str,
                meta_width: Union[str, float], element_size: int, name: str) -> int:
     """The bytes a training step of the supernet will peak at, about: its APS layers, their
-    parameters' gradients, and the model with its traced copy. Raises ``ValueError`` before any
+    parameters' gradients, the model with its traced copy, and the gradients of the layers kept
+    plain. Raises ``ValueError`` before any
     of it is allocated when that is more than :data:`USABLE_FRACTION` of :func:`available_bytes`."""
-    model = 2 * element_size * sum(p.numel() for p in module.parameters())  # the model and its traced copy
     layers = supernet_layers(module, analysis, candidates, sharing, meta_width)
+    total = sum(p.numel() for p in module.parameters())
+    replaced = sum(p.numel() for _, plan, _ in layers for p in module.get_submodule(plan.path).parameters())
+    # The model and its traced copy, and the gradients of the layers kept plain.
+    model = element_size * (2 * total + total - replaced)
     needed = model + element_size * sum(n for n, _, _ in layers)
     free, source = available_bytes()
     budget = int(USABLE_FRACTION * free)
@@ -144,7 +148,7 @@ def check_fits(module: fx.GraphModule, analysis: Analysis, candidates: dict[int,
         freed += held
     raise ValueError(
         f"convert: the supernet of {name} would take {needed / 2**30:.1f} GiB at the peak of a training step "
-        f"(its APS layers, their gradients, the model and its traced copy), more than {USABLE_FRACTION:.0%} of "
+        f"(its APS layers, the model, its traced copy and the gradients of both), more than {USABLE_FRACTION:.0%} of "
         f"the {free / 2**30:.1f} GiB {source}; the largest layers: {worst}; "
         + ("; ".join(options) + "; " if options else "")
         + f"or pass exclude={sorted(excluded)} to keep those blocks fixed")
