@@ -26,6 +26,8 @@ def _needs(name: str) -> None:
     "timm:mobilenetv3_small_050",       # BatchNormAct2d (F.batch_norm + act), timm's Linear, SE gates
     "torchvision:efficientnet_b0",      # stochastic_depth, SiLU, squeeze-excitation
     "torchvision:shufflenet_v2_x0_5",   # channel split and shuffle: pinned, the rest searched
+    "timm:test_convnext",               # channels-last permute, LayerNorm and Linear MLP
+    "timm:test_nfnet",                  # weight-standardised convs (ScaledStdConv2d), grouped ones pinned
 ])
 def test_zoo_models_convert_exactly(spec, one_thread):
     _needs(spec.split(":")[0])
