@@ -13,7 +13,8 @@ address-space cap, and reports per model:
   first op that pinned them);
 * **refused**: convert's one-line ``ValueError`` (a branch on a tensor's values, memory that
   would not fit, …); where a memory refusal names ``meta_width="widest"`` as fitting, the model
-  is converted again with it, as a user would, and the row says so; **failed**: anything else (an exception, a mismatch, the time or memory cap);
+  is converted again with it, as a user would, and the row says so; **failed**: anything else
+  (an exception, a mismatch, the time or memory cap);
 * the searched decisions, the ops convert pinned (no channel rule: kept at their widths),
   convert's time, and the peak memory of convert and of one training step of the supernet at
   batch 2, each as a multiple of the model's parameter memory.

@@ -148,7 +148,7 @@ def check_fits(module: fx.GraphModule, analysis: Analysis, candidates: dict[int,
         freed += held
     raise ValueError(
         f"convert: the supernet of {name} would take {needed / 2**30:.1f} GiB at the peak of a training step "
-        f"(its APS layers, the model and its traced copy, and the gradients of a step), more than {USABLE_FRACTION:.0%} of "
-        f"the {free / 2**30:.1f} GiB {source}; the largest layers: {worst}; "
+        f"(its APS layers, the model and its traced copy, and the gradients of a step), more than "
+        f"{USABLE_FRACTION:.0%} of the {free / 2**30:.1f} GiB {source}; the largest layers: {worst}; "
         + ("; ".join(options) + "; " if options else "")
         + f"or pass exclude={sorted(excluded)} to keep those blocks fixed")

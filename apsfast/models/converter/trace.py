@@ -86,7 +86,8 @@ class Traced:
 
 def trace(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str]) -> Traced:
     """Trace ``model`` (leaves: ``exclude`` and torch's own layers), put functional layers back
-    into modules (:mod:`apsfast.models.converter.rewrite`) and annotate every node with its shape (``meta[SHAPE]``) from one eval-mode run on ``example_input``.
+    into modules (:mod:`apsfast.models.converter.rewrite`) and annotate every node with its
+    shape (``meta[SHAPE]``) from one eval-mode run on ``example_input``.
 
     Raises ``ValueError`` naming the submodule where tracing failed (data-dependent control
     flow and the like) and how to proceed.
