@@ -70,7 +70,7 @@ class TransitionRate:
     ``u`` of the phase done. The fall is over at the fraction ``end`` of the phase; what is left
     of it, with Φ held, is for the meta-weights to adapt to the transforms they end with (a
     fall that runs to the last step, where the cosine learning rate is near zero, leaves the
-    supernet 15–25 points less accurate than at its best: README, the transition rate).
+    supernet 15–25 points less accurate than at its best: docs/concepts.md, the transition rate).
 
     A fixed τ cannot do this: the ordinal start is a near-stationary point, so Φ stays flat for
     a number of steps set by the start's noise and then falls within a few hundred (measured on
@@ -92,7 +92,7 @@ class TransitionRate:
     STEP = 2.0  # most τ changes per adaptation point, up or down
     CATCH_UP = 2.0  # most Φ falls per interval behind the line, in the line's own falls per interval
     GROWTH = 4.0  # most the fall per unit τ is assumed to change per interval
-    TAU_MAX = 1e-2  # stable on every space measured; 1e-1 diverges (README, the transition rate)
+    TAU_MAX = 1e-2  # stable on every space measured; 1e-1 diverges (docs/concepts.md, the transition rate)
     POINTS = 100  # adaptations per search phase
 
     def __init__(self, tau: Optional[float], steps: int, fall: float = 0.35, every: int = 1,
