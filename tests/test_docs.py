@@ -61,6 +61,16 @@ def test_readme_is_a_front_door():
     assert {name for name in pages if f"(docs/{name}" not in text} == set()
 
 
+def test_tables_start_after_a_blank_line():
+    # The site's Markdown reads a table that follows a line of text as more of that text.
+    for path in PAGES:
+        lines, code = path.read_text().splitlines(), False
+        for number, (before, line) in enumerate(zip([""] + lines, lines), 1):
+            code ^= line.startswith("```")
+            assert code or not line.startswith("|") or not before.strip() or before.startswith("|"), \
+                f"{path.name}:{number}: a table needs a blank line before it"
+
+
 def test_every_python_example_runs_in_a_test():
     found = {(p.name, i) for p in PAGES for i, _ in enumerate(blocks(p, "python"))}
     assert found == set(RUN), f"python examples without a test here: {sorted(found - set(RUN))}"
