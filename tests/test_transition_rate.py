@@ -18,7 +18,7 @@ import torch
 from apsfast import models
 from apsfast.nn import network_sharing_level
 from apsfast.search import load_config
-from apsfast.search.strategies import TransitionRate, transition
+from apsfast.search.strategies import TransitionRate, after_weight_step, transition
 
 
 @lru_cache(maxsize=None)
@@ -91,6 +91,23 @@ def test_phi_follows_its_line_then_holds():
         assert abs(phis[step] - rate.target(step)) <= 0.2 * total, f"Φ off its line at step {step}"
     held = phis[min(ends + tenth // 2, steps)] - phis[-1]
     assert held <= 0.05 * total, f"Φ still fell {held / total:.0%} of its fall after the line's end"
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_short_phase_starts_under_the_stable_bound(every):
+    # The steered start is 1 / steps; on a phase of a few steps that is far above the bound
+    # (τ = 1/8 with a step of 2τ multiplied the demo space's Φ by 22).
+    config = load_config("demo")
+    torch.manual_seed(0)
+    net = models.build(config.model.name, **config.model.options)
+    start = float(network_sharing_level(net))
+    rate = TransitionRate(None, 8, every=every)
+    assert rate.tau * every <= TransitionRate.TAU_MAX
+    with torch.no_grad():
+        for step in range(1, 9):
+            phi = after_weight_step(net, "transitional", rate.tau, step, every)
+            rate.observe(step, phi, every)
+    assert float(network_sharing_level(net)) <= start
 
 
 def test_a_fixed_tau_is_kept():

@@ -100,11 +100,13 @@ class TransitionRate:
         self.fixed = tau is not None
         self.steps = max(int(steps), 1)
         self.fall, self.end = fall, end
-        self.tau = float(tau) if self.fixed else 1.0 / self.steps
-        self.tau_min = self.tau / 1000
         # One transition every `every` weight steps takes a step of every·τ: the stable bound
-        # is on that step (on the demo space, every·τ = 0.1 diverges).
+        # is on that step (on the demo space, every·τ = 0.1 diverges). The steered start, one
+        # over the phase's steps, is held under it too: a phase of 8 steps started at 1/8 and
+        # multiplied Φ by 22 with every = 2.
         self.tau_max = self.TAU_MAX / every
+        self.tau = float(tau) if self.fixed else min(1.0 / self.steps, self.tau_max)
+        self.tau_min = self.tau / 1000
         self.every = max(1, self.steps // self.POINTS)
         self.phi0: Optional[float] = None
         # The last point read: (step, Φ, τ in force over the interval after it), and the fall
