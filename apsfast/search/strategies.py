@@ -70,7 +70,7 @@ class TransitionRate:
     ``u`` of the phase done. The fall is over at the fraction ``end`` of the phase; what is left
     of it, with Φ held, is for the meta-weights to adapt to the transforms they end with (a
     fall that runs to the last step, where the cosine learning rate is near zero, leaves the
-    supernet 15–25 points less accurate than at its best: docs/concepts.md, the transition rate).
+    supernet 15–20 points less accurate than at its best: docs/concepts.md, the transition rate).
 
     A fixed τ cannot do this: the ordinal start is a near-stationary point, so Φ stays flat for
     a number of steps set by the start's noise and then falls within a few hundred (measured on
