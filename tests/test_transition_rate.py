@@ -86,7 +86,8 @@ def test_phi_follows_its_line_then_holds():
         window = phis[first] - phis[first + tenth]
         line = rate.target(first) - rate.target(first + tenth)
         assert 0.3 * line <= window <= 2.5 * line, (
-            f"Φ fell {window / start:.1%} of its start over steps {first}–{first + tenth}, its line {line / start:.1%}")
+            f"Φ fell {window / start:.1%} of its start over steps {first}–{first + tenth}, "
+            f"its line {line / start:.1%}")
     for step in range(3 * tenth, steps + 1, tenth // 2):  # near the line from a third of the phase on
         assert abs(phis[step] - rate.target(step)) <= 0.2 * total, f"Φ off its line at step {step}"
     held = phis[min(ends + tenth // 2, steps)] - phis[-1]

@@ -25,7 +25,7 @@ import yaml
 from apsfast.data import AUGMENTS, NORMALIZE
 from apsfast.models.runtime import RUNTIMES
 from apsfast.search.overrides import ConfigError  # noqa: F401  (the settings' one error, imported from here)
-from apsfast.search.strategies import STRATEGIES
+from apsfast.search.strategies import STRATEGIES, TransitionRate
 from apsfast.sharing import PRECISIONS
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -140,10 +140,10 @@ class SharingConfig:
                             "task loss (`learned`)", allowed=STRATEGIES)
     tau: Optional[float] = setting(None, "APS-T's transition rate (width-free eq. 5); null: steered so that Φ falls "
                                    "over the search phase", allowed="> 0, or null")
-    transition_fall: float = setting(0.35, "steered rate: the fraction of its start that Φ falls by",
+    transition_fall: float = setting(TransitionRate.FALL, "steered rate: the fraction of its start that Φ falls by",
                                      allowed="in (0, 1)")
-    transition_end: float = setting(0.65, "steered rate: the fraction of the search phase by which Φ has fallen, then "
-                                    "holds", allowed="in (0, 1]")
+    transition_end: float = setting(TransitionRate.END, "steered rate: the fraction of the search phase by which Φ "
+                                    "has fallen, then holds", allowed="in (0, 1]")
     transforms_lr: Optional[float] = setting(None, "SGD rate of P, Q under `learned`; null: `train.lr`",
                                              allowed="> 0, or null")
     transition_every: int = setting(1, "one transition step of k·τ every k weight steps (a k-th of its cost)",

@@ -94,9 +94,10 @@ class TransitionRate:
     GROWTH = 4.0  # most the fall per unit τ is assumed to change per interval
     TAU_MAX = 1e-2  # stable on every space measured; 1e-1 diverges (docs/concepts.md, the transition rate)
     POINTS = 100  # adaptations per search phase
+    FALL, END = 0.35, 0.65  # the defaults of sharing.transition_fall and sharing.transition_end
 
-    def __init__(self, tau: Optional[float], steps: int, fall: float = 0.35, every: int = 1,
-                 end: float = 0.65) -> None:
+    def __init__(self, tau: Optional[float], steps: int, fall: float = FALL, every: int = 1,
+                 end: float = END) -> None:
         self.fixed = tau is not None
         self.steps = max(int(steps), 1)
         self.fall, self.end = fall, end
