@@ -12,98 +12,22 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from apsfast.models.converter.groups import Groups, Layout, same_structure
+from apsfast.models.converter.channels_last import ChannelsLastRules
+from apsfast.models.converter.groups import Analysis, Groups, LayerPlan, Layout, same_structure
+from apsfast.models.converter.known_ops import (CAT_FUNCTIONS, CONSTANT, CONVS, ELEMENTWISE_FUNCTIONS,
+                                               ELEMENTWISE_METHODS, PER_SAMPLE_NAMES, PERMUTES, PINNED, REDUCTIONS,
+                                               RESHAPES, SIZE_QUERIES, SIZED_RESHAPES, UNARY_FUNCTIONS, UNARY_METHODS,
+                                               WIDTH_PRESERVING_MODULES)
 from apsfast.models.converter.rewrite import StandardisedConv2d
 from apsfast.models.converter.trace import SCOPE, shape_of
 
 #: The most searched groups one layer's concatenated input may hold (see ``_fix_long_concatenations``).
 MAX_SEARCHED_SEGMENTS = 2
-#: The tuple an op without a channel rule returns (``torch.split`` …): each item keeps its width.
-PINNED = "pinned"
-#: Ops that scale or drop whole samples: a per-sample op keeps the channel layout.
-PER_SAMPLE_NAMES = {"stochastic_depth", "drop_path"}
-
-#: A tensor attribute of the model (``get_attr``), or what unary ops and reshapes make of it:
-#: its values are tied to the original channels, so whatever it meets element-wise across the
-#: channel dim keeps its width.
-CONSTANT = "constant"
-
-UNARY_FUNCTIONS = {
-    torch.relu, torch.relu_, F.relu, F.relu6, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh,
-    F.silu, F.gelu, F.mish, F.hardswish, F.hardsigmoid, F.softplus, torch.sigmoid, F.sigmoid,
-    torch.tanh, F.tanh, torch.neg, operator.neg, operator.pos, torch.abs, torch.exp, torch.clamp,
-    torch.clip, F.dropout, F.dropout2d, F.alpha_dropout, F.max_pool2d, F.avg_pool2d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.softmax, F.log_softmax,
-    torch.softmax, torch.log_softmax,
-}
-UNARY_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "neg",
-    "abs", "exp", "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as",
-    "softmax", "log_softmax",
-}
-ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.maximum, torch.minimum,
-}
-ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum",
-                       "minimum", "expand_as"}
-CAT_FUNCTIONS = {torch.cat, torch.concat}
-# Reshapes given explicit sizes may carry the channel count as a constant: rewritten.
-SIZED_RESHAPES = {"view", "reshape", torch.reshape}
-RESHAPES = SIZED_RESHAPES | {"flatten", "squeeze", "unsqueeze", torch.flatten, torch.squeeze,
-                             torch.unsqueeze}
-REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
-PERMUTES = {"permute", torch.permute}
-#: The conv modules with a rule (a standardised one only dense: its APS form is one layer).
-CONVS = (nn.Conv2d, StandardisedConv2d)
-#: A permute to channels-last, and back: (N, C, H, W) -> (N, H, W, C) -> (N, C, H, W).
-TO_LAST, FROM_LAST = (0, 2, 3, 1), (0, 3, 1, 2)
-SIZE_QUERIES = {"size", "dim", getattr}
-WIDTH_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
-    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.Softmax,
-    nn.LogSoftmax,
-)
-
-
-@dataclass
-class LayerPlan:
-    """A conv, batch-norm or linear module of the graph and the layouts it reads and writes.
-
-    ``kind``: ``"conv"`` (dense), ``"depthwise"`` (output follows input), ``"grouped"``
-    (``groups`` > 1, not depthwise), ``"bn"``, ``"linear"``, ``"flat_linear"`` (a linear
-    layer reading a flattened ``C×H×W`` map: ``inputs`` is the channel layout and ``out_hw``
-    the map's ``(H, W)``, the kernel of the conv it is), or ``"token_linear"`` (a linear layer
-    over a channels-last map, a 1×1 conv in effect: ``out_hw`` is ``(H·W, 1)``, its tokens).
-    """
-
-    path: str
-    kind: str
-    inputs: Layout
-    outputs: Layout
-    out_hw: tuple[int, int]
-    groups: int = 1
-
-
-@dataclass
-class Analysis:
-    """What the graph says about the channels: the groups, the layers, the reshapes that
-    must read the live channel count, and the opaque leaves (fixed, costed as traced)."""
-
-    groups: Groups
-    layers: list[LayerPlan] = field(default_factory=list)
-    reshapes: dict[str, tuple] = field(default_factory=dict)
-    opaque: list[str] = field(default_factory=list)
-    pinned: list[str] = field(default_factory=list)  # the ops without a channel rule, one line each
 
 
 def refuse(node: fx.Node, op: str, why: str) -> None:
@@ -129,7 +53,7 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-class ChannelAnalyser:
+class ChannelAnalyser(ChannelsLastRules):
     """One forward-order pass over ``module``'s graph; :meth:`run` returns the
     :class:`Analysis`. ``exclude``: qualified names of the opaque leaves."""
 
@@ -455,76 +379,3 @@ class ChannelAnalyser:
         if not isinstance(index, slice) or index.step not in (None, 1):
             return False
         return index.start in (None, 0) and (index.stop is None or (isinstance(index.stop, int) and index.stop >= size))
-
-    # --- channels-last (ConvNeXt's block: permute, LayerNorm, Linear, act, Linear, permute) ---
-
-    def _permute(self, node: fx.Node) -> Any:
-        source = node.args[0]
-        dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else node.kwargs["dims"]
-        before = shape_of(source)
-        dims = tuple(d % len(before) for d in dims) if before is not None else tuple(dims)
-        if isinstance(self.layouts.get(source), tuple) and len(before) == 4:
-            if source not in self._last and dims == TO_LAST:
-                self._last.add(node)
-                return self.layouts[source]
-            if source in self._last and dims == FROM_LAST:
-                return self.layouts[source]
-        return self._pin(node, f"it permutes the dims to {dims}; convert follows channels-last {TO_LAST} "
-                         f"and back {FROM_LAST} only")
-
-    def _same_shape(self, node: fx.Node) -> bool:
-        return shape_of(node) is not None and shape_of(node) == shape_of(node.args[0])
-
-    def _last_layout(self, node: fx.Node) -> Layout:
-        """The layout of a channels-last value passed on unchanged (an activation, dropout)."""
-        self._last.add(node)
-        return self.layouts[node.args[0]]
-
-    def _layer_norm(self, node: fx.Node, normalized_shape: Sequence[int]) -> Any:
-        """A layer norm over the channels of a channels-last value normalises across all of
-        them: their width stays (as a batch norm's would not need), what it returns has the
-        same channels."""
-        if tuple(normalized_shape) != (shape_of(node.args[0])[-1],) or not self._same_shape(node):
-            return self._pin_last(node, f"a layer norm over {tuple(normalized_shape)}, not the channels")
-        self.groups.fix(self.layouts[node.args[0]])
-        return self._last_layout(node)
-
-    def _channels_last(self, node: fx.Node, op: Any) -> Any:
-        """A function or method reading a channels-last value: the channel dim is the last."""
-        if op in UNARY_FUNCTIONS or op in UNARY_METHODS or getattr(op, "__name__", None) in PER_SAMPLE_NAMES:
-            if self._same_shape(node) and op not in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
-                                                     "softmax", "log_softmax"):
-                return self._last_layout(node)
-        if op is F.layer_norm and len(node.args) > 1:
-            return self._layer_norm(node, node.args[1])
-        return self._pin_last(node, "convert follows a channels-last value through activations, a layer norm "
-                              "and linear layers only")
-
-    def _channels_last_module(self, node: fx.Node, module: nn.Module) -> Any:
-        """A module reading a channels-last value."""
-        if type(module) is nn.Linear:  # a 1×1 conv over the tokens: its output is a new group
-            out = shape_of(node)
-            layout = (self.groups.new(module.out_features, node.target),)
-            self.result.layers.append(LayerPlan(node.target, "token_linear", self.layouts[node.args[0]], layout,
-                                                (math.prod(out[1:-1]), 1)))
-            self._last.add(node)
-            return layout
-        if type(module) is nn.LayerNorm:
-            return self._layer_norm(node, module.normalized_shape)
-        if isinstance(module, WIDTH_PRESERVING_MODULES) and not isinstance(module, nn.Softmax) \
-                and self._same_shape(node) and not isinstance(module, (nn.MaxPool2d, nn.AvgPool2d,
-                                                                     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            return self._last_layout(node)
-        self.result.pinned.append(f"call_module {node.target}: {type(module).__name__} on a channels-last "
-                                  f"value has no channel rule; kept as traced")
-        return self._opaque(node)
-
-    def _pin_last(self, node: fx.Node, why: str) -> Any:
-        """:meth:`_pin` for an op reading a channels-last value: a same-shaped result stays
-        channels-last (a new fixed group of its last dim)."""
-        self._pin(node, why)
-        out = shape_of(node)
-        if out is None or len(out) != 4 or out != shape_of(node.args[0]):
-            return PINNED if out is None else (self.groups.new(out[1], node.name, fixed=True),)
-        self._last.add(node)
-        return (self.groups.new(out[-1], node.name, fixed=True),)

@@ -5,11 +5,14 @@ channels meet element by element (a residual addition, a squeeze-excitation gate
 their groups. A value's channels are described by its *layout*: the groups of its
 contiguous channel segments in order (one segment for most values, several after a
 concatenation along the channels). After the whole graph is read, every group that is not
-fixed becomes one searched decision.
+fixed becomes one searched decision. The channel analysis
+(:mod:`apsfast.models.converter.channels`) returns them as an :class:`Analysis`: the groups and
+the :class:`LayerPlan` of every conv, batch-norm and linear layer.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 Layout = tuple[int, ...]
@@ -123,3 +126,34 @@ def same_structure(a: Optional[Layout], b: Optional[Layout], groups: Groups) -> 
     them segment by segment is possible)."""
     return a is not None and b is not None and len(a) == len(b) and all(
         groups.width(x) == groups.width(y) for x, y in zip(a, b))
+
+
+@dataclass
+class LayerPlan:
+    """A conv, batch-norm or linear module of the graph and the layouts it reads and writes.
+
+    ``kind``: ``"conv"`` (dense), ``"depthwise"`` (output follows input), ``"grouped"``
+    (``groups`` > 1, not depthwise), ``"bn"``, ``"linear"``, ``"flat_linear"`` (a linear
+    layer reading a flattened ``C×H×W`` map: ``inputs`` is the channel layout and ``out_hw``
+    the map's ``(H, W)``, the kernel of the conv it is), or ``"token_linear"`` (a linear layer
+    over a channels-last map, a 1×1 conv in effect: ``out_hw`` is ``(H·W, 1)``, its tokens).
+    """
+
+    path: str
+    kind: str
+    inputs: Layout
+    outputs: Layout
+    out_hw: tuple[int, int]
+    groups: int = 1
+
+
+@dataclass
+class Analysis:
+    """What the graph says about the channels: the groups, the layers, the reshapes that
+    must read the live channel count, and the opaque leaves (fixed, costed as traced)."""
+
+    groups: Groups
+    layers: list[LayerPlan] = field(default_factory=list)
+    reshapes: dict[str, tuple] = field(default_factory=dict)
+    opaque: list[str] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)  # the ops without a channel rule, one line each

@@ -28,8 +28,7 @@ except ImportError:  # pragma: no cover
 
 from torch import fx
 
-from apsfast.models.converter.channels import Analysis, LayerPlan
-from apsfast.models.converter.groups import layout_widths
+from apsfast.models.converter.groups import Analysis, LayerPlan, layout_widths
 from apsfast.models.meta_width import meta_width_of
 
 #: The share of the budget convert plans to fill: the rest is for a step's activations, the

@@ -9,8 +9,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import fx, nn
 
 from apsfast.models.base import DecisionSpace, Supernet
-from apsfast.models.converter.channels import Analysis, LayerPlan
-from apsfast.models.converter.groups import layout_width, layout_widths
+from apsfast.models.converter.groups import Analysis, LayerPlan, layout_width, layout_widths
 from apsfast.models.converter.layers import (FlattenedAPSLinear, GroupedAPSConv2d, aps_batch_norm, aps_conv, aps_linear,
                                              channel_view)
 from apsfast.models.converter.memory import check_fits
