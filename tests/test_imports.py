@@ -1,11 +1,13 @@
 """The package's files import one way: no file imports another that imports it back, directly
 or around a loop (DESIGN.md §2). The graph is read from the source, every ``import`` and
 ``from … import`` counted wherever it stands (inside functions and ``TYPE_CHECKING`` blocks
-too), so that a lazy import cannot hide a circle."""
+too), so that a lazy import cannot hide a circle. And every module stays small:
+under 400 lines, one job each."""
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "apsfast"
+MAX_LINES = 400
 
 
 def module_files(root: Path = PACKAGE) -> dict[str, Path]:
@@ -116,3 +118,9 @@ def test_the_check_finds_a_lazy_circle(tmp_path):
     (package / "f.py").write_text("from pkg.a import f\nimport os\n")
     graph = import_graph(package)
     assert circles(graph) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.d", "pkg.e"]]
+
+
+def test_every_module_is_under_the_line_bound():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in module_files().items()}
+    over = {name: n for name, n in sizes.items() if n >= MAX_LINES}
+    assert not over, f"modules of {MAX_LINES} lines or more, to split by job: {over}"

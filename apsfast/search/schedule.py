@@ -35,20 +35,6 @@ from apsfast.search.searchers import Searcher, build_searcher
 from apsfast.search.session import Session, restore_rng, rng_state
 
 
-def make_optimizer(net: torch.nn.Module, config: Config) -> torch.optim.SGD:
-    """SGD over the meta-weights (and, for ``learned``, the transforms at their own rate)."""
-    train = config.train
-    transforms = set(map(id, strategies.transform_parameters(net)))
-    groups = [{"params": [p for p in net.parameters() if id(p) not in transforms]}]
-    if config.sharing.strategy == "learned":
-        groups.append({"params": strategies.transform_parameters(net), "weight_decay": 0.0,
-                       "lr": config.sharing.transforms_lr or train.lr})
-    for group in groups:
-        group["initial_lr"] = group.get("lr", train.lr)
-    return steps.sgd(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-                     nesterov=train.nesterov)
-
-
 class Search:
     """One search run writing into ``out_dir``.
 
@@ -111,7 +97,9 @@ class Search:
             sync_batch_norm(self.net)
         self.strategy = config.sharing.strategy
         self.decisions = self.net.decisions()
-        self.optimizer = make_optimizer(self.net, config)
+        self.optimizer = steps.make_optimizer(self.net, self.strategy, lr=train.lr, momentum=train.momentum,
+                                              weight_decay=train.weight_decay, nesterov=train.nesterov,
+                                              transforms_lr=config.sharing.transforms_lr)
         batches = self.w_train.num_batches(train.batch_size, drop_last=True)
         self.steps_per_epoch = min(batches, train.steps_per_epoch or batches)
         self.total_steps = self.steps_per_epoch * train.epochs

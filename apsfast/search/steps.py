@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from apsfast.models import Supernet
 from apsfast.search.session import Precision
+from apsfast.search.strategies import transform_parameters
 
 
 class StepStats(NamedTuple):
@@ -66,6 +67,21 @@ def sgd(params: Iterable, *, lr: float, momentum: float, weight_decay: float,
     if fused and momentum:
         _zero_momentum(optimizer)
     return optimizer
+
+
+def make_optimizer(net: nn.Module, strategy: str, *, lr: float, momentum: float, weight_decay: float,
+                   nesterov: bool = False, transforms_lr: Optional[float] = None) -> torch.optim.SGD:
+    """:func:`sgd` over a supernet's meta-weights; for ``learned`` over the transforms too, at
+    their own rate (``transforms_lr``, default ``lr``) and without weight decay. The other
+    strategies' transforms are fixed or moved by the transition, never by the optimizer."""
+    transforms = transform_parameters(net)
+    ids = set(map(id, transforms))
+    groups = [{"params": [p for p in net.parameters() if id(p) not in ids]}]
+    if strategy == "learned":
+        groups.append({"params": transforms, "weight_decay": 0.0, "lr": transforms_lr or lr})
+    for group in groups:
+        group["initial_lr"] = group.get("lr", lr)
+    return sgd(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
