@@ -94,7 +94,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from apsfast.search.retrain import retrain, retrain_top, retrain_uniform
+    from apsfast.search.baselines import retrain_top, retrain_uniform
+    from apsfast.search.retrain import retrain
     try:
         if args.uniform is not None:
             _train_uniform(args, retrain_uniform)

@@ -18,7 +18,7 @@ from apsfast.analysis import measure
 from apsfast.nn import APSConv2d, aps_layers
 from apsfast.search import Search, load_config
 from apsfast.search.metrics import read_metrics
-from apsfast.search.retrain import uniform_arch
+from apsfast.search.baselines import uniform_arch
 
 from test_search import TINY  # 3 epochs (1 warm-up) of 3 steps of 32 images
 ANALYSIS = ["analysis.every=2", "analysis.pairs=2", "analysis.samples=3"]

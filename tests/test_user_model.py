@@ -16,6 +16,7 @@ import yaml
 import apsfast
 from apsfast import cli
 from apsfast.search import ConfigError, Search, load_config, load_exported, retrain, search
+from apsfast.search.baselines import retrain_top, retrain_uniform, uniform_arch
 from test_search import TINY, quiet
 from user_models import Stripes, tiny_cnn
 
@@ -183,3 +184,10 @@ def test_a_search_on_a_dataset_of_your_own_resumes_to_the_same_result(tmp_path):
     assert resumed.run() == expected
     with pytest.raises(ConfigError, match="a resume may not change data.options"):
         Search(config, tmp_path / "cut", resume=True, model=supernet, train_data=Stripes(96), log=quiet)
+    # The beam's top archs and the uniform baseline retrain on the same data and supernet.
+    data = {"train_data": Stripes(160), "val_data": Stripes(48, seed=1)}
+    top = retrain_top(tmp_path / "whole", 2, log=quiet, model=supernet, **data)
+    assert [row["arch"] for row in top["archs"]] == [c["arch"] for c in expected["candidates"][:2]]
+    assert all(0 <= row["test_acc"] <= 1 for row in top["archs"])
+    uniform = retrain_uniform(config, 0.5, tmp_path / "uniform", log=quiet, model=supernet, **data)
+    assert uniform["arch"] == uniform_arch(supernet, 0.5) and 0 <= uniform["test_acc"] <= 1

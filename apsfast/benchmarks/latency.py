@@ -12,7 +12,7 @@ median of the repeats) and reports:
 * the table's stability: every op measured a second time, the largest and the median relative
   difference between the two measurements of an op, and the share within 5%;
 * the choice at equal MACs: the uniformly scaled network (``--ratio`` × the standard widths,
-  :func:`apsfast.search.retrain.uniform_arch`) against the arch of lowest predicted latency
+  :func:`apsfast.search.baselines.uniform_arch`) against the arch of lowest predicted latency
   among ``--samples`` random archs whose MACs lie within 10% below the uniform one's (what a
   latency budget picks where a MACs budget sees no difference), both measured; or, with
   ``--result``, a search's chosen arch against the uniform network of the nearest MACs.
@@ -64,7 +64,7 @@ def _bar(total: int, desc: str):
 
 def uniform_of_macs(net: models.Supernet, macs: float) -> tuple[list[int], float]:
     """The uniformly scaled arch (and its ratio) whose MACs are nearest ``macs``."""
-    from apsfast.search.retrain import uniform_arch
+    from apsfast.search.baselines import uniform_arch
     ratios = [r / 100 for r in range(5, 301)]
     best = min(ratios, key=lambda r: (abs(net.flops(uniform_arch(net, r)) - macs), r))
     return uniform_arch(net, best), best
@@ -85,7 +85,7 @@ def bench_space(space: str, net: models.Supernet, *, batch: int, device: str, ar
     """The summary row of one space and its per-arch rows (and its table written to
     ``table_path``; a table of the same space, batch and runtime there before, from an earlier
     run, is compared with this one first: how two runs agree)."""
-    from apsfast.search.retrain import uniform_arch
+    from apsfast.search.baselines import uniform_arch
     measure = lambda arch: measure_network(static_network(net, arch, device), batch, net.in_channels,  # noqa: E731
                                            input_hw(net), device, runtime, threads, repeats, warmup)
     timed = dict(runtime=runtime, threads=threads, repeats=repeats, warmup=warmup, progress=_bar)

@@ -10,7 +10,6 @@ output all apply. Under ``torchrun`` the batch norm of the static network is per
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from itertools import islice
@@ -28,7 +27,7 @@ from apsfast.search.result import fresh_model, load_exported, read_result, save_
 from apsfast.search.session import Session, restore_rng, rng_state
 from apsfast.search.settings import apply_overrides, config_from_dict
 
-SUMMARY, MODEL, TOP = "retrain.json", "retrained.pt", "top.json"
+SUMMARY, MODEL = "retrain.json", "retrained.pt"
 DATA_STREAM = 7  # the retrain's batches are drawn from seed + 7: not the search's streams
 
 
@@ -36,7 +35,7 @@ class Retrain:
     """One retraining run of an arch of ``result`` (its chosen one by default) into ``out``
     (arguments as :func:`retrain`). ``result`` may also be a result-like dict (``model``,
     ``options``, ``strategy``, ``num_classes``, ``config``, ``chosen``, and ``source``: how
-    the messages name it), as :func:`retrain_uniform` builds; ``out_dir`` is then required."""
+    the messages name it), as :func:`~apsfast.search.baselines.retrain_uniform` builds; ``out_dir`` is then required."""
 
     def __init__(self, result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[Union[str, Path]] = None,
                  overrides: Sequence[str] = (), *, resume: bool = False,
@@ -317,78 +316,3 @@ def retrain(result_path: Union[str, Path, Mapping[str, Any]], out_dir: Optional[
         return runner.run()
     finally:
         runner.session.teardown()
-
-
-def _say(log: Optional[Callable[[str], None]]) -> Callable[[str], None]:
-    return log or (lambda text: print(text, flush=True))
-
-
-def _main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def retrain_top(result_path: Union[str, Path], n: int, out_dir: Optional[Union[str, Path]] = None,
-                overrides: Sequence[str] = (), *, resume: bool = False,
-                log: Optional[Callable[[str], None]] = None, model: Optional[models.Supernet] = None) -> dict[str, Any]:
-    """Retrain the ``n`` most likely archs of a search's beam (the paper's Fig. 8), each into
-    ``OUT/top-k/`` (``OUT``: ``out_dir``, default ``retrain/`` beside the result), and write
-    ``OUT/top.json``: every arch's test accuracy, their mean and sample standard deviation.
-
-    ``n`` beyond the beam (``result.json``'s ``candidates``) is refused before any training.
-    With ``resume`` each ``top-k`` folder that holds a checkpoint continues from it. ``model``:
-    as for :func:`retrain`.
-    """
-    result, path = read_result(result_path)
-    candidates = result.get("candidates") or []
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(candidates):
-        raise ConfigError(f"--top must be in 1..{len(candidates)} (the beam of {path} holds {len(candidates)} archs; "
-                          f"search with a larger result.beam for more), got {n!r}")
-    folder = Path(out_dir) if out_dir is not None else path.parent / "retrain"
-    rows = []
-    for k, candidate in enumerate(candidates[:n], 1):
-        sub = folder / f"top-{k}"
-        summary = retrain(path, sub, overrides, resume=resume and (sub / "checkpoint.pt").exists(), log=log,
-                          arch=candidate["arch"], model=model)
-        rows.append({"rank": k, "probability": candidate.get("probability"), "arch": candidate["arch"],
-                     "widths": candidate["widths"], "flops": candidate["flops"], "params": candidate["params"],
-                     "test_acc": summary["test_acc"], "folder": str(sub)})
-    accs = [row["test_acc"] for row in rows]
-    mean = sum(accs) / n
-    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
-    top = {"model": result["model"], "strategy": result["strategy"], "n": n, "mean": mean, "std": std,
-           "archs": rows, "result": str(path)}
-    if _main_process():
-        write_json(folder / TOP, top)
-    _say(log)(f"top-{n} archs of the beam: test accuracy {mean:.2%} ± {std:.2%} (mean ± sample std over {n}); "
-              f"summary: {folder / TOP}")
-    return top
-
-
-def uniform_arch(net: models.Supernet, ratio: float) -> list[int]:
-    """The uniformly scaled network: at every decision the candidate nearest to ``ratio`` × the
-    standard network's width there (the narrower on a tie)."""
-    standard = net.standard_widths()
-    return [min(range(len(d.widths)), key=lambda a: (abs(d.widths[a] - ratio * standard[d.name]), a))
-            for d in net.decisions()]
-
-
-def retrain_uniform(config: Config, ratio: float, out_dir: Union[str, Path], *, resume: bool = False,
-                    log: Optional[Callable[[str], None]] = None, source: str = "") -> dict[str, Any]:
-    """Train the uniformly scaled network of ``config``'s model (:func:`uniform_arch`) from
-    scratch with the same :class:`Retrain` as a searched arch, into ``out_dir``: the baseline
-    a search is compared with at equal MACs (the paper's Fig. 9). ``source`` is how the
-    messages name the command that started it. Returns the ``retrain.json`` summary."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
-        raise ConfigError(f"--uniform must be a ratio > 0 of the standard widths, got {ratio!r}")
-    plan = assemble.check(config, search=False)
-    net = assemble.build_supernet(config, plan.options, "meta")
-    arch = uniform_arch(net, float(ratio))
-    result = {"model": net.name, "options": net.options, "strategy": "uniform", "num_classes": plan.num_classes,
-              "config": config.to_dict(), "source": source or f"--uniform {ratio:g}", "uniform": float(ratio)}
-    chosen = describe_arch(result, arch)
-    standard = net.flops(net.standard_arch())
-    widths = ", ".join(f"{name}={w}" for name, w in chosen["widths"].items())
-    _say(log)(f"uniform scaling ×{ratio:g} of the standard widths (nearest candidates): {chosen['flops'] / 1e6:.2f}M "
-              f"MACs ({chosen['flops'] / standard:.0%} of the standard arch's {standard / 1e6:.2f}M); widths {widths}")
-    result["chosen"] = {**chosen, "why": f"uniform scaling ×{ratio:g}"}
-    return retrain(result, out_dir, (), resume=resume, log=log)
