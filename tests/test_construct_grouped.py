@@ -9,7 +9,7 @@ import torch
 import apsfast
 from apsfast import reference
 from cases import (CountLaunches, nan_filled_empty, ALL, COMPILE, CPU, CUDA, NO_INTERPRETER, TRITON_ONLY, assert_matches, einsum_kernel, exact,
-                   kernel_strides, meta_weight, randn, standard_strides, to, transform)
+                   kernel_strides, meta_weight, randn, to, transform)
 from conftest import assert_close
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16

@@ -2,7 +2,6 @@
 and the tests after it start clean; ``scoped`` undoes every change even when one undo raises."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -206,8 +206,6 @@ def finished(path: Path, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "apsfast compare") -> int:
     """Run the comparison the arguments describe; returns 0."""
-    import torch
-
     from apsfast.search.settings import load_config
 
     args = parse_args(argv, prog)
