@@ -18,7 +18,10 @@ the same uniformly sampled arch (seed 0):
 * ``transition``: the transition step alone;
 * ``controller``: the controller's step alone (sample an arch, score it on a validation
   batch of the same size, REINFORCE), and ``search step``: the whole step as the loop takes
-  it (the weight step, the transition and the controller's step).
+  it (the weight step, the transition and the controller's step);
+* ``scoring``: the controller step's forward alone (the supernet scoring the arch on the
+  validation batch, its candidate kernels built): the floor of the controller's step; what
+  the controller takes beyond it is its policy's (sampling and the REINFORCE update).
 
 Per provider also the ATen ops one call dispatches, its backward's included (a
 ``TorchDispatchMode`` count: a machine-independent proxy of a GPU's kernel launches), on the
@@ -54,7 +57,8 @@ from apsfast.search.steps import count_correct
 
 MODEL, IMAGE_SIZE, BATCH = "resnet20_cifar", 8, 2
 WIDTHS = (1.0, 0.25)
-PROVIDERS = ("static", "static compiled", "weight", "weight+transition", "transition", "controller", "search step")
+PROVIDERS = ("static", "static compiled", "weight", "weight+transition", "transition", "controller", "scoring",
+             "search step")
 TARGET = "(weight+transition)/static ≤ 1.3 at width ×1 (host cost)"
 # At width ×0.25, where a step is host work: the controller step at about the cost of its forward.
 TARGETS_NARROW = ("controller/static ≤ 0.6", "(search step)/static ≤ 1.8", "(weight+transition)/static ≤ 1.6",
@@ -118,10 +122,15 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
             parts["weight"]()
             parts["transition"]()
 
+        scored = [list(data.arch)] * search.config.controller.samples
+
+        def scoring() -> None:
+            count_correct(search.net, scored, data.val_x, data.val_y, search.session.precision)
+
         fns: dict[str, Callable[[], object]] = {"static": steps["limit"], "weight": parts["weight"],
                                                 "weight+transition": weight_and_transition,
                                                 "transition": parts["transition"], "controller": parts["controller"],
-                                                "search step": steps["apsfast"]}
+                                                "scoring": scoring, "search step": steps["apsfast"]}
         compiled, error = (compiled_static_step(search, data) if compile_static
                            else (None, "not timed (--no-compile, or --quick without --compile)"))
         if compiled:
@@ -140,6 +149,7 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
            "weight/static": t["weight"] / t["static"],
            "(weight+transition)/static": t["weight+transition"] / t["static"],
            "(search step)/static": t["search step"] / t["static"], "controller/static": t["controller"] / t["static"],
+           "scoring/static": t["scoring"] / t["static"],
            **{f"ops_{name}": list(count) for name, count in ops.items()},
            "construction_macs": macs, "construction_layers": layers, "t_construction_at_gemm": 2 * macs / flops,
            "static_macs": static_macs, "t_static_at_gemm": 2 * static_macs / flops, "gemm_flops": flops}
@@ -172,16 +182,18 @@ def _ms(seconds: Optional[float]) -> str:
 def markdown(rows: list[dict]) -> str:
     """The table, the target line, the GEMM rate and any compilation failure."""
     out = ["| width× | candidates | static ms | static compiled ms | weight ms | weight+transition ms | transition ms | "
-           "controller ms | search step ms | weight/static | (weight+transition)/static | (search step)/static | "
+           "controller ms | scoring ms | search step ms | weight/static | (weight+transition)/static | "
+           "controller/static | scoring/static | (search step)/static | "
            "construction MMAC / step | construction ms at GEMM rate | static MMAC / step | static ms at GEMM rate | "
            "weight − static − construction ms |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         beyond = r["t_weight"] - r["t_static"] - r["t_construction_at_gemm"]
         out.append(f"| {r['width']:g} | {'/'.join(map(str, r['candidates']))} | {_ms(r['t_static'])} | "
                    f"{_ms(r.get('t_static compiled'))} | {_ms(r['t_weight'])} | {_ms(r['t_weight+transition'])} | "
-                   f"{_ms(r['t_transition'])} | {_ms(r['t_controller'])} | {_ms(r['t_search step'])} | "
-                   f"{r['weight/static']:.2f} | {r['(weight+transition)/static']:.2f} | {r['(search step)/static']:.2f} | "
+                   f"{_ms(r['t_transition'])} | {_ms(r['t_controller'])} | {_ms(r['t_scoring'])} | "
+                   f"{_ms(r['t_search step'])} | {r['weight/static']:.2f} | {r['(weight+transition)/static']:.2f} | "
+                   f"{r['controller/static']:.2f} | {r['scoring/static']:.2f} | {r['(search step)/static']:.2f} | "
                    f"{r['construction_macs'] / 1e6:.2f} | {_ms(r['t_construction_at_gemm'])} | "
                    f"{r['static_macs'] / 1e6:.2f} | {_ms(r['t_static_at_gemm'])} | {_ms(beyond)} |")
     out += ["", "ATen ops dispatched by one call, its backward's included, on the supernet's device + elsewhere "
@@ -197,7 +209,8 @@ def markdown(rows: list[dict]) -> str:
     out.append(f"\n(weight+transition)/static at width ×1: {measured} — target: {TARGET}")
     for r in (r for r in rows if r["width"] == 0.25):
         beyond = sum(r["ops_controller"]) - sum(r["ops_scoring"])
-        out.append(f"width ×0.25: controller/static {r['controller/static']:.2f}, (search step)/static "
+        out.append(f"width ×0.25: controller/static {r['controller/static']:.2f} (its scoring forward alone "
+                   f"{r['scoring/static']:.2f}), (search step)/static "
                    f"{r['(search step)/static']:.2f}, (weight+transition)/static {r['(weight+transition)/static']:.2f}, "
                    f"controller ops − scoring ops {beyond} — targets: {'; '.join(TARGETS_NARROW)}")
     if rows:
