@@ -306,10 +306,14 @@ def split(data: ImageSet, fraction: float = 0.5, *, seed: int = 0) -> tuple[Imag
 
 def balanced_subset(data: ImageSet, count: int, *, seed: int = 0) -> ImageSet:
     """``count`` samples of ``data`` (all of them if it has fewer) with the classes as evenly
-    represented as the set allows: a seeded shuffle, then the classes in turn.
+    represented as the set allows: a seeded shuffle, then the classes in turn, kept in that
+    order (one of each class, then a second of each, …).
 
     A subset for measuring accuracy must not follow the set's own order: a folder set is
-    sorted by class, so its first images are of a handful of classes only.
+    sorted by class, so its first images are of a handful of classes only; and the subset is
+    read in batches that are scored with their own batch-norm statistics, which a batch of one
+    class distorts (a search on a digits folder reported 71% per-epoch accuracy for an arch
+    that scores 98% on batches of every class).
     """
     count = min(check_int("count", count, minimum=1), len(data))
     labels = data.targets()
@@ -323,4 +327,4 @@ def balanced_subset(data: ImageSet, count: int, *, seed: int = 0) -> ImageSet:
         rank[where] = torch.arange(len(where))
     keys = rank * (int(labels.max()) + 1) + shuffled
     picked = order[keys.argsort(stable=True)[:count]]
-    return data.subset(picked.sort().values)
+    return data.subset(picked)
