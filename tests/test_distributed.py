@@ -106,8 +106,10 @@ def search_cli(out, *extra: str, launcher=()) -> subprocess.CompletedProcess:
 # TAS with seed 0, its temperature annealed down to 0.1 over these few steps, takes a path on
 # which the rounding of one process against two grows from 1e-6 to 1e-4 in the weights within
 # two steps (one process with one thread against two threads differs as much: the path, not
-# the processes); seed 2's path keeps them within 1e-6.
-@pytest.mark.parametrize("kind, seed", [("reinforce", 0), ("tas", 2), ("ista", 0)])
+# the processes); seed 2's path keeps them within 1e-6. ISTA's mixture, likewise: with seed 0
+# its code b ends 1.1e-5 apart, as between one and two threads in one process; seeds 1-3
+# within 2e-7.
+@pytest.mark.parametrize("kind, seed", [("reinforce", 0), ("tas", 2), ("ista", 1)])
 def test_two_processes_equal_one_with_the_same_global_batch(kind, seed, tmp_path):
     settings = ("-s", f"controller.kind={kind}", "-s", f"run.seed={seed}")
     single = search_cli(tmp_path / "one", *settings)

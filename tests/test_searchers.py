@@ -16,8 +16,8 @@ from apsfast.search import ConfigError, Search, load_config
 from apsfast.search.searchers import (SEARCHERS, IstaSearcher, ReinforceSearcher, TasSearcher, build_searcher,
                                       distillation_loss)
 from apsfast.search.portable import program_entries
-from apsfast.search.searchers.ista import (choose, dictionary, ista, ista_step, kkt_residual, per_decision_probs,
-                                           step_size)
+from apsfast.search.searchers.ista import choose, per_decision_probs, top_pair
+from apsfast.search.searchers.lasso import dictionary, ista, ista_step, kkt_residual, step_size
 from apsfast.search.searchers.tas import gumbel_pairs
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, channel_interpolate, driven_layers, flops_band,
                                              flops_loss, product_beam, validation_mode)
@@ -275,7 +275,7 @@ def test_ista_recovers_a_known_sparse_code():
     for size, choice in zip(sizes, [2, 0, 1, 3, 1]):
         truth[start + choice] = 1.0
         start += size
-    a = dictionary(12, len(truth), torch.Generator().manual_seed(3))
+    a = dictionary(12, sizes, torch.Generator().manual_seed(3))
     recovered = ista(a, a @ truth, sparsity=1e-4, iterations=3000)
     assert choose(recovered.scores, sizes) == [2, 0, 1, 3, 1]
     torch.testing.assert_close(recovered.z, truth, atol=0.02, rtol=0)  # the other entries recovered as zeros
@@ -283,16 +283,42 @@ def test_ista_recovers_a_known_sparse_code():
 
 
 def test_ista_policy_by_hand():
-    z = torch.tensor([0.0, 0.6, 0.2, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
-    scores = torch.tensor([-0.1, 0.6, 0.2, 0.5, 0.5, -0.3, -0.1], dtype=torch.float64)
+    scores = torch.tensor([-0.1, 0.6, 0.2, 0.5, 0.5, -0.3, -0.1], dtype=torch.float64, requires_grad=True)
     assert choose(scores, [3, 2, 2]) == [1, 0, 1]  # a tie: the narrower; an empty block: the nearest to entering
-    probs = per_decision_probs(z, scores, [3, 2, 2], temperature=0.1, eps=0.0)
-    assert probs[0].tolist() == pytest.approx([0.0, 0.75, 0.25]) and probs[1].tolist() == pytest.approx([0.5, 0.5])
-    e = math.exp(-3.0), math.exp(-1.0)  # the empty block: softmax(scores / temperature)
-    assert probs[2].tolist() == pytest.approx([e[0] / sum(e), e[1] / sum(e)])
+    probs = per_decision_probs(scores, [3, 2, 2], temperature=0.1)
+    for block, hand in zip(probs, ([-1.0, 6.0, 2.0], [5.0, 5.0], [-3.0, -1.0])):  # softmax(scores / temperature)
+        e = [math.exp(v) for v in hand]
+        assert block.tolist() == pytest.approx([v / sum(e) for v in e])
+    narrow, wide, w_narrow, w_wide = top_pair(probs[0])  # the two most probable, narrow first
+    assert (narrow, wide) == (1, 2)
+    assert float(w_narrow.detach()) == pytest.approx(math.exp(6) / (math.exp(6) + math.exp(2)))
+    assert float((w_narrow + w_wide).detach()) == pytest.approx(1.0)
+    (grad,) = torch.autograd.grad(w_wide, [scores])  # off the support too: the weights move with every score
+    assert float(grad[2]) > 0 and float(grad[1]) < 0 and grad[0] == 0 and grad[3:].abs().sum() == 0
+    pinned = top_pair(torch.ones(1, dtype=torch.float64))
+    assert pinned[:2] == (0, 0) and float(pinned[2]) == 0 and float(pinned[3]) == 1
     beam = product_beam([torch.tensor([0.75, 0.25]).log(), torch.tensor([0.4, 0.6]).log()], 3)
     assert [a for a, _ in beam] == [[0, 1], [0, 0], [1, 1]]
     assert beam[1][1] == pytest.approx(math.log(0.75 * 0.4))
+
+
+def test_the_ista_dictionary_keeps_a_decisions_candidates_apart():
+    # A plain Gaussian row gives two candidates the same column half of the time (the LASSO
+    # then scores them alike whatever b is); a centred block gives them opposite columns.
+    for seed in range(20):
+        a = dictionary(1, [2], torch.Generator().manual_seed(seed))
+        assert a.tolist()[0] in ([1.0, -1.0], [-1.0, 1.0])
+    a = dictionary(4, [3, 2, 4], torch.Generator().manual_seed(0))
+    assert torch.allclose(a.norm(dim=0), torch.ones(9, dtype=torch.float64))
+    for block in a.split([3, 2, 4], dim=1):
+        cosines = block.T @ block - torch.eye(block.shape[1], dtype=torch.float64)
+        assert float(cosines.max()) < 0.99
+        # Centred: the block's columns, scaled back, sum to zero (a positive combination does).
+        weights = torch.linalg.lstsq(block[:, 1:], -block[:, :1]).solution
+        torch.testing.assert_close(block[:, 1:] @ weights, -block[:, :1])
+        assert bool((weights > 0).all())
+    with pytest.raises(ValueError, match="at least 2 candidates"):
+        dictionary(2, [2, 1], torch.Generator())
 
 
 def test_ista_searcher_sizes_its_dictionary_and_recovers_its_start():
@@ -322,13 +348,16 @@ def test_ista_step_threshold_step_size_and_sign_by_hand():
 
 def lasso_by_enumeration(a, b, sparsity):
     """The non-negative LASSO's solution found without iterating: among all supports, the one
-    whose closed form is positive and meets the KKT conditions."""
+    whose closed form is positive and meets the KKT conditions (a support of dependent columns,
+    e.g. a whole centred block, is never the solution: a code on it has a sparser equal fit)."""
     found = []
     for mask in itertools.product((False, True), repeat=a.shape[1]):
         support = torch.tensor(mask)
         z = torch.zeros(a.shape[1], dtype=torch.float64)
         if support.any():
             columns = a[:, support]
+            if int(torch.linalg.matrix_rank(columns)) < int(support.sum()):
+                continue
             z[support] = torch.linalg.solve(columns.T @ columns, columns.T @ b - sparsity)
         grad = a.T @ (a @ z - b) + sparsity
         if (z[support] > 0).all() and (grad[~support] >= 0).all():
@@ -343,7 +372,7 @@ def test_ista_recovery_at_the_default_settings_is_the_lasso_solution_whatever_th
     # misses it), and more iterations change nothing (the arch does not depend on them).
     settings = load_config("demo").ista
     generator = torch.Generator().manual_seed(4)
-    a = dictionary(6, 9, generator)
+    a = dictionary(6, [2, 3, 4], generator)
     for scale in (0.05, 0.3, 1.0):
         b = a @ (scale * torch.rand(9, generator=generator, dtype=torch.float64)) + \
             0.02 * torch.randn(6, generator=generator, dtype=torch.float64)
@@ -375,80 +404,81 @@ def test_ista_recovery_meets_the_kkt_conditions_at_the_default_settings(name, op
         assert recovered.iterations <= settings.iterations and kkt_residual(a, b, z, settings.sparsity) <= 1e-9
 
 
-def test_an_empty_ista_block_keeps_the_plain_network_and_a_pinned_decision_is_not_coded():
+def test_an_empty_ista_block_still_has_a_gradient_and_a_pinned_decision_is_not_coded():
     config = tiny("controller.kind=ista")
     torch.manual_seed(0)
     net = supernet(config, layer_widths={"stem": [2]})
     searcher = IstaSearcher(net.decisions(), config, net.flops, net=net)
     assert searcher.coded == list(range(1, 13)) and searcher.a.shape[1] == 24  # the pinned stem is not in z
-    # A code whose first block (decision 1) is empty: b from a one-hot code without it.
+    # A code whose first block (decision 1) is empty: b = A·truth + r, truth one-hot without it,
+    # r meeting the KKT conditions with truth the solution (a_jᵀr = λ on its support) and leaning
+    # towards decision 1's second width (its columns are u and −u: uᵀr = −λ/2).
+    a, sparsity = searcher.a, config.ista.sparsity
+    support = [start + i % 2 for i, start in enumerate(searcher.starts[1:], start=1)]
     truth = torch.zeros(24, dtype=torch.float64)
-    for i, start in enumerate(searcher.starts[1:], start=1):
-        truth[start + i % 2] = 1.0
+    truth[support] = 1.0
+    columns = torch.cat([a[:, support], a[:, :1]], dim=1)
+    lean = torch.tensor([sparsity] * len(support) + [-sparsity / 2], dtype=torch.float64)
     with torch.no_grad():
-        searcher.b.copy_(searcher.a @ truth)
+        searcher.b.copy_(a @ truth + columns @ torch.linalg.solve(columns.T @ columns, lean))
     recovered = searcher.recover()
-    assert recovered.z[:2].tolist() == [0.0, 0.0] and (recovered.z[2:] > 0).any()
-    arch, probs, gates = searcher.policy(recovered)
+    assert recovered.z[:2].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(recovered.z.detach(), truth, rtol=0, atol=1e-9)
+    arch, probs, pairs = searcher.policy(recovered)
     # The empty decision keeps the candidate nearest to entering, not the tie's narrowest.
-    assert arch[1] == int(recovered.scores[:2].argmax()) == 1
+    assert arch[1] == int(recovered.scores[:2].argmax()) == int(probs[1].argmax()) == 1
     assert arch == searcher.sample_train_arch() == searcher.beam(1)[0][0]
     assert arch[0] == 0 and probs[0].tolist() == [1.0] and searcher.probabilities(arch)[0] == [1.0]
-    assert gates.tolist() == pytest.approx([1.0] * 13)  # the empty decision's too: no zero gate
-    (empty,) = torch.autograd.grad(gates[1], [searcher.b], retain_graph=True)
-    (coded,) = torch.autograd.grad(gates[2], [searcher.b], retain_graph=True)
-    assert float(empty.abs().sum()) == 0 and float(coded.abs().sum()) > 0  # a constant; log z_d's gradient
-    gates = gates.detach()
-    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    net.set_arch(arch)
-    with torch.no_grad(), validation_mode(net):
-        plain = net(x)
-        with searcher.gates.active(gates.float()):
-            gated = net(x)
-    torch.testing.assert_close(gated, plain, rtol=0, atol=0)
+    assert pairs[0][:2] == (0, 0) and all(pair[:2] == (0, 1) for pair in pairs[1:])  # two widths: both mixed
+    # Every coded decision's mixture weight moves with b, the empty block's too; the pinned one's is constant.
+    for d, expect in ((0, False), (1, True), (2, True)):
+        weight = pairs[d][3]
+        moved = weight.requires_grad and float(torch.autograd.grad(weight, [searcher.b], retain_graph=True,
+                                                                   allow_unused=True)[0].abs().sum()) > 0
+        assert moved == expect, d
     # The step with it: finite, and b moves.
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     before = searcher.b.detach().clone()
     searcher.step(lambda archs: [0.0] * len(archs), batch=(x, torch.randint(0, 10, (8,))))
     out = searcher.flush()
     assert math.isfinite(out["loss"]) and not torch.equal(before, searcher.b.detach())
 
 
-def norm_after(net, conv_name: str):
-    """The batch norm that follows a driven conv in the built-in ResNets (by name)."""
-    stem, _, leaf = conv_name.rpartition(".")
-    name = f"{stem}.{leaf.replace('conv', 'bn')}" if leaf.startswith("conv") else f"{stem}.{int(leaf) + 1}"
-    return net.get_submodule(name)
-
-
-def test_ista_gates_scale_each_decisions_batch_norm_outputs_once():
-    # The gate of decision d multiplies the outputs of the batch norms after d's convs,
-    # exactly once: the same as scaling those batch norms' affine parameters. A gate applied
-    # twice (c², twice the gradient) or skipped (1, no gradient) fails here.
-    config = tiny("controller.kind=ista")
+def test_ista_validation_forward_mixes_each_decisions_two_most_probable_widths(one_thread):
+    # At a search step, a driven conv's output is w_wide·conv_wide(x) + w_narrow·CWI(conv_narrow(x)):
+    # the decision's two most probable widths (of three) with the softmax of their scores over
+    # ista.temperature, renormalised over the two, computed here from the recovered scores. A
+    # spy hook registered after the mixture's sees what the next layer gets; the device's
+    # gradient reaches both weights.
+    config = tiny("controller.kind=ista", "model.options.widths=[2, 3, 5]", "ista.temperature=0.5")
     torch.manual_seed(0)
     net = supernet(config)
     searcher = IstaSearcher(net.decisions(), config, net.flops, net=net)
-    names = {module: name for name, module in net.named_modules()}
+    decision = 1  # layer1.0.conv1: one driven conv
+    (layer,) = driven_layers(net)[decision]
+    index = searcher.coded.index(decision)
+    start = searcher.starts[index]
+    scores = searcher.recover().scores.detach()[start:start + 3]
+    probs = (scores / 0.5).softmax(0)
+    narrow, wide = sorted(probs.topk(2).indices.tolist())
+    w_narrow, w_wide = (probs[[narrow, wide]] / probs[[narrow, wide]].sum()).tolist()
+    seen = []
+
+    def conv_spy(module, inputs, output):
+        x = inputs[0].detach()
+        assert module.active_out_index == wide
+        plain = module.to_static(x.shape[1])(x)
+        small = module.to_static(x.shape[1], module.out_widths[narrow])(x)
+        torch.testing.assert_close(output.detach(), w_wide * plain + w_narrow * cwi_by_hand(small, plain.shape[1]),
+                                   rtol=1e-5, atol=1e-5)
+        seen.append(True)
+
+    layer.register_forward_hook(conv_spy)
     x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
-    net.set_arch(searcher.sample_train_arch())
-    for d in (0, 2, 5):  # the stem, a stage (its convs and shortcut projections), a block's inner conv
-        norms = [norm_after(net, names[layer]) for layer in driven_layers(net)[d]]
-        params = dict(net.named_parameters())
-        scale = torch.tensor(2.0, requires_grad=True)
-        scaled = {f"{names[norm]}.bns.{i}.{key}": getattr(bn, key) * scale
-                  for norm in norms for i, bn in enumerate(norm.bns) for key in ("weight", "bias")}
-        with validation_mode(net):
-            expected = torch.func.functional_call(net, {**params, **scaled}, (x,))
-            gates = torch.ones(len(searcher.sizes))
-            gates[d] = 2.0
-            gates.requires_grad_(True)
-            with searcher.gates.active(gates):
-                gated = net(x)
-        torch.testing.assert_close(gated, expected)
-        (by_scale,) = torch.autograd.grad(F.cross_entropy(expected, y), [scale])
-        (by_gate,) = torch.autograd.grad(F.cross_entropy(gated, y), [gates])
-        torch.testing.assert_close(by_gate[d], by_scale)
-        assert float(by_scale) != 0 and by_gate[[i for i in range(len(gates)) if i != d]].abs().sum() > 0
+    searcher.step(lambda archs: [0.0] * len(archs), batch=(x, y))
+    assert seen == [True] and 0 < w_narrow < 1
+    grad = searcher._pending.tolist()[:-2]
+    assert grad[2 * decision] != 0 and grad[2 * decision + 1] != 0
 
 
 # --- every kind in a search -------------------------------------------------------------------
@@ -490,9 +520,9 @@ def whole_loss_gradient(searcher, kind, x, y):
         arch = log_probs.detach().argmax(dim=1).tolist()
         expected = searcher.expected_macs(searcher.groups.rows(log_probs.exp()))
     else:
-        arch, probs, gates = searcher.policy(ista(searcher.a, param, settings.sparsity, settings.iterations))
-        net.set_arch(arch)
-        with validation_mode(net), searcher.gates.active(gates.float()):
+        arch, probs, pairs = searcher.policy(ista(searcher.a, param, settings.sparsity, settings.iterations))
+        net.set_arch([wide for _, wide, _, _ in pairs])
+        with validation_mode(net), searcher.mixture.active(pairs):
             task = F.cross_entropy(net(x), y)
         expected = searcher.expected_macs(probs)
     cost = flops_loss(expected, searcher.flops(arch), searcher.target, searcher.band)
@@ -502,7 +532,7 @@ def whole_loss_gradient(searcher, kind, x, y):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_step_finished_later_takes_the_step_of_the_whole_loss(kind, one_thread):
-    # The device sends the gradient at the mixture weights or gates; the host finishes the
+    # The device sends the gradient at the mixture weights; the host finishes the
     # chain to the policy and adds the FLOPs loss at the next step.
     config = tiny(f"controller.kind={kind}", "reward.flops_target=20K")
     torch.manual_seed(0)
@@ -526,7 +556,7 @@ def test_a_step_finished_later_takes_the_step_of_the_whole_loss(kind, one_thread
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_export_carries_none_of_a_searchers_hooks(kind):
-    # TAS hooks the driven convs, ISTA their batch norms: the exported network must run
+    # TAS and ISTA hook the driven convs: the exported network must run
     # without them (and torch.export must trace it for a portable model.pt).
     config = tiny(f"controller.kind={kind}")
     net = supernet(config)
@@ -610,6 +640,7 @@ def test_the_default_kind_is_reinforce_and_needs_no_batch():
     ("ista.iterations=0", "ista.iterations must be > 0, got 0"),
     ("ista.sparsity=-0.5", "ista.sparsity must be ≥ 0, got -0.5"),
     ("ista.lr=-1", "ista.lr must be > 0, got -1.0"),
+    ("ista.temperature=0", "ista.temperature must be > 0, got 0.0"),
     ("ista.flops_tolerance=-0.1", r"ista.flops_tolerance must be in \[0, 1\), got -0.1"),
 ])
 def test_bad_searcher_settings_are_refused_with_one_line(override, message):
@@ -625,7 +656,8 @@ def test_bad_searcher_settings_are_refused_with_one_line(override, message):
 # 47–62% validation accuracy on 4 classes, seeds 0–3). 30 warm-up and 20 search steps of 32
 # images at 8×8, the searchers' learning rates raised for so short a search. Margin (2-core AMD
 # EPYC, seeds 0-4, the same on 1 and 2 threads): P(8) 0.90-1.0 for REINFORCE, 0.76-0.87 for TAS;
-# the test needs > 0.5.
+# for ISTA 0.85-0.94 on 1 thread, 0.77-0.94 on 2 (and 0.72-0.96 on seeds 5-9, 1 thread); the
+# test needs > 0.5.
 PINNED = ["stem", "layer1", "layer2"] + [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
 TOY = ["model.options.widths=[1, 8]", "model.options.layer_widths={" + ", ".join(f"{n}: [8]" for n in PINNED) + "}",
        "data.options={num_train: 1024, num_test: 64, num_classes: 4}", "data.image_size=8", "train.epochs=5",
@@ -634,12 +666,7 @@ TOY = ["model.options.widths=[1, 8]", "model.options.layer_widths={" + ", ".join
        "result.portable=false", "controller.lr=0.02", "tas.lr=0.05", "ista.lr=0.05"]
 
 
-ISTA_IS_GREEDY = pytest.mark.xfail(strict=True, reason=(
-    "ISTA's validation forward runs only the width its code selects (gates of value 1): no gradient compares a "
-    "decision's widths, so it cannot tell the better one (docs/searchers.md)"))
-
-
-@pytest.mark.parametrize("kind", ["reinforce", "tas", pytest.param("ista", marks=ISTA_IS_GREEDY)])
+@pytest.mark.parametrize("kind", ["reinforce", "tas", "ista"])
 def test_each_searcher_finds_the_clearly_better_width(kind, tmp_path, one_thread):
     result = Search(load_config("demo", overrides=[*TOY, f"controller.kind={kind}"]), tmp_path, log=quiet).run()
     (last,) = [d for d in result["decisions"] if d["name"] == "layer3"]

@@ -204,13 +204,17 @@ class IstaConfig:
     """The ``ista`` searcher (``controller.kind=ista``): the compressed code ``b = A z`` with
     ``ratio`` times as many rows as width candidates in all, recovered by solving the LASSO with
     L1 weight ``sparsity`` to its KKT conditions in at most ``iterations`` (accelerated) ISTA
-    steps (a few hundred on the built-in spaces); ``b`` trained by Adam (``lr``, ``betas``)
+    steps (a few hundred on the built-in spaces); each decision's probabilities the softmax of
+    its candidates' scores over ``temperature``, which also weights the mixture of its two
+    most probable widths in the validation forward; ``b`` trained by Adam (``lr``, ``betas``)
     with ``flops_weight`` and ``flops_tolerance`` as in ``tas``."""
 
     ratio: float = setting(0.75, "rows of the dictionary per width candidate (fewer measurements than candidates)",
                            allowed="in (0, 1)")
     iterations: int = setting(2000, "cap on the (accelerated) ISTA steps of one recovery", allowed="> 0")
     sparsity: float = setting(0.01, "L1 weight of the LASSO", allowed="≥ 0")
+    temperature: float = setting(0.1, "softmax temperature of each decision's recovered scores: its probabilities "
+                                 "and mixture weights", allowed="> 0")
     lr: float = setting(0.01, "Adam learning rate of the code `b`", allowed="> 0")
     betas: list = setting(lambda: [0.5, 0.999], "Adam betas of the code `b`", allowed="two numbers in [0, 1)")
     flops_weight: float = setting(2.0, "weight of the FLOPs loss, as in `tas`", allowed="≥ 0")

@@ -214,7 +214,7 @@ def _check_searchers(config: Config) -> None:
     """The ``tas`` and ``ista`` sections (checked whatever the kind: a config is valid or not)."""
     tas, ista = config.tas, config.ista
     for path, value in (("tas.lr", tas.lr), ("tas.tau_min", tas.tau_min), ("ista.lr", ista.lr),
-                        ("ista.iterations", ista.iterations)):
+                        ("ista.iterations", ista.iterations), ("ista.temperature", ista.temperature)):
         _positive(path, value)
     for path, betas in (("tas.betas", tas.betas), ("ista.betas", ista.betas)):
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):

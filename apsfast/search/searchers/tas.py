@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,48 +52,8 @@ from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
 from apsfast.search.readback import Readback
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_batch
-from apsfast.search.searchers.widths import (ExpectedMacs, Groups, average_gradient, channel_interpolate,
-                                             driven_layers, flops_band, flops_loss, product_beam, validation_mode)
-
-Pair = tuple[int, int, Tensor, Tensor]  # (narrow index, wide index, narrow weight, wide weight)
-
-
-class WidthMixture:
-    """Forward hooks on every driven conv that mix two candidate widths of its decision (see
-    the module's documentation); active only inside :meth:`active`."""
-
-    def __init__(self, net: nn.Module) -> None:
-        self.pairs: Optional[list[Pair]] = None
-        self.handles = [layer.register_forward_hook(self._hook(d))
-                        for d, layers in enumerate(driven_layers(net)) for layer in layers]
-
-    def _hook(self, decision: int) -> Callable[..., Optional[Tensor]]:
-        def mix(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Optional[Tensor]:
-            if self.pairs is None:
-                return None
-            narrow, wide, w_narrow, w_wide = self.pairs[decision]
-            if narrow == wide:
-                return None
-            layer.select_out(narrow)
-            try:
-                small = layer.forward(inputs[0])  # not the module call: no hook recursion
-            finally:
-                layer.select_out(wide)
-            return w_wide * output + w_narrow * channel_interpolate(small, output.shape[1])
-        return mix
-
-    @contextlib.contextmanager
-    def active(self, pairs: list[Pair]) -> Iterator[None]:
-        self.pairs = pairs
-        try:
-            yield
-        finally:
-            self.pairs = None
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
+from apsfast.search.searchers.widths import (ExpectedMacs, Groups, Pair, WidthMixture, average_gradient, flops_band,
+                                             flops_loss, product_beam, validation_mode)
 
 def gumbel_noise(shape: Sequence[int], generator: torch.Generator) -> Tensor:
     """Standard Gumbel noise ``−log(Exp(1))`` (float64, CPU) of ``shape``."""

@@ -125,6 +125,50 @@ def channel_interpolate(x: Tensor, channels: int) -> Tensor:
     return F.adaptive_avg_pool1d(flat, channels).reshape(n, h, w, channels).permute(0, 3, 1, 2)
 
 
+Pair = tuple[int, int, Tensor, Tensor]  # (narrow index, wide index, narrow weight, wide weight)
+
+
+class WidthMixture:
+    """Forward hooks on every driven conv that mix two candidate widths of its decision
+    (TAS's forward, :mod:`.tas`; ISTA's validation forward, :mod:`.ista`); active only inside
+    :meth:`active`. The supernet runs the wider candidate of each pair; the hook also runs the
+    narrower one (the same layer, its ``P`` for that width) and returns
+    ``w_wide·y_wide + w_narrow·CWI(y_narrow)`` (:func:`channel_interpolate`); a pair of one
+    candidate (``narrow == wide``) leaves the layer alone."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.pairs: Optional[list[Pair]] = None
+        self.handles = [layer.register_forward_hook(self._hook(d))
+                        for d, layers in enumerate(driven_layers(net)) for layer in layers]
+
+    def _hook(self, decision: int) -> Callable[..., Optional[Tensor]]:
+        def mix(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Optional[Tensor]:
+            if self.pairs is None:
+                return None
+            narrow, wide, w_narrow, w_wide = self.pairs[decision]
+            if narrow == wide:
+                return None
+            layer.select_out(narrow)
+            try:
+                small = layer.forward(inputs[0])  # not the module call: no hook recursion
+            finally:
+                layer.select_out(wide)
+            return w_wide * output + w_narrow * channel_interpolate(small, output.shape[1])
+        return mix
+
+    @contextlib.contextmanager
+    def active(self, pairs: list[Pair]) -> Iterator[None]:
+        self.pairs = pairs
+        try:
+            yield
+        finally:
+            self.pairs = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def product_beam(log_probs: Sequence[Tensor], size: int) -> list[tuple[Arch, float]]:
     """The ``size`` most likely archs of independent per-decision distributions, best first
     (exact: a best sequence's prefixes are among the best prefixes); ties by arch."""
