@@ -55,6 +55,7 @@ from apsfast.search.searchers.base import Arch, Batch, Score, Searcher, require_
 from apsfast.search.searchers.widths import (ExpectedMacs, Groups, Pair, WidthMixture, average_gradient, flops_band,
                                              flops_loss, product_beam, validation_mode)
 
+
 def gumbel_noise(shape: Sequence[int], generator: torch.Generator) -> Tensor:
     """Standard Gumbel noise ``−log(Exp(1))`` (float64, CPU) of ``shape``."""
     noise = torch.empty(tuple(shape), dtype=torch.float64).exponential_(generator=generator)
