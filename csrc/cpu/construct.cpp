@@ -39,33 +39,28 @@ Tensor out_mode(const Tensor& w3, const Tensor& M) {
   return at::matmul(M.t(), flat).reshape({M.size(1), B, S});
 }
 
-// Up to this many multiply-adds per GEMM of the batch, the input mode is contracted as a batch
-// of A GEMMs: no layout copies, and on small layers the copies cost more than the products
-// (a 52-wide 3x3 layer to 24 channels: 26 vs 45 us on a core; from about 60k the one GEMM
-// between copies below wins: 208 -> 32 channels 390 vs 365 us, 96 -> 96 490 vs 310 us).
-constexpr int64_t kBatchedInModeMacs = 65536;
+// Up to this many output channels, the input mode is contracted as a batch of A GEMMs
+// M^T [c_i, B] x W[a] [B, S]: no layout copies, and with so few rows the batch is as fast as one
+// GEMM. With more, each narrow product runs far below the GEMM rate and one GEMM between two
+// copies wins (ResNet-20 x1 on a core, 16..96 of 208 channels: the build of a weight step and
+// its backward 54 -> 30 ms; at x0.25, 4..24 of 52 channels, 2.4 -> 2.2 ms; ms at the minimum of
+// 40-300 calls).
+constexpr int64_t kBatchedInModeWidth = 8;
 
 // out[a, i, s] = sum_b M[b, i] W[a, b, s]: contract the input mode with the rows of M.
-// * Channels innermost: W in its memory order, [A*S, B] x [B, c_i], with no copies; the result
-//   keeps that order.
-// * Small products, or not `last` (the output mode follows): a batch M^T [c_i, B] x W[a] [B, S]
-//   whose result is contiguous and needs no other buffer.
-// * Else one GEMM M^T [c_i, B] x W [B, A*S] (W's first two modes swapped by a copy), its result
-//   [c_i, A, S] swapped back by a copy of S-long runs into standard strides.
-// Followed by the output mode, the batch avoids the one-GEMM form's two result-sized buffers,
-// which in a backward are meta-sized: glibc's malloc hands such buffers back to the system
-// and faults them in again on every call (a 208-wide layer's dW at candidates 96 -> 96 on a
-// core: 1000 us as a batch; 810 us in one GEMM with the buffers kept, 1800 us without).
-// A GEMM over [A*S, B], as the channels-innermost case, would leave the whole kernel to a
-// transposing copy (2180 us there).
-Tensor in_mode(const Tensor& w3, const Tensor& M, bool last) {
+// * Channels innermost: W in its memory order, [A*S, B] x [B, c_i], with no copies.
+// * Up to kBatchedInModeWidth columns of M: the batch above, a contiguous result.
+// * Else W copied to [A, S, B] and one GEMM [A*S, B] x [B, c_i], whose result [A, c_i, S] keeps
+//   its channels innermost: an output mode that follows contracts it in that order, and build
+//   gives the kernel standard strides at the end.
+Tensor in_mode(const Tensor& w3, const Tensor& M) {
   const int64_t A = w3.size(0), B = w3.size(1), S = w3.size(2), c_i = M.size(1);
   if (S == 1) return w3.reshape({A, B}).mm(M).reshape({A, c_i, 1});
   if (channels_innermost(w3)) {
     return w3.transpose(1, 2).reshape({A * S, B}).mm(M).reshape({A, S, c_i}).transpose(1, 2);
   }
-  if (!last || B * c_i * S <= kBatchedInModeMacs) return at::matmul(M.t(), w3);
-  return M.t().mm(w3.transpose(0, 1).reshape({B, A * S})).view({c_i, A, S}).transpose(0, 1).contiguous();
+  if (c_i <= kBatchedInModeWidth) return at::matmul(M.t(), w3);
+  return w3.transpose(1, 2).contiguous().view({A * S, B}).mm(M).view({A, S, c_i}).transpose(1, 2);
 }
 
 // `t` contiguous with the strides of a fresh tensor, also on its unit dims (a view where it
@@ -90,11 +85,11 @@ Tensor build(const Tensor& weight, const std::optional<Tensor>& P, const std::op
   } else if (!Q) {
     out = out_mode(w3, *P);
   } else if (!P) {
-    out = in_mode(w3, *Q, true);
+    out = in_mode(w3, *Q);
   } else if (apsfast::p_first(C_out, c_o, C_in, c_i)) {
-    out = in_mode(out_mode(w3, *P), *Q, true);
+    out = in_mode(out_mode(w3, *P), *Q);
   } else {
-    out = out_mode(in_mode(w3, *Q, false), *P);
+    out = out_mode(in_mode(w3, *Q), *P);
   }
   out = out.reshape(apsfast::candidate_shape(weight, c_o, c_i));
   return apsfast::channels_last_kernel(weight) ? out.contiguous(at::MemoryFormat::ChannelsLast)
@@ -130,7 +125,7 @@ std::vector<Tensor> construct_backward(const Tensor& grad, const Tensor& weight,
     grads.push_back(build(grad, Pt, Qt).reshape(weight.sizes()));
   }
   if (need_P) {
-    auto wq = Q ? in_mode(w3, *Q, true) : w3;
+    auto wq = Q ? in_mode(w3, *Q) : w3;
     grads.push_back(standard_strides(at::matmul(wq.reshape({C_out, -1}), g3.reshape({c_o, -1}).t())));
   }
   if (need_Q) {
