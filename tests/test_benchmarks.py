@@ -42,14 +42,16 @@ def test_host_benchmark_quick(tmp_path, capsys):
     [row] = _rows(tmp_path / "host.jsonl")
     assert row["command"] == f"apsfast bench host --quick --out {tmp_path / 'host'}"
     assert (row["width"], row["batch"], row["image_size"], row["candidates"]) == (0.25, 2, 8, [4, 8, 16, 24])
-    for name in ("static", "weight", "weight+transition", "transition", "controller", "scoring", "search step"):
+    for name in ("static", "weight", "weight+transition", "transition", "construction", "controller", "scoring",
+                 "search step"):
         assert row[f"t_{name}"] > 0
     assert "t_static compiled" not in row and row["compile_error"].startswith("not timed")
     assert 20 <= row["construction_layers"] <= 29  # 19 convs, the classifier, the projections the arch uses
     assert row["construction_macs"] > 0 and row["gemm_flops"] > 0
     text = (tmp_path / "host.md").read_text()
-    for column in ("| static ms | static compiled ms | weight ms | weight+transition ms | transition ms | controller ms "
-                   "| scoring ms | search step ms |", "| weight/static | (weight+transition)/static | controller/static "
+    for column in ("| static ms | static compiled ms | weight ms | weight+transition ms | transition ms | "
+                   "construction ms | controller ms | scoring ms | search step ms |",
+                   "| weight/static | (weight+transition)/static | construction/static | controller/static "
                    "| scoring/static | (search step)/static |",
                    "construction MMAC / step",
                    "construction ms at GEMM rate"):

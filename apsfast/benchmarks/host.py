@@ -19,6 +19,9 @@ the same uniformly sampled arch (seed 0):
 * ``controller``: the controller's step alone (sample an arch, score it on a validation
   batch of the same size, REINFORCE), and ``search step``: the whole step as the loop takes
   it (the weight step, the transition and the controller's step);
+* ``construction``: the weight step's build of the arch's candidate kernels (one grouped call)
+  and its backward (the meta-weights' gradient), alone: what the weight step does that the
+  static step does not, beside the arch's forward on its kernels;
 * ``scoring``: the controller step's forward alone (the supernet scoring the arch on the
   validation batch, its candidate kernels built): the floor of the controller's step; what
   the controller takes beyond it is its policy's (sampling and the REINFORCE update).
@@ -46,7 +49,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch import Tensor
 
+from apsfast import ops
 from apsfast._order import construct_macs
 from apsfast.benchmarks.common import count_ops, environment, median_times, report, write_results
 from apsfast.benchmarks.step import (Case, compiled_static_step, cudnn_benchmark, make_search, providers,
@@ -57,8 +62,8 @@ from apsfast.search.steps import count_correct
 
 MODEL, IMAGE_SIZE, BATCH = "resnet20_cifar", 8, 2
 WIDTHS = (1.0, 0.25)
-PROVIDERS = ("static", "static compiled", "weight", "weight+transition", "transition", "controller", "scoring",
-             "search step")
+PROVIDERS = ("static", "static compiled", "weight", "weight+transition", "transition", "construction", "controller",
+             "scoring", "search step")
 TARGET = "(weight+transition)/static ≤ 1.3 at width ×1 (host cost)"
 # At width ×0.25, where a step is host work: the controller step at about the cost of its forward.
 TARGETS_NARROW = ("controller/static ≤ 0.6", "(search step)/static ≤ 1.8", "(weight+transition)/static ≤ 1.6",
@@ -110,6 +115,28 @@ def construction_macs(net: torch.nn.Module, arch: Sequence[int]) -> tuple[int, i
     return total, layers
 
 
+def construction_step(net: torch.nn.Module, arch: Sequence[int]) -> Callable[[], object]:
+    """The weight step's build of ``arch``'s candidate kernels and its backward, alone: the arch
+    set (other providers set theirs), the layers' operands, one grouped construction, and the
+    meta-weights' gradient of it (for a gradient of ones on every kernel)."""
+    net.set_arch(arch)
+    plan = net.kernel_plan(arch)
+
+    def operands() -> list[tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+        built = (layer.prebuild_operands(width) for layer, width in plan)
+        return [op[1:] for op in built if op is not None]
+
+    metas = [layer.weight for layer, width in plan if layer.prebuild_operands(width) is not None]
+    with torch.no_grad():
+        grads = [torch.ones_like(k) for k in ops.build_grouped(*map(list, zip(*operands())))]
+
+    def build() -> None:
+        net.set_arch(arch)
+        kernels = ops.build_grouped(*map(list, zip(*operands())))
+        torch.autograd.grad(kernels, metas, grads)
+    return build
+
+
 def bench_width(width: float, device: str, rounds: int, min_time: float, compile_static: bool,
                 flops: float) -> dict:
     """One row: the providers timed at one width multiplier, and the arithmetic of the step."""
@@ -130,6 +157,7 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
         fns: dict[str, Callable[[], object]] = {"static": steps["limit"], "weight": parts["weight"],
                                                 "weight+transition": weight_and_transition,
                                                 "transition": parts["transition"], "controller": parts["controller"],
+                                                "construction": construction_step(search.net, data.arch),
                                                 "scoring": scoring, "search step": steps["apsfast"]}
         compiled, error = (compiled_static_step(search, data) if compile_static
                            else (None, "not timed (--no-compile, or --quick without --compile)"))
@@ -150,6 +178,7 @@ def bench_width(width: float, device: str, rounds: int, min_time: float, compile
            "(weight+transition)/static": t["weight+transition"] / t["static"],
            "(search step)/static": t["search step"] / t["static"], "controller/static": t["controller"] / t["static"],
            "scoring/static": t["scoring"] / t["static"],
+           "construction/static": t["construction"] / t["static"],
            **{f"ops_{name}": list(count) for name, count in ops.items()},
            "construction_macs": macs, "construction_layers": layers, "t_construction_at_gemm": 2 * macs / flops,
            "static_macs": static_macs, "t_static_at_gemm": 2 * static_macs / flops, "gemm_flops": flops}
@@ -182,18 +211,18 @@ def _ms(seconds: Optional[float]) -> str:
 def markdown(rows: list[dict]) -> str:
     """The table, the target line, the GEMM rate and any compilation failure."""
     out = ["| width× | candidates | static ms | static compiled ms | weight ms | weight+transition ms | transition ms | "
-           "controller ms | scoring ms | search step ms | weight/static | (weight+transition)/static | "
-           "controller/static | scoring/static | (search step)/static | "
-           "construction MMAC / step | construction ms at GEMM rate | static MMAC / step | static ms at GEMM rate | "
-           "weight − static − construction ms |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "construction ms | controller ms | scoring ms | search step ms | weight/static | "
+           "(weight+transition)/static | construction/static | controller/static | scoring/static | "
+           "(search step)/static | construction MMAC / step | construction ms at GEMM rate | static MMAC / step | "
+           "static ms at GEMM rate | weight − static − construction ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        beyond = r["t_weight"] - r["t_static"] - r["t_construction_at_gemm"]
+        beyond = r["t_weight"] - r["t_static"] - r["t_construction"]
         out.append(f"| {r['width']:g} | {'/'.join(map(str, r['candidates']))} | {_ms(r['t_static'])} | "
                    f"{_ms(r.get('t_static compiled'))} | {_ms(r['t_weight'])} | {_ms(r['t_weight+transition'])} | "
-                   f"{_ms(r['t_transition'])} | {_ms(r['t_controller'])} | {_ms(r['t_scoring'])} | "
-                   f"{_ms(r['t_search step'])} | {r['weight/static']:.2f} | {r['(weight+transition)/static']:.2f} | "
-                   f"{r['controller/static']:.2f} | {r['scoring/static']:.2f} | {r['(search step)/static']:.2f} | "
+                   f"{_ms(r['t_transition'])} | {_ms(r['t_construction'])} | {_ms(r['t_controller'])} | "
+                   f"{_ms(r['t_scoring'])} | {_ms(r['t_search step'])} | {r['weight/static']:.2f} | "
+                   f"{r['(weight+transition)/static']:.2f} | {r['construction/static']:.2f} | {r['controller/static']:.2f} | {r['scoring/static']:.2f} | {r['(search step)/static']:.2f} | "
                    f"{r['construction_macs'] / 1e6:.2f} | {_ms(r['t_construction_at_gemm'])} | "
                    f"{r['static_macs'] / 1e6:.2f} | {_ms(r['t_static_at_gemm'])} | {_ms(beyond)} |")
     out += ["", "ATen ops dispatched by one call, its backward's included, on the supernet's device + elsewhere "
@@ -215,7 +244,8 @@ def markdown(rows: list[dict]) -> str:
                    f"controller ops − scoring ops {beyond} — targets: {'; '.join(TARGETS_NARROW)}")
     if rows:
         out.append(f"float32 GEMM rate: {rows[0]['gemm_flops'] / 1e9:.1f} GFLOP/s (one {GEMM_N}×{GEMM_N} torch.mm); "
-                   f"the arithmetic columns are 2·MACs at that rate. Batch {BATCH}, {IMAGE_SIZE}×{IMAGE_SIZE} inputs.")
+                   f"the arithmetic columns are 2·MACs at that rate (construction ms: the build and its "
+                   f"backward timed alone). Batch {BATCH}, {IMAGE_SIZE}×{IMAGE_SIZE} inputs.")
     out += [f"static compiled, width ×{r['width']:g}: {r['compile_error']}" for r in rows if r.get("compile_error")]
     return "\n".join(out)
 
