@@ -109,6 +109,30 @@ def test_tas_temperature_is_a_cosine_over_the_search_phase_weight_steps():
     assert all(a > b for a, b in zip(taus[:49], taus[1:50]))
 
 
+def test_the_entropy_bonus_holds_then_falls_linearly_over_the_search_phase():
+    net = supernet(tiny())
+    default = ReinforceSearcher(net.decisions(), tiny(), net.flops, search_steps=41)
+    held = ReinforceSearcher(net.decisions(), tiny("controller.entropy_end=1"), net.flops, search_steps=41)
+    searcher = ReinforceSearcher(net.decisions(), tiny("controller.entropy_end=0.25", "controller.entropy_from=0.5"),
+                                 net.flops, search_steps=41)
+    weights, defaults = [], []
+    for done in range(45):
+        held.begin_step(done)
+        assert held.reinforce.entropy_weight == 4e-3  # no fall
+        for s, out in ((searcher, weights), (default, defaults)):
+            s.begin_step(done)
+            out.append(s.reinforce.entropy_weight)
+    assert weights[:21] == [4e-3] * 21  # the first half of the 41 steps (step 20 is the middle)
+    assert weights[30] == pytest.approx(4e-3 * (1 - 0.75 * 0.5))  # halfway down the line
+    assert weights[40] == weights[44] == pytest.approx(1e-3)  # the end, and after it
+    assert all(a > b for a, b in zip(weights[20:40], weights[21:41]))
+    # The default: 4e-3 over the first 40% of the phase (step 16 of 0..40), then a line to 0.
+    assert defaults[:17] == [4e-3] * 17 and defaults[28] == pytest.approx(2e-3) and defaults[40] == 0
+    outside = ReinforceSearcher(net.decisions(), tiny(), net.flops)
+    outside.begin_step(10 ** 6)  # no schedule to follow: the weight as given
+    assert outside.reinforce.entropy_weight == 4e-3
+
+
 @pytest.mark.parametrize("name, options", [
     ("demo", {}),  # 13 decisions of 2 widths: every one of the 8,192 archs
     ("resnet20_cifar", {"residual": "block", "layer_widths": {f"layer{s}.{b}.conv{c}": [16] for s in (1, 2, 3)
@@ -642,6 +666,8 @@ def test_the_default_kind_is_reinforce_and_needs_no_batch():
     ("ista.lr=-1", "ista.lr must be > 0, got -1.0"),
     ("ista.temperature=0", "ista.temperature must be > 0, got 0.0"),
     ("ista.flops_tolerance=-0.1", r"ista.flops_tolerance must be in \[0, 1\), got -0.1"),
+    ("controller.entropy_end=1.5", r"controller.entropy_end must be in \[0, 1\], got 1.5"),
+    ("controller.entropy_from=1", r"controller.entropy_from must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_searcher_settings_are_refused_with_one_line(override, message):
     with pytest.raises(ConfigError, match=f"^{message}$") as error:

@@ -160,7 +160,10 @@ class ControllerConfig:
     ``flops_input`` feed it the decision's index and the MACs budget left (the authors'
     controller); ``weight_decay`` is Adam's. ``baseline``: REINFORCE's, ``moving_average`` (the
     paper's, decay ``baseline_decay``) or ``leave_one_out`` (each arch against the others
-    scored on the same batch; needs ``samples`` ≥ 2)."""
+    scored on the same batch; needs ``samples`` ≥ 2). The entropy bonus ``entropy_weight`` holds
+    over the first ``entropy_from`` of the search phase's weight steps, then falls linearly to
+    ``entropy_end`` of itself at the phase's last step: the policy explores while the supernet
+    changes and commits once it has settled."""
 
     kind: str = setting("reinforce", "the searcher: the paper's LSTM with REINFORCE, TAS or ISTA",
                         allowed=SEARCHER_KINDS)
@@ -175,6 +178,10 @@ class ControllerConfig:
     baseline: str = setting("moving_average", "REINFORCE's baseline: a moving average, or each arch against the "
                             "others of its batch", allowed=BASELINES)
     entropy_weight: float = setting(4e-3, "weight of the policy's entropy bonus", allowed="≥ 0")
+    entropy_end: float = setting(0.0, "the entropy bonus at the search phase's end, a fraction of `entropy_weight` "
+                                 "(reached linearly from `entropy_from`)", allowed="in [0, 1]")
+    entropy_from: float = setting(0.4, "the fraction of the search phase after which the entropy bonus falls "
+                                  "towards `entropy_end`", allowed="in [0, 1)")
     samples: int = setting(1, "archs scored per search step (`leave_one_out` needs ≥ 2)", allowed="> 0")
     every: int = setting(1, "one search step every this many weight steps after warm-up", allowed="> 0")
 

@@ -195,6 +195,10 @@ def _check_controller(config: Config) -> None:
                           f"controller.samples must be ≥ 2, got {ctl.samples!r}")
     if ctl.entropy_weight < 0:
         raise ConfigError(f"controller.entropy_weight must be ≥ 0, got {ctl.entropy_weight!r}")
+    if not 0 <= ctl.entropy_end <= 1:
+        raise ConfigError(f"controller.entropy_end must be in [0, 1], got {ctl.entropy_end!r}")
+    if not 0 <= ctl.entropy_from < 1:
+        raise ConfigError(f"controller.entropy_from must be in [0, 1), got {ctl.entropy_from!r}")
 
 
 def _check_run(config: Config) -> None:

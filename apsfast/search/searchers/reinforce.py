@@ -16,6 +16,22 @@ from apsfast.search.readback import Readback
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher
 
 
+class EntropySchedule:
+    """The entropy bonus after ``done`` of the search phase's ``steps`` weight steps: ``weight``
+    up to the fraction ``start`` of them, then a line to ``end · weight`` at the last one. Without
+    ``steps`` (a searcher outside a schedule) it is ``weight`` throughout."""
+
+    def __init__(self, weight: float, end: float, start: float, steps: Optional[int]) -> None:
+        self.weight, self.end, self.start, self.steps = weight, end, start, steps
+
+    def __call__(self, done: int) -> float:
+        if not self.steps or self.end == 1:
+            return self.weight
+        progress = min(max(done, 0) / max(self.steps - 1, 1), 1.0)
+        fall = max(progress - self.start, 0.0) / (1 - self.start)
+        return self.weight * (1 - (1 - self.end) * fall)
+
+
 class ReinforceSearcher(Searcher):
     """The paper's searcher: an autoregressive LSTM policy (:class:`Controller`) trained by
     REINFORCE (:class:`Reinforce`) with the MnasNet-style reward (:func:`flops_reward`).
@@ -26,7 +42,7 @@ class ReinforceSearcher(Searcher):
     """
 
     def __init__(self, decisions: Sequence[Decision], config: Config, flops: Callable[[Arch], float],
-                 budget: Optional[Budget] = None, **context: Any) -> None:
+                 budget: Optional[Budget] = None, search_steps: Optional[int] = None, **context: Any) -> None:
         ctl, reward = config.controller, config.reward
         cost = resolve_budget(config, flops, budget)
         flops = cost.cost  # MACs, or predicted milliseconds under a latency target
@@ -45,10 +61,15 @@ class ReinforceSearcher(Searcher):
                                    weight_decay=ctl.weight_decay, baseline=ctl.baseline)
         self.generator = torch.Generator().manual_seed(config.run.seed + 2)
         self.samples = ctl.samples
+        self.entropy = EntropySchedule(ctl.entropy_weight, ctl.entropy_end, ctl.entropy_from, search_steps)
         self.flops = flops
         self.target, self.alpha, self.beta = cost.target, reward.alpha, reward.beta
         # The last step's archs and their accuracies on their way to the host (see step).
         self._pending: Optional[tuple[list[Arch], Readback]] = None
+
+    def begin_step(self, done: int) -> None:
+        """The entropy bonus follows the search phase's weight steps (:class:`EntropySchedule`)."""
+        self.reinforce.entropy_weight = self.entropy(done)
 
     def sample_train_arch(self) -> Arch:
         return self.controller.sample_archs(1, self.generator).tolist()[0]
