@@ -43,8 +43,9 @@ Tensor out_mode(const Tensor& w3, const Tensor& M) {
 // M^T [c_i, B] x W[a] [B, S]: no layout copies, and with so few rows the batch is as fast as one
 // GEMM. With more, each narrow product runs far below the GEMM rate and one GEMM between two
 // copies wins (ResNet-20 x1 on a core, 16..96 of 208 channels: the build of a weight step and
-// its backward 54 -> 30 ms; at x0.25, 4..24 of 52 channels, 2.4 -> 2.2 ms; ms at the minimum of
-// 40-300 calls).
+// its backward 54 -> 30 ms at the minimum of 40 calls, 70-77 -> 52-56 ms at the median, where
+// glibc returns the copy's meta-sized temporaries to the system and faults them in again; at
+// x0.25, 4..24 of 52 channels, 2.4 -> 2.2 ms at the minimum of 300 calls).
 constexpr int64_t kBatchedInModeWidth = 8;
 
 // out[a, i, s] = sum_b M[b, i] W[a, b, s]: contract the input mode with the rows of M.
