@@ -222,7 +222,8 @@ def markdown(rows: list[dict]) -> str:
                    f"{_ms(r.get('t_static compiled'))} | {_ms(r['t_weight'])} | {_ms(r['t_weight+transition'])} | "
                    f"{_ms(r['t_transition'])} | {_ms(r['t_construction'])} | {_ms(r['t_controller'])} | "
                    f"{_ms(r['t_scoring'])} | {_ms(r['t_search step'])} | {r['weight/static']:.2f} | "
-                   f"{r['(weight+transition)/static']:.2f} | {r['construction/static']:.2f} | {r['controller/static']:.2f} | {r['scoring/static']:.2f} | {r['(search step)/static']:.2f} | "
+                   f"{r['(weight+transition)/static']:.2f} | {r['construction/static']:.2f} | "
+                   f"{r['controller/static']:.2f} | {r['scoring/static']:.2f} | {r['(search step)/static']:.2f} | "
                    f"{r['construction_macs'] / 1e6:.2f} | {_ms(r['t_construction_at_gemm'])} | "
                    f"{r['static_macs'] / 1e6:.2f} | {_ms(r['t_static_at_gemm'])} | {_ms(beyond)} |")
     out += ["", "ATen ops dispatched by one call, its backward's included, on the supernet's device + elsewhere "
