@@ -9,10 +9,11 @@ Multiply-adds per kernel element:
 
 Every backend takes the cheaper order. On a tie (a square meta-weight with ``c_o = c_i``, and
 every backward of one) the input-side product takes the smaller operand: P first where
-``c_o ≤ C_out``. The CPU library contracts the input mode as a batch of small GEMMs, which
-runs far below the GEMM rate, so it should see ``[c_o, C_in]`` in a forward and the
-gradient ``[c_o, c_i]`` in a backward, not the meta-sized tensors (a 208-wide ResNet-20
-layer's backward: 240 → 121 µs). This module imports nothing, so the
+``c_o ≤ C_out``. The CPU library contracts the input mode as a batch of small GEMMs (up to
+8 columns), which runs far below the GEMM rate, or as one GEMM after a copy of its operand;
+either way it should see ``[c_o, C_in]`` in a forward and the gradient ``[c_o, c_i]`` in a
+backward, not the meta-sized tensors (a 208-wide ResNet-20 layer's backward, as a batch:
+240 → 121 µs). This module imports nothing, so the
 reference and the kernels both use it without importing each other; the C++ and CUDA
 libraries use its twin, ``apsfast::p_first`` in ``csrc/common/order.h``.
 """

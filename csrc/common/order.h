@@ -17,7 +17,7 @@ inline int64_t q_first_macs(int64_t C_out, int64_t c_o, int64_t C_in, int64_t c_
 // Whether the output-side product (P [C_out, c_o]) goes before the input-side one
 // (Q [C_in, c_i]): the cheaper order. On a tie the input-side product
 // takes the smaller operand (P first where c_o <= C_out): the CPU library runs it as a batch of
-// small GEMMs (apsfast/_order.py says why).
+// small GEMMs or as one GEMM after a copy of its operand (apsfast/_order.py says why).
 inline bool p_first(int64_t C_out, int64_t c_o, int64_t C_in, int64_t c_i) {
   const int64_t p_cost = p_first_macs(C_out, c_o, C_in, c_i), q_cost = q_first_macs(C_out, c_o, C_in, c_i);
   return p_cost < q_cost || (p_cost == q_cost && c_o <= C_out);
