@@ -7,7 +7,8 @@
 * :mod:`~apsfast.search.deploy` — ONNX and ``torch.export`` files of a run's network, and
   ``model.pt``'s program that loads with torch alone; ``export_onnx``, ``export_pt2``;
 * :mod:`~apsfast.search.searchers` — what samples archs and learns which are good (the
-  paper's LSTM + REINFORCE, :mod:`~apsfast.search.controller`), behind one small interface;
+  paper's LSTM, :mod:`~apsfast.search.controller`, and its REINFORCE,
+  :mod:`~apsfast.search.policy_gradient`), behind one small interface;
 * :mod:`~apsfast.search.steps` — the weight step and the validation scoring, plain functions;
 * :mod:`~apsfast.search.strategies` — how P, Q evolve (APS-O/I/T, learned);
 * :mod:`~apsfast.search.session` — process group, device, precision, checkpoints and exact
@@ -17,7 +18,8 @@
 """
 from apsfast.search.checkpoint import CheckpointError
 from apsfast.search.config import Config, ConfigError, presets
-from apsfast.search.controller import Controller, Reinforce, Rollout, flops_reward
+from apsfast.search.controller import Controller, Rollout
+from apsfast.search.policy_gradient import Reinforce, flops_reward
 from apsfast.search.deploy import export_onnx, export_pt2
 from apsfast.search.result import load_exported, select_arch
 from apsfast.search.retrain import retrain

@@ -1,6 +1,6 @@
-"""The architecture controller: an autoregressive LSTM policy over a supernet's decisions,
-trained by REINFORCE with a moving-average baseline and an entropy bonus, and the beam search
-of its most likely architectures."""
+"""The architecture controller: an autoregressive LSTM policy over a supernet's decisions (trained
+by :class:`~apsfast.search.policy_gradient.Reinforce`), and the beam search of its most likely
+architectures."""
 from __future__ import annotations
 
 import math
@@ -12,24 +12,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apsfast import _checks
-from apsfast.search.config import BASELINES
-from apsfast.search import steps
+from apsfast.search import host_policy
 
 
 class Rollout(NamedTuple):
     """Architectures ``[B, D]`` with their log-probabilities and entropies ``[B]``, and the
-    per-decision candidate probabilities along them (``D`` tensors ``[B, n_k]``).
-
-    ``packed``: the tensors the likelihoods read the controller's parameters through, each with
-    the parameters it holds (a concatenation of some, or one parameter itself): what
-    :class:`Reinforce` differentiates, one gradient per tensor instead of an autograd node and
-    an accumulation per parameter."""
+    per-decision candidate probabilities along them (``D`` tensors ``[B, n_k]``)."""
 
     archs: Tensor
     log_prob: Tensor
     entropy: Tensor
     probs: Sequence[Tensor]
-    packed: tuple[tuple[Tensor, tuple[nn.Parameter, ...]], ...] = ()
 
 
 class _Probabilities(Sequence[Tensor]):
@@ -96,7 +89,8 @@ class Controller(nn.Module):
         self.budget = budget
         self.budget_in = nn.Linear(1, hidden_size) if budget is not None else None
         self._layout_cache: Optional[tuple[torch.device, tuple[Tensor, Tensor, Tensor]]] = None
-        self._host_cache: Optional[tuple[tuple, dict[str, Any]]] = None
+        self._host_cache: Optional[tuple[tuple, list[nn.Parameter], host_policy.Weights]] = None
+        self._grads_cache: Optional[tuple[tuple, list[tuple[Tensor, np.ndarray]]]] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -180,31 +174,53 @@ class Controller(nn.Module):
         p = logp.exp()
         log_prob = logp.gather(2, archs.t()[..., None]).squeeze(2).sum(0)
         entropy = -(p * logp.masked_fill(padding, 0.0)).sum(-1).sum(0)
-        packed = ((table, (self.start, *(e.weight for e in self.embeddings[:-1]))),
-                  (head_weight, tuple(h.weight for h in self.heads)), (head_bias, tuple(h.bias for h in self.heads)),
-                  *((w, (w,)) for w in weights),
-                  *((w, (w,)) for m in (self.positions, self.budget_in) if m is not None for w in m.parameters()))
-        return Rollout(archs, log_prob, entropy, _Probabilities(p, self.num_choices), packed)
+        return Rollout(archs, log_prob, entropy, _Probabilities(p, self.num_choices))
 
-    def _host_weights(self) -> dict[str, Any]:
-        """The parameters as NumPy arrays sharing their memory (copies, for a controller off
-        the CPU), made once: the optimizer and ``load_state_dict`` write the parameters in
-        place, and a conversion (``.double()``, ``.to()``) gives them new memory, which the
-        key sees."""
-        params = list(self.parameters())
-        key = tuple((p.device, p.data_ptr()) for p in params)
+    def _host_weights(self) -> tuple[list[nn.Parameter], host_policy.Weights]:
+        """The parameters in :func:`host_policy.flatten`'s order, and as NumPy arrays sharing their
+        memory (copies, for a controller off the CPU), made once: the optimizer and
+        ``load_state_dict`` write the parameters in place, and a conversion (``.double()``,
+        ``.to()``) gives them new memory, which the key sees."""
+        key = tuple((p.device, p.data_ptr()) for p in self.parameters())
         if self._host_cache is None or self._host_cache[0] != key or self.start.device.type != "cpu":
             def host(p: Tensor) -> np.ndarray:
                 return p.detach().cpu().numpy()
-            self._host_cache = (key, {
-                "start": host(self.start), "embeddings": [host(e.weight) for e in self.embeddings],
-                "cells": [(host(c.weight_ih), host(c.weight_hh), host(c.bias_ih), host(c.bias_hh))
-                          for c in self._cells()],
-                "heads": [(host(h.weight), host(h.bias)) for h in self.heads],
-                "positions": None if self.positions is None else host(self.positions.weight),
-                "budget_in": None if self.budget_in is None else (host(self.budget_in.weight)[:, 0],
-                                                                  host(self.budget_in.bias))})
-        return self._host_cache[1]
+            weights = host_policy.Weights(
+                host(self.start), [host(e.weight) for e in self.embeddings],
+                [(host(c.weight_ih), host(c.weight_hh), host(c.bias_ih), host(c.bias_hh)) for c in self._cells()],
+                [(host(h.weight), host(h.bias)) for h in self.heads],
+                None if self.positions is None else host(self.positions.weight),
+                None if self.budget_in is None else (host(self.budget_in.weight)[:, 0], host(self.budget_in.bias)))
+            params = host_policy.flatten(host_policy.Weights(
+                self.start, [e.weight for e in self.embeddings],
+                [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in self._cells()],
+                [(h.weight, h.bias) for h in self.heads], None if self.positions is None else self.positions.weight,
+                None if self.budget_in is None else (self.budget_in.weight, self.budget_in.bias)))
+            self._host_cache = (key, params, weights)
+        return self._host_cache[1], self._host_cache[2]
+
+    def _host_budget(self) -> Optional[host_policy.BudgetLeft]:
+        """:attr:`budget` on the host's arrays."""
+        if self.budget is None:
+            return None
+        budget = self.budget
+        return lambda prefix: budget(torch.from_numpy(prefix)).to(self.start.dtype).cpu().numpy()
+
+    def _host_archs(self, archs: Sequence[Sequence[int]] | Tensor | np.ndarray) -> np.ndarray:
+        """``archs`` as a host array ``[B, D]``, checked: a row per arch, an index in range per
+        decision."""
+        archs = archs.cpu().numpy() if isinstance(archs, Tensor) else np.asarray(archs)
+        if archs.ndim == 1:
+            archs = archs[None]
+        if archs.ndim != 2 or archs.shape[1] != len(self.num_choices) or not np.issubdtype(archs.dtype, np.integer):
+            raise ValueError(f"archs must be [B, {len(self.num_choices)}] candidate indices, got shape "
+                             f"{tuple(archs.shape)} of {archs.dtype}")
+        bad = np.argwhere((archs < 0) | (archs >= np.asarray(self.num_choices)))
+        if len(bad):
+            b, k = bad[0].tolist()
+            raise ValueError(f"archs[{b}, {k}] = {int(archs[b, k])} is out of range: decision {k} has "
+                             f"{self.num_choices[k]} candidates")
+        return archs.astype(np.int64, copy=False)
 
     @torch.no_grad()
     def sample_archs(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -220,29 +236,9 @@ class Controller(nn.Module):
         batch = _checks.positive_int("batch", batch)
         noise = torch.empty(batch, len(self.num_choices), max(self.num_choices))
         gumbel = -noise.exponential_(generator=generator).log_().numpy()
-        w = self._host_weights()
-        dtype = w["start"].dtype
-        state = [(np.zeros((batch, self.hidden_size), dtype), np.zeros((batch, self.hidden_size), dtype))
-                 for _ in w["cells"]]
-        biases = [b_ih + b_hh for _, _, b_ih, b_hh in w["cells"]]
-        x = np.broadcast_to(w["start"], (batch, self.hidden_size))
-        chosen = np.zeros((batch, len(self.num_choices)), np.int64)
-        hidden = self.hidden_size
-        for k, ((head_w, head_b), n) in enumerate(zip(w["heads"], self.num_choices)):
-            if w["positions"] is not None:
-                x = x + w["positions"][k]
-            if w["budget_in"] is not None:
-                left = self.budget(torch.from_numpy(chosen[:, :k])).to(self.start.dtype).cpu().numpy()
-                x = x + (left[:, None] * w["budget_in"][0] + w["budget_in"][1])
-            for layer, ((w_ih, w_hh, _, _), bias) in enumerate(zip(w["cells"], biases)):
-                h, c = state[layer]
-                gates = x @ w_ih.T + h @ w_hh.T + bias  # input, forget, cell, output (torch's order)
-                act = 1 / (1 + np.exp(-gates))
-                c = act[:, hidden:2 * hidden] * c + act[:, :hidden] * np.tanh(gates[:, 2 * hidden:3 * hidden])
-                x = act[:, 3 * hidden:] * np.tanh(c)
-                state[layer] = (x, c)
-            chosen[:, k] = (x @ head_w.T + head_b + gumbel[:, k, :n]).argmax(-1)
-            x = w["embeddings"][k][chosen[:, k]]
+        chosen, _ = host_policy.unroll(self._host_weights()[1], batch,
+                                       lambda k, logits: (logits + gumbel[:, k, :logits.shape[1]]).argmax(-1),
+                                       self._host_budget())
         return torch.from_numpy(chosen).to(self.start.device)
 
     def sample(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Rollout:
@@ -256,18 +252,61 @@ class Controller(nn.Module):
 
     def evaluate(self, archs: Sequence[Sequence[int]] | Tensor) -> Rollout:
         """Log-probabilities, entropies and per-decision probabilities of given architectures."""
-        archs = torch.as_tensor(archs, dtype=torch.long, device=self.start.device)
-        if archs.dim() == 1:
-            archs = archs[None]
-        if archs.dim() != 2 or archs.shape[1] != len(self.num_choices):
-            raise ValueError(f"archs must be [B, {len(self.num_choices)}] candidate indices, got shape "
-                             f"{tuple(archs.shape)}")
-        bad = ((archs < 0) | (archs >= torch.tensor(self.num_choices, device=archs.device))).nonzero()
-        if len(bad):
-            b, k = bad[0].tolist()
-            raise ValueError(f"archs[{b}, {k}] = {int(archs[b, k])} is out of range: decision {k} has "
-                             f"{self.num_choices[k]} candidates")
-        return self._score(archs)
+        return self._score(torch.from_numpy(self._host_archs(archs)).to(self.start.device))
+
+    @torch.no_grad()
+    def likelihood_backward(self, archs: Sequence[Sequence[int]] | Tensor, grad_log_prob: Sequence[float],
+                            grad_entropy: Sequence[float]) -> tuple[Tensor, Tensor]:
+        """The log-probabilities and entropies ``[B]`` of ``archs`` ``[B, D]``, and their gradient
+        for ``grad_log_prob`` and ``grad_entropy`` ``[B]`` accumulated into the parameters'
+        ``.grad`` — what ``torch.autograd.backward([r.log_prob, r.entropy], [grad_log_prob,
+        grad_entropy])`` does for ``r = evaluate(archs)``, computed in NumPy on the host
+        (:mod:`apsfast.search.host_policy`): no graph built, and no op dispatched where a
+        parameter's ``.grad`` is ``None`` (a gradient written there lives in memory the
+        controller reuses at the next call: copy it to keep it). The last decision's
+        embedding, never read, gets no gradient."""
+        archs = self._host_archs(archs)
+        grad_log_prob, grad_entropy = np.asarray(grad_log_prob), np.asarray(grad_entropy)
+        if grad_log_prob.shape != (len(archs),) or grad_entropy.shape != (len(archs),):
+            raise ValueError(f"grad_log_prob and grad_entropy must be [{len(archs)}], one per arch, got "
+                             f"{grad_log_prob.shape} and {grad_entropy.shape}")
+        log_prob, entropy = self._host_backward(archs, grad_log_prob, grad_entropy, accumulate=True)
+        return torch.from_numpy(log_prob), torch.from_numpy(entropy)
+
+    def _host_backward(self, archs: np.ndarray, grad_log_prob: np.ndarray, grad_entropy: np.ndarray,
+                       accumulate: bool) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`likelihood_backward` on checked host arrays, returning host arrays; without
+        ``accumulate`` the gradients replace the parameters' ``.grad`` (an optimizer's step), in
+        tensors made once and written through their arrays: a tensor made from an array is an
+        op, and setting ``.grad`` a few microseconds, per parameter and step."""
+        params, weights = self._host_weights()
+        _, trace = host_policy.unroll(weights, len(archs), lambda k, logits: archs[:, k], self._host_budget(),
+                                      record=True)
+        grads, log_prob, entropy = host_policy.backward(weights, trace, archs, grad_log_prob, grad_entropy)
+        grads = host_policy.flatten(grads)
+        if accumulate or self.start.device.type != "cpu":
+            for param, grad in zip(params, grads):
+                if grad is not None:
+                    grad = torch.from_numpy(np.ascontiguousarray(grad).reshape(param.shape)).to(param.device)
+                    param.grad = grad if param.grad is None or not accumulate else param.grad + grad
+        else:
+            for param, grad, (tensor, array) in zip(params, grads, self._grad_buffers(params)):
+                if grad is None:
+                    param.grad = None
+                    continue
+                np.copyto(array, grad.reshape(array.shape))
+                if param.grad is not tensor:
+                    param.grad = tensor
+        return log_prob, entropy
+
+    def _grad_buffers(self, params: list[nn.Parameter]) -> list[tuple[Tensor, np.ndarray]]:
+        """A gradient tensor per parameter and its array, made once (anew when a parameter's
+        memory changes)."""
+        key = tuple((param.data_ptr(), param.dtype) for param in params)
+        if self._grads_cache is None or self._grads_cache[0] != key:
+            tensors = [torch.empty_like(param, memory_format=torch.contiguous_format) for param in params]
+            self._grads_cache = (key, [(tensor, tensor.numpy()) for tensor in tensors])
+        return self._grads_cache[1]
 
     @torch.no_grad()
     def beam_search(self, beam_size: int) -> list[tuple[list[int], float]]:
@@ -287,97 +326,3 @@ class Controller(nn.Module):
             state = [(h_[parent], c_[parent]) for h_, c_ in state]
             x = self.embeddings[k](choice)
         return [(a.tolist(), float(s)) for a, s in zip(archs, scores)]
-
-
-class Reinforce:
-    """REINFORCE for a :class:`Controller`: ``loss = −(R − b)·log π(a) − w·H(π)``.
-
-    ``baseline``: ``moving_average`` (the paper's), ``b ← d·b + (1 − d)·R̄`` (the first reward
-    starts it); or ``leave_one_out``, each of the B archs of a step measured against the mean
-    reward of the other B − 1 (Kool et al., 2019). All archs of a step are scored on the same
-    validation batch, so leave-one-out cancels how hard that batch is, which a moving average
-    cannot: on a short search with small batches that difficulty swamps the differences
-    between archs. It needs B ≥ 2; the moving average is still kept for the logs.
-
-    Defaults are the authors' CIFAR settings: Adam lr 1.6e-4, betas (0.5, 0.999), baseline
-    decay 0.99, entropy weight 4e-3.
-    """
-
-    def __init__(self, controller: Controller, lr: float = 1.6e-4, betas: tuple[float, float] = (0.5, 0.999),
-                 baseline_decay: float = 0.99, entropy_weight: float = 4e-3, weight_decay: float = 0.0,
-                 baseline: str = "moving_average") -> None:
-        self.controller = controller
-        self.optimizer = steps.adam(controller.parameters(), lr=_checks.finite_float("lr", lr, positive=True),
-                                    betas=betas,
-                                    weight_decay=_checks.finite_float("weight_decay", weight_decay, positive=False))
-        self.baseline_decay = _checks.finite_float("baseline_decay", baseline_decay, positive=False)
-        if self.baseline_decay >= 1:
-            raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay!r}")
-        self.entropy_weight = _checks.finite_float("entropy_weight", entropy_weight, positive=False)
-        if baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
-        self.leave_one_out = baseline == "leave_one_out"
-        self.baseline: Optional[float] = None
-
-    def step(self, rollout: Rollout, rewards: Tensor | Sequence[float] | float) -> dict[str, float]:
-        """One policy-gradient step on the sampled ``rollout`` with its ``rewards`` ``[B]``."""
-        # Checked on the host, where a searcher's rewards are (a tensor's are read back once).
-        values = rewards.tolist() if isinstance(rewards, Tensor) else rewards
-        values = [float(v) for v in values] if isinstance(values, Sequence) else [float(values)]
-        if not all(map(math.isfinite, values)):
-            raise ValueError(f"rewards must be finite, got {values}")
-        count = len(rollout.log_prob)
-        rewards = torch.tensor(values * count if len(values) == 1 else values, dtype=rollout.log_prob.dtype,
-                               device=rollout.log_prob.device)
-        mean = float(rewards.mean())
-        self.baseline = mean if self.baseline is None else \
-            self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean
-        if self.leave_one_out:
-            if count < 2:
-                raise ValueError("the leave_one_out baseline needs at least 2 archs per step, got 1")
-            advantage = rewards - (rewards.sum() - rewards) / (count - 1)
-        else:
-            advantage = rewards - self.baseline
-        entropy = rollout.entropy.mean()
-        loss = -(advantage * rollout.log_prob).mean() - self.entropy_weight * entropy
-        self.optimizer.zero_grad()
-        self._backward(loss, rollout)
-        self.optimizer.step()
-        return {"loss": loss.item(), "reward": mean, "baseline": self.baseline, "entropy": entropy.item()}
-
-    @staticmethod
-    def _backward(loss: Tensor, rollout: Rollout) -> None:
-        """``loss.backward()`` into the parameters' ``.grad`` (all ``None`` before): the gradient
-        of each tensor of ``rollout.packed``, split into its parameters' (views of it). The
-        same values as autograd's accumulation, without the per-parameter slice and
-        accumulation it dispatches (120 ops of a 19-decision controller's update)."""
-        if not rollout.packed:
-            loss.backward()
-            return
-        grads = torch.autograd.grad(loss, [tensor for tensor, _ in rollout.packed], allow_unused=True)
-        for grad, (_, params) in zip(grads, rollout.packed):
-            if grad is not None:
-                for param, part in zip(params, grad.split([p.shape[0] for p in params]) if len(params) > 1 else (grad,)):
-                    param.grad = part
-
-    def state_dict(self) -> dict[str, Any]:
-        """Controller, optimizer and baseline: everything a resume needs."""
-        return {"controller": self.controller.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "baseline": self.baseline}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.controller.load_state_dict(state["controller"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.baseline = state["baseline"]
-
-
-def flops_reward(accuracy: float, flops: float, target: Optional[float], alpha: float = 0.0,
-                 beta: float = -0.1) -> float:
-    """The FLOPs-penalised reward (MnasNet's soft constraint): ``acc·(F/T)^α`` at or below
-    the target ``T``, ``acc·(F/T)^β`` above it; ``target=None`` is unconstrained (``acc``).
-    The authors' defaults α = 0, β = −0.1 leave archs under the target unpenalised."""
-    if target is None:
-        return float(accuracy)
-    target = _checks.finite_float("target", target, positive=True)
-    flops = _checks.finite_float("flops", flops, positive=True)
-    return float(accuracy) * math.pow(flops / target, alpha if flops <= target else beta)

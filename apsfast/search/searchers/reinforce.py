@@ -11,7 +11,8 @@ import torch
 from apsfast.models import Decision
 from apsfast.search.budget import Budget, resolve_budget
 from apsfast.search.config import Config
-from apsfast.search.controller import Controller, Reinforce, flops_reward
+from apsfast.search.controller import Controller
+from apsfast.search.policy_gradient import Reinforce, flops_reward
 from apsfast.search.readback import Readback
 from apsfast.search.searchers.base import Arch, Batch, Score, Searcher
 
@@ -98,7 +99,7 @@ class ReinforceSearcher(Searcher):
         self._pending = None
         rewards = [flops_reward(acc, self.flops(arch), self.target, self.alpha, self.beta)
                    for acc, arch in zip(accuracies.tolist(), archs)]
-        return self.reinforce.step(self.controller.rollout(torch.tensor(archs)), rewards)
+        return self.reinforce.step(archs, rewards)
 
     def beam(self, size: int) -> list[tuple[Arch, float]]:
         return self.controller.beam_search(size)
