@@ -240,6 +240,31 @@ def test_the_host_gradient_is_autograds_through_the_policy(options):
             torch.testing.assert_close(param.grad, 2 * grad, msg=name)
 
 
+def test_a_kept_draw_gives_the_gradient_of_running_the_policy_again():
+    # sample_archs(keep=True) keeps the draw's forward: the backward of those archs is the same to
+    # the bit as after running the policy again; after an update (or for other archs) it is not used.
+    def grads(policy):
+        return [None if p.grad is None else p.grad.clone() for p in policy.parameters()]
+
+    policy = controller(5, choices=(4,) * 6)
+    archs = policy.sample_archs(4, torch.Generator().manual_seed(1), keep=True)
+    policy.likelihood_backward(archs, [0.5, -0.2, 0.1, 0.3], [-0.01] * 4)
+    kept = grads(policy)
+    policy.zero_grad()
+    policy.likelihood_backward(archs, [0.5, -0.2, 0.1, 0.3], [-0.01] * 4)  # nothing kept now: run again
+    for a, b in zip(kept, grads(policy), strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    policy.zero_grad()
+    archs = policy.sample_archs(4, torch.Generator().manual_seed(2), keep=True)
+    with torch.no_grad():
+        policy.heads[0].bias.add_(1.0)  # an update after the draw: the kept forward is stale
+    policy.likelihood_backward(archs, [0.5, -0.2, 0.1, 0.3], [-0.01] * 4)
+    after = grads(policy)
+    policy.zero_grad()
+    policy.likelihood_backward(archs, [0.5, -0.2, 0.1, 0.3], [-0.01] * 4)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(after, grads(policy)))
+
+
 def test_likelihood_backward_errors():
     policy = controller()
     with pytest.raises(ValueError, match=r"grad_log_prob and grad_entropy must be \[2\], one per arch"):

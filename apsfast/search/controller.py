@@ -91,6 +91,7 @@ class Controller(nn.Module):
         self._layout_cache: Optional[tuple[torch.device, tuple[Tensor, Tensor, Tensor]]] = None
         self._host_cache: Optional[tuple[tuple, list[nn.Parameter], host_policy.Weights]] = None
         self._grads_cache: Optional[tuple[tuple, list[tuple[Tensor, np.ndarray]]]] = None
+        self._kept: Optional[tuple[np.ndarray, tuple[int, ...], host_policy.Trace]] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -223,7 +224,8 @@ class Controller(nn.Module):
         return archs.astype(np.int64, copy=False)
 
     @torch.no_grad()
-    def sample_archs(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample_archs(self, batch: int = 1, generator: Optional[torch.Generator] = None, *,
+                     keep: bool = False) -> Tensor:
         """Draw ``batch`` architectures ``[batch, D]`` (no likelihoods, no graph): per decision
         one LSTM step and the Gumbel-max choice ``argmax(logits + G)``, which is a draw from the
         softmax; the noise of all decisions is drawn at once, from ``generator``.
@@ -232,14 +234,27 @@ class Controller(nn.Module):
         64-wide LSTM is a few microseconds of arithmetic, and as torch ops each decision cost
         about 20 dispatched ops (400 a sample of 19 decisions, 2 ms on a CPU core). Its
         products round differently from torch's, so a near tie of two candidates' noisy logits
-        may go the other way (none did in 38,400 draws compared)."""
+        may go the other way (none did in 38,400 draws compared).
+
+        ``keep``: keep the draw's forward for :meth:`likelihood_backward` of these archs, which
+        then need not run the policy again while the parameters are unchanged (a REINFORCE
+        update of the archs just drawn): the same arrays it would compute."""
         batch = _checks.positive_int("batch", batch)
         noise = torch.empty(batch, len(self.num_choices), max(self.num_choices))
         gumbel = -noise.exponential_(generator=generator).log_().numpy()
-        chosen, _ = host_policy.unroll(self._host_weights()[1], batch,
-                                       lambda k, logits: (logits + gumbel[:, k, :logits.shape[1]]).argmax(-1),
-                                       self._host_budget())
+        params, weights = self._host_weights()
+        chosen, trace = host_policy.unroll(weights, batch,
+                                           lambda k, logits: (logits + gumbel[:, k, :logits.shape[1]]).argmax(-1),
+                                           self._host_budget(), record=keep)
+        if keep:
+            self._kept = (chosen.copy(), self._versions(params), trace)
         return torch.from_numpy(chosen).to(self.start.device)
+
+    @staticmethod
+    def _versions(params: list[nn.Parameter]) -> tuple[int, ...]:
+        """The parameters' in-place write counters: any update of them (an optimizer's step,
+        ``load_state_dict``) changes one."""
+        return tuple(p._version for p in params)
 
     def sample(self, batch: int = 1, generator: Optional[torch.Generator] = None) -> Rollout:
         """Draw ``batch`` architectures; their log-probabilities carry gradients."""
@@ -280,8 +295,12 @@ class Controller(nn.Module):
         tensors made once and written through their arrays: a tensor made from an array is an
         op, and setting ``.grad`` a few microseconds, per parameter and step."""
         params, weights = self._host_weights()
-        _, trace = host_policy.unroll(weights, len(archs), lambda k, logits: archs[:, k], self._host_budget(),
-                                      record=True)
+        kept, self._kept = self._kept, None
+        if kept is not None and np.array_equal(kept[0], archs) and kept[1] == self._versions(params):
+            trace = kept[2]
+        else:
+            _, trace = host_policy.unroll(weights, len(archs), lambda k, logits: archs[:, k], self._host_budget(),
+                                          record=True)
         grads, log_prob, entropy = host_policy.backward(weights, trace, archs, grad_log_prob, grad_entropy)
         grads = host_policy.flatten(grads)
         if accumulate or self.start.device.type != "cpu":

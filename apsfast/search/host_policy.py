@@ -141,7 +141,7 @@ def backward(w: Weights, trace: Trace, archs: np.ndarray, grad_log_prob: np.ndar
     heads.reverse()
     inputs.reverse()
     cells = []
-    for layer, (w_ih, w_hh, _, _) in enumerate(w.cells):
+    for layer in range(len(w.cells)):
         # One product over all decisions per weight, in decision order.
         dgates = np.concatenate(gate_grads[layer][::-1])
         xs = np.concatenate([trace.cells[k][layer][0] for k in range(count)])

@@ -86,7 +86,7 @@ class ReinforceSearcher(Searcher):
         Only the weight steps in between sample their archs from the policy before it.
         """
         out = self.flush()
-        archs = self.controller.sample_archs(self.samples, self.generator).tolist()
+        archs = self.controller.sample_archs(self.samples, self.generator, keep=True).tolist()
         accuracies = score(archs)
         self._pending = (archs, Readback(accuracies if isinstance(accuracies, torch.Tensor)
                                          else torch.as_tensor(accuracies, dtype=torch.float64)))
