@@ -5,8 +5,9 @@ meta-weights have the end of the phase to adapt.
 
 The transition depends on P, Q only, so it runs here without data. The demo preset runs its
 whole search phase (368 steps); the paper's presets run their space (ImageNet ones with their
-candidate counts and structure at narrower widths) over a 120- or 240-step phase: the steered rate
-works in fractions of the phase, so the length changes the step size, not the shape."""
+candidate counts and structure at narrower widths) over a 60- or 240-step phase: the steered rate
+works in fractions of the phase, so the length changes the step size, not the shape (MobileNet-v2's
+narrow space at 120 steps: a fall of 39%, 76% of it by the middle; at 60: 36%, 73%)."""
 from __future__ import annotations
 
 import json
@@ -63,7 +64,7 @@ def preset_case(preset: str, widths=None, steps=None):
     pytest.param("demo", None, None, id="demo-whole-phase"),
     pytest.param("resnet20_cifar", None, 240, id="resnet20_cifar"),
     pytest.param("resnet18_imagenet", [8, 12, 16, 20], 240, id="resnet18_imagenet-narrow"),
-    pytest.param("mobilenetv2_imagenet", [2, 3, 4, 5], 120, id="mobilenetv2_imagenet-narrow"),
+    pytest.param("mobilenetv2_imagenet", [2, 3, 4, 5], 60, id="mobilenetv2_imagenet-narrow"),
 ])
 def test_phi_falls_over_the_whole_search_phase(preset, widths, steps):
     name, options, steps, sharing = preset_case(preset, widths, steps)
