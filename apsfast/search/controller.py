@@ -276,10 +276,9 @@ class Controller(nn.Module):
         for ``grad_log_prob`` and ``grad_entropy`` ``[B]`` accumulated into the parameters'
         ``.grad`` — what ``torch.autograd.backward([r.log_prob, r.entropy], [grad_log_prob,
         grad_entropy])`` does for ``r = evaluate(archs)``, computed in NumPy on the host
-        (:mod:`apsfast.search.host_policy`): no graph built, and no op dispatched where a
-        parameter's ``.grad`` is ``None`` (a gradient written there lives in memory the
-        controller reuses at the next call: copy it to keep it). The last decision's
-        embedding, never read, gets no gradient."""
+        (:mod:`apsfast.search.host_policy`), without a graph. The last decision's embedding,
+        never read, gets no gradient. (:class:`~apsfast.search.policy_gradient.Reinforce`
+        replaces the gradients instead, in tensors the controller reuses at every step.)"""
         archs = self._host_archs(archs)
         grad_log_prob, grad_entropy = np.asarray(grad_log_prob), np.asarray(grad_entropy)
         if grad_log_prob.shape != (len(archs),) or grad_entropy.shape != (len(archs),):
