@@ -243,9 +243,10 @@ class Controller(nn.Module):
         noise = torch.empty(batch, len(self.num_choices), max(self.num_choices))
         gumbel = -noise.exponential_(generator=generator).log_().numpy()
         params, weights = self._host_weights()
-        chosen, trace = host_policy.unroll(weights, batch,
-                                           lambda k, logits: (logits + gumbel[:, k, :logits.shape[1]]).argmax(-1),
-                                           self._host_budget(), record=keep)
+        with host_policy.one_blas_thread():
+            chosen, trace = host_policy.unroll(weights, batch,
+                                               lambda k, logits: (logits + gumbel[:, k, :logits.shape[1]]).argmax(-1),
+                                               self._host_budget(), record=keep)
         if keep:
             self._kept = (chosen.copy(), self._versions(params), trace)
         return torch.from_numpy(chosen).to(self.start.device)
@@ -295,12 +296,13 @@ class Controller(nn.Module):
         op, and setting ``.grad`` a few microseconds, per parameter and step."""
         params, weights = self._host_weights()
         kept, self._kept = self._kept, None
-        if kept is not None and np.array_equal(kept[0], archs) and kept[1] == self._versions(params):
-            trace = kept[2]
-        else:
-            _, trace = host_policy.unroll(weights, len(archs), lambda k, logits: archs[:, k], self._host_budget(),
-                                          record=True)
-        grads, log_prob, entropy = host_policy.backward(weights, trace, archs, grad_log_prob, grad_entropy)
+        with host_policy.one_blas_thread():
+            if kept is not None and np.array_equal(kept[0], archs) and kept[1] == self._versions(params):
+                trace = kept[2]
+            else:
+                _, trace = host_policy.unroll(weights, len(archs), lambda k, logits: archs[:, k],
+                                              self._host_budget(), record=True)
+            grads, log_prob, entropy = host_policy.backward(weights, trace, archs, grad_log_prob, grad_entropy)
         grads = host_policy.flatten(grads)
         if accumulate or self.start.device.type != "cpu":
             for param, grad in zip(params, grads):

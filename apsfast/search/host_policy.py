@@ -15,12 +15,27 @@ forget, cell, output; ``c' = σ(f)·c + σ(i)·tanh(g)``, ``h' = σ(o)·tanh(c')
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+import functools
+from typing import Callable, ContextManager, NamedTuple, Optional
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 Choose = Callable[[int, np.ndarray], np.ndarray]
 BudgetLeft = Callable[[np.ndarray], np.ndarray]
+
+
+@functools.lru_cache(maxsize=None)
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController().select(user_api="blas")
+
+
+def one_blas_thread() -> ContextManager:
+    """NumPy's BLAS held to one thread for the block. The policy's products are small, but some
+    pass OpenBLAS's threading threshold (the backward's products over every decision), and its
+    idle threads then spin for a while after each call, taking the cores from torch's threads:
+    a search on two threads ran 40% slower."""
+    return _blas().limit(limits=1)
 
 
 class Weights(NamedTuple):
