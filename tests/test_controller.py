@@ -13,6 +13,10 @@ from apsfast.search import Controller, Reinforce, flops_reward
 CHOICES = (3, 2, 4, 3)
 
 
+# The controller's options: none, and every one (stacked cells, the decision-index and budget inputs).
+OPTIONS = [{}, {"layers": 2, "layer_input": True, "budget": lambda prefix: 1 - prefix.sum(1) / 10}]
+
+
 def controller(seed: int = 0, choices=CHOICES) -> Controller:
     torch.manual_seed(seed)
     return Controller(choices, hidden_size=16)
@@ -36,6 +40,16 @@ def test_sampling_is_reproducible_and_in_range():
     assert [p.shape for p in a.probs] == [(64, n) for n in CHOICES]
     # At init every candidate is about equally likely: entropy near Σ log n.
     assert a.entropy.mean().item() == pytest.approx(sum(math.log(n) for n in CHOICES), rel=0.05)
+
+
+def sharp_policy(options: dict, scale: float) -> Controller:
+    """A float64 policy with ``options`` (seed 0), its weights scaled by ``scale``: far from uniform."""
+    torch.manual_seed(0)
+    policy = Controller(CHOICES, hidden_size=16, **options).double()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.mul_(scale)
+    return policy
 
 
 def unrolled(policy: Controller, archs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -62,8 +76,7 @@ def unrolled(policy: Controller, archs: torch.Tensor) -> tuple[torch.Tensor, tor
     return log_prob, entropy, probs
 
 
-@pytest.mark.parametrize("options", [{}, {"layers": 2, "layer_input": True,
-                                          "budget": lambda prefix: 1 - prefix.sum(1) / 10}])
+@pytest.mark.parametrize("options", OPTIONS)
 def test_scoring_in_one_call_equals_the_unrolled_policy(options):
     # float64: the sequence LSTM and the cell loop sum in different orders.
     torch.manual_seed(0)
@@ -85,16 +98,11 @@ def test_scoring_in_one_call_equals_the_unrolled_policy(options):
             torch.testing.assert_close(g, w, msg=name)
 
 
-@pytest.mark.parametrize("options", [{}, {"layers": 2, "layer_input": True,
-                                          "budget": lambda prefix: 1 - prefix.sum(1) / 10}])
+@pytest.mark.parametrize("options", OPTIONS)
 def test_sampling_is_the_gumbel_max_of_the_policy(options):
     # The host's draw is argmax(logits + G) per decision with the policy's modules, fed back
     # autoregressively, on the noise the generator gives (float64: no near ties).
-    torch.manual_seed(0)
-    policy = Controller(CHOICES, hidden_size=16, **options).double()
-    with torch.no_grad():
-        for param in policy.parameters():
-            param.mul_(10)  # far from uniform, so a wrong feed shows
+    policy = sharp_policy(options, 10)  # far from uniform, so a wrong feed shows
     archs = policy.sample_archs(256, torch.Generator().manual_seed(4))
     gumbel = -torch.empty(256, len(CHOICES), max(CHOICES)).exponential_(generator=torch.Generator().manual_seed(4)).log()
     batch = archs.shape[0]
@@ -209,16 +217,11 @@ def test_leave_one_out_baseline():
         assert grad is None or torch.allclose(param.grad, grad, atol=1e-7)
 
 
-@pytest.mark.parametrize("options", [{}, {"layers": 2, "layer_input": True,
-                                          "budget": lambda prefix: 1 - prefix.sum(1) / 10}])
+@pytest.mark.parametrize("options", OPTIONS)
 def test_the_host_gradient_is_autograds_through_the_policy(options):
     # likelihood_backward's NumPy backward against autograd through evaluate (float64, a policy
     # far from uniform), with every option's weights; then accumulated onto a gradient there.
-    torch.manual_seed(0)
-    policy = Controller(CHOICES, hidden_size=16, **options).double()
-    with torch.no_grad():
-        for param in policy.parameters():
-            param.mul_(5)
+    policy = sharp_policy(options, 5)
     archs = policy.sample_archs(6, torch.Generator().manual_seed(2))
     grad_log_prob = torch.tensor([0.3, -1.0, 0.5, 2.0, 0.1, -0.4], dtype=torch.float64)
     grad_entropy = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
