@@ -379,8 +379,9 @@ def test_transitional_starts_exact_and_first_step_perturbs():
         assert side.is_selection()
         for M in side.matrices():
             assert torch.equal(M, torch.eye(meta, dtype=F64)[:, :M.shape[1]])
-    # Warm-up runs on the slicing path: the kernel is a view of the meta-weight.
-    assert layer.candidate_kernel(5)._base is layer.weight
+    # Warm-up runs on the slicing path: the kernel is the meta-weight's block, copied (contiguous).
+    kernel = layer.candidate_kernel(5)
+    assert torch.equal(kernel, layer.weight[:6, :5]) and kernel.is_contiguous()
     layer.transition_step(1e-9)
     for side, meta in sides:
         assert not side.is_selection()
@@ -388,7 +389,7 @@ def test_transitional_starts_exact_and_first_step_perturbs():
             ordinal = torch.eye(meta, dtype=F64)[:, :M.shape[1]]
             assert 0 < (M - ordinal).abs().max() < 1e-2
             assert_close(M.norm(dim=0), torch.ones(M.shape[1], dtype=F64))
-    assert layer.candidate_kernel(5)._base is not layer.weight
+    assert not torch.equal(layer.candidate_kernel(5), layer.weight[:6, :5])  # built from P, Q
 
 
 def test_transition_noise_override():
@@ -403,6 +404,35 @@ def test_transition_noise_override():
     assert not noisy.begin_transition()  # only once: it is no longer an exact selection
     with pytest.raises(ValueError, match="transition_noise must be a finite float ≥ 0"):
         APSConv2d((3, 5), (2, 4), 3, transition_noise=-1.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda sharing: APSConv2d((3, 5), (2, 4), 3, bias=True, sharing=sharing, dtype=F64),
+    lambda sharing: APSConv2d((3, 5), (3, 5), 3, groups="depthwise", sharing=sharing, dtype=F64),
+    lambda sharing: APSLinear((3, 5), 7, sharing=sharing, dtype=F64)], ids=["conv", "depthwise", "linear"])
+def test_aps_t_starts_as_aps_o(make):
+    # One seed, one initial network and one random stream after it for APS-O and APS-T; the
+    # rows and columns that only the transition reaches are drawn too, from a stream of their own.
+    torch.manual_seed(0)
+    ordinal, after_ordinal = make("ordinal"), torch.rand(4)
+    torch.manual_seed(0)
+    transitional, after_transitional = make("transitional"), torch.rand(4)
+    rows, cols = ordinal.weight.shape[:2]
+    assert transitional.weight.shape[0] > rows or transitional.weight.shape[1] > cols
+    assert torch.equal(transitional.weight[:rows, :cols], ordinal.weight)
+    assert torch.equal(after_transitional, after_ordinal)
+    if ordinal.bias is not None:
+        assert torch.equal(transitional.bias[:len(ordinal.bias)], ordinal.bias)
+    rest = transitional.weight.detach().clone()
+    scale = float(ordinal.weight.detach().std())
+    rest[:rows, :cols] = scale
+    assert torch.count_nonzero(rest) == rest.numel()
+    assert float(rest.std()) == pytest.approx(scale, rel=0.3)  # the same scale
+    torch.manual_seed(0)
+    assert torch.equal(make("transitional").weight, transitional.weight)  # the seed fixes it all
+    # APS-I's candidates read disjoint blocks: all of its meta-weight comes from the global stream.
+    torch.manual_seed(0)
+    assert not torch.equal(make("independent").weight[:rows, :cols], ordinal.weight)
 
 
 def test_transforms_are_views_of_one_matrix():

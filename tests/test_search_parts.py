@@ -127,6 +127,26 @@ def test_fixed_strategies_never_move_the_transforms(strategy):
     assert not any(m.requires_grad for m in strategies.transform_parameters(net))
 
 
+def test_the_transitions_start_noise_has_a_generator_of_its_own():
+    # The seed fixes the perturbation, and the global stream (the controller's draws) is left
+    # where APS-O leaves it.
+    starts = []
+    for seed in (5, 5, 6):
+        net = tiny("transitional")
+        torch.manual_seed(1)
+        strategies.begin_search(net, "transitional", seed)
+        starts.append((matrices(net), torch.rand(3)))
+        assert not any(side.is_selection() for side in net._sides)
+    assert all(torch.equal(a, b) for a, b in zip(starts[0][0], starts[1][0]))
+    assert not all(torch.equal(a, b) for a, b in zip(starts[0][0], starts[2][0]))
+    torch.manual_seed(1)
+    untouched = torch.rand(3)
+    assert all(torch.equal(after, untouched) for _, after in starts)
+    before = matrices(net)
+    strategies.begin_search(net, "transitional", 7)  # once perturbed, never again
+    assert all(torch.equal(a, b) for a, b in zip(before, matrices(net)))
+
+
 def test_transitional_is_frozen_in_warmup_then_phi_falls():
     net = tiny("transitional")
     start = strategies.sharing_level(net)

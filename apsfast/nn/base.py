@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import numbers
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from apsfast import _checks, ops
+from apsfast.reference import channels_last_kernel
 from apsfast.sharing import init_transforms, sharing_level, transition_step
 
 SHARING = ("ordinal", "independent", "transitional")
@@ -106,8 +108,9 @@ class CandidateTransforms(nn.Module):
         return self._selections[1][index]
 
     def mark_transformed(self) -> tuple[int, int]:
-        """Record that a transition step has just moved ``matrix``: no transform is a selection
-        until ``matrix`` changes again (checking would read it back to the host at every step).
+        """Record that a transition step (or its start noise) has just moved ``matrix``: no
+        transform is a selection until ``matrix`` changes again (checking would read it back to
+        the host at every step).
         Were a column still a basis vector, the dense path builds the same kernel, exactly.
         Returns ``matrix``'s state as recorded: its data pointer and version counter."""
         matrix = self._parameters["matrix"]
@@ -155,6 +158,32 @@ class APSLayer(nn.Module):
     weight: nn.Parameter
     in_widths: tuple[int, ...]
     out_widths: tuple[int, ...]
+
+    def _draw_meta_weight(self, draw: Callable[[Tensor, Optional[torch.Generator]], object]) -> None:
+        """Initialise ``weight`` by ``draw(tensor, generator)`` (an in-place ``nn.init`` function).
+
+        APS-T draws the block its ordinal start reads (the widest candidate on each side) as an
+        APS-O layer of the same widths draws its whole meta-weight, from the global generator;
+        the rows and columns that only the transition reaches come from a generator of their
+        own (seeded by the global one's state, which it leaves where it was). One seed then
+        gives APS-O and APS-T the same initial network and the same random stream after it: the
+        same warm-up, so that a comparison of the two measures the transition. APS-I's
+        candidates read disjoint blocks: its whole meta-weight comes from the global generator.
+        """
+        weight = self.weight
+        block = (min(self.out_widths[-1], weight.shape[0]), min(self.in_widths[-1], weight.shape[1]))
+        if self.sharing != "transitional" or block == tuple(weight.shape[:2]) or weight.is_meta:
+            draw(weight, None)
+            return
+        drawn = torch.empty((*block, *weight.shape[2:]), dtype=weight.dtype, device=weight.device)
+        draw(drawn, None)
+        state = torch.get_rng_state().numpy().tobytes()
+        seed = int.from_bytes(hashlib.blake2b(state, digest_size=7).digest(), "little")
+        rest = torch.empty(weight.shape, dtype=weight.dtype)
+        draw(rest, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            weight.copy_(rest)
+            weight[:block[0], :block[1]].copy_(drawn)
 
     def _make_side(self, name: str, widths: tuple[int, ...], meta_width: Optional[int],
                    sharing: str, device, dtype) -> tuple[int, Optional[CandidateTransforms]]:
@@ -264,7 +293,12 @@ class APSLayer(nn.Module):
             if key == (out_index, in_index) and version == self.weight._version:
                 return kernel
         weight, P, Q = self._operands(out_index, in_index)
-        return weight if P is None and Q is None else ops.construct(weight, P, Q)
+        if P is None and Q is None:
+            # A contiguous copy of the slice (a few KB): a convolution rounds a strided weight
+            # differently, so that APS-T's warm-up would part from APS-O's within a few steps.
+            layout = torch.channels_last if channels_last_kernel(weight) else torch.contiguous_format
+            return weight.contiguous(memory_format=layout)
+        return ops.construct(weight, P, Q)
 
     def keep_prebuilt(self, key: tuple[int, int], kernel: Tensor) -> None:
         """Hold ``kernel``, built from :meth:`prebuild_operands`' operands for ``key``, as the
@@ -304,6 +338,7 @@ class APSLayer(nn.Module):
             return False
         for side in sides:
             side.perturb(self.transition_noise, generator)
+        self.mark_transformed()  # no longer selections, known without reading the transforms back
         return True
 
     def transition_step(self, tau: float, *, relative: bool = True) -> Tensor:

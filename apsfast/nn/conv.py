@@ -44,7 +44,8 @@ class APSConv2d(APSLayer):
             layer adds to its exact ordinal transforms (a stationary point of eq. 5).
 
     While a side's transforms are exact selections (APS-O, APS-I, APS-T before its
-    transition) the candidate kernel is a slice of the meta-weight: a view, no computation.
+    transition) the candidate kernel is a slice of the meta-weight, copied contiguous: no
+    arithmetic, and the same rounding in the convolution whatever the meta width.
     """
 
     def __init__(self, in_widths: Widths, out_widths: Widths, kernel_size, stride=1, padding=0,
@@ -81,13 +82,14 @@ class APSConv2d(APSLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He-normal init for the widest candidate's fan-in; zero bias.
+        """He-normal init for the widest candidate's fan-in (APS-T: the block its ordinal start
+        reads, drawn as APS-O draws it; see ``_draw_meta_weight``); zero bias.
 
         A semi-orthogonal P, Q keep i.i.d. Gaussian entries i.i.d. with the same variance, so
         every candidate kernel starts with this scale.
         """
         fan_in = (1 if self.depthwise else self.in_widths[-1]) * math.prod(self.kernel_size)
-        nn.init.normal_(self.weight, std=math.sqrt(2.0 / fan_in))
+        self._draw_meta_weight(lambda w, g: nn.init.normal_(w, std=math.sqrt(2.0 / fan_in), generator=g))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

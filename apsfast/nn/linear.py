@@ -34,9 +34,10 @@ class APSLinear(APSLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s default init, for the widest candidate's fan-in."""
+        """``nn.Linear``'s default init, for the widest candidate's fan-in (APS-T: the columns
+        its ordinal start reads, drawn as APS-O draws them; see ``_draw_meta_weight``)."""
         bound = 1.0 / math.sqrt(self.in_widths[-1])
-        nn.init.uniform_(self.weight, -bound, bound)
+        self._draw_meta_weight(lambda w, g: nn.init.uniform_(w, -bound, bound, generator=g))
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 

@@ -109,6 +109,7 @@ class Search:
         self.searcher: Searcher = build_searcher(self.decisions, config, self.net.flops, net=self.net,
                                                  search_steps=self.search_steps, budget=self.budget)
         self.arch_generator = torch.Generator().manual_seed(run.seed + 1)
+        self.transition_seed = run.seed + 2  # APS-T's start noise (strategies.begin_search)
         sharing = config.sharing
         self.rate = strategies.TransitionRate(sharing.tau, self.search_steps, fall=sharing.transition_fall,
                                               every=sharing.transition_every, end=sharing.transition_end)
@@ -151,7 +152,7 @@ class Search:
         runs.check_resume("search", state["config_dict"], self.config.to_dict(), state["position"]["epoch"])
         changed = runs.changes(state["config_dict"], self.config.to_dict())
         if self.epoch_phase(state["position"]["epoch"]) == "search":
-            strategies.begin_search(self.net, self.strategy)  # so the optimizer state matches
+            strategies.begin_search(self.net, self.strategy, self.transition_seed)  # so the optimizer state matches
         saved = {k: list(v.shape) for k, v in state["supernet"].items()}
         mine = {k: list(v.shape) for k, v in self.net.state_dict().items()}
         if saved != mine:  # a supernet passed in Python (model=) that is not the run's
@@ -276,7 +277,7 @@ class Search:
         while self.epoch < train.epochs:
             phase = self.epoch_phase(self.epoch)
             if phase == "search":
-                strategies.begin_search(self.net, self.strategy)
+                strategies.begin_search(self.net, self.strategy, self.transition_seed)
             self._run_epoch(phase)
             self._end_epoch(phase)
         return self.finish()

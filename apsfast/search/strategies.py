@@ -37,12 +37,19 @@ def transform_parameters(net: nn.Module) -> list[nn.Parameter]:
             for side in (layer.out_transforms, layer.in_transforms) if side is not None]
 
 
-def begin_search(net: nn.Module, strategy: str) -> None:
+def begin_search(net: nn.Module, strategy: str, seed: int = 0) -> None:
     """Enter the phase after warm-up: ``learned`` unfreezes P, Q (frozen, they take the free
-    slicing path during warm-up)."""
+    slicing path during warm-up); ``transitional`` perturbs the exact ordinal start (see
+    :meth:`apsfast.nn.APSLayer.begin_transition`) with noise from a generator of its own,
+    seeded by ``seed``, so that the run's random stream after it (the controller's draws) is
+    the one APS-O has with the same seed. Only the first call of a run perturbs."""
     if strategy == "learned":
         for matrix in transform_parameters(net):
             matrix.requires_grad_(True)
+    elif strategy == "transitional":
+        generator = torch.Generator().manual_seed(seed)
+        for layer in aps_layers(net):
+            layer.begin_transition(generator)
 
 
 def transition(net: nn.Module, tau: float, precision: Optional[str] = None) -> Tensor:
