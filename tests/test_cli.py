@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import apsfast
-from apsfast import _backends, _build
+from apsfast import _backends, _build, cli
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -27,15 +27,13 @@ def test_expected_backends_are_built():
         assert name in available, f"backend {name} missing: {_backends.status()[name]}"
 
 
-def test_info_lists_every_backend():
-    result = run_cli("info", "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+def test_info_lists_every_backend(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert set(info["backends"]) == set(_backends.NAMES)
     assert info["backends"]["reference"] == "available"
     assert info["apsfast"] == apsfast.__version__
-    text = run_cli("info")
-    assert text.returncode == 0 and "backends:" in text.stdout
+    assert cli.main(["info"]) == 0 and "backends:" in capsys.readouterr().out
 
 
 def test_info_check_finds_bad_input_raising():
@@ -101,7 +99,6 @@ def test_without_extension_everything_falls_back_to_reference(monkeypatch, scope
 
 def test_models_table_and_decisions(capsys):
     # In process: the table builds ten supernets on the meta device.
-    from apsfast import cli
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert all(f"`{name}`" in out for name in ("resnet20_cifar", "resnet56_cifar", "resnet18_imagenet",
@@ -124,7 +121,6 @@ def test_models_table_and_decisions(capsys):
     (["user_models:tiny_cnn", "-o", "width=16"], """e.g. -o 'options={"width": ...}'"""),
 ])
 def test_models_bad_options_are_clear(capsys, args, message):
-    from apsfast import cli
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["models", *args])
     assert exit_info.value.code != 0

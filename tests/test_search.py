@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from apsfast import cli as apsfast_cli
 from apsfast.nn import network_sharing_level
 from apsfast.search import ConfigError, Search, load_config, load_exported, retrain
 from apsfast.search.checkpoint import load_checkpoint
@@ -218,14 +219,16 @@ def test_command_line_search_then_train(tmp_path):
     assert json.loads((out / "retrain" / "retrain.json").read_text())["epochs"] == 1
 
 
-def test_command_line_errors_are_one_line(tmp_path):
-    for args, message in ((["--preset", "resnet20_cifar"], "needs data.root"),
-                          (["--preset", "demo", "-s", "train.epochs=x"], "train.epochs must be an int"),
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    done = cli("search", "--preset", "resnet20_cifar", "--out", str(tmp_path / "x"))  # as a shell sees it
+    assert done.returncode != 0 and "needs data.root" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    for args, message in ((["--preset", "demo", "-s", "train.epochs=x"], "train.epochs must be an int"),
                           (["--preset", "resnet20_cifar", "-s", f"data.root={tmp_path}"], "cifar-10-batches-py")):
-        done = cli("search", *args, "--out", str(tmp_path / "x"))
-        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    shown = cli("search", "--preset", "demo", "-s", "train.lr=0.5", "--print-config")
-    assert shown.returncode == 0 and "lr: 0.5" in shown.stdout
+        with pytest.raises(SystemExit) as error:  # any other exception would be a traceback
+            apsfast_cli.main(["search", *args, "--out", str(tmp_path / "x")])
+        assert message in str(error.value) and "\n" not in str(error.value)
+    assert apsfast_cli.main(["search", "--preset", "demo", "-s", "train.lr=0.5", "--print-config"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
 
 
 def test_a_target_every_arch_meets_is_warned_of(tmp_path):
