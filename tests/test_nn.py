@@ -429,7 +429,11 @@ def test_aps_t_starts_as_aps_o(make):
     assert torch.count_nonzero(rest) == rest.numel()
     assert float(rest.std()) == pytest.approx(scale, rel=0.3)  # the same scale
     torch.manual_seed(0)
-    assert torch.equal(make("transitional").weight, transitional.weight)  # the seed fixes it all
+    again, following = make("transitional"), make("transitional")
+    assert torch.equal(again.weight, transitional.weight)  # the seed fixes it all
+    outside = torch.ones(transitional.weight.shape, dtype=torch.bool)
+    outside[:rows, :cols] = False
+    assert not torch.equal(following.weight[outside], transitional.weight[outside])  # each layer its own
     # APS-I's candidates read disjoint blocks: all of its meta-weight comes from the global stream.
     torch.manual_seed(0)
     assert not torch.equal(make("independent").weight[:rows, :cols], ordinal.weight)

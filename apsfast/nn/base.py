@@ -177,7 +177,9 @@ class APSLayer(nn.Module):
             return
         drawn = torch.empty((*block, *weight.shape[2:]), dtype=weight.dtype, device=weight.device)
         draw(drawn, None)
-        state = torch.get_rng_state().numpy().tobytes()
+        # The state of the generator the block came from (a CUDA weight draws from its device's).
+        state = (torch.cuda.get_rng_state(weight.device) if weight.device.type == "cuda"
+                 else torch.get_rng_state()).numpy().tobytes()
         seed = int.from_bytes(hashlib.blake2b(state, digest_size=7).digest(), "little")
         rest = torch.empty(weight.shape, dtype=weight.dtype)
         draw(rest, torch.Generator().manual_seed(seed))
