@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 
 from apsfast import cli, models
-from apsfast.analysis import measure
+from apsfast.analysis import measure, plots
 from apsfast.nn import APSConv2d, aps_layers
 from apsfast.search import Search, load_config
 from apsfast.search.metrics import read_metrics
@@ -156,6 +157,19 @@ def test_top_too_large_is_refused_before_training(runs):
     message = one_line_error(["train", str(runs["off"]), "--top", "99"])
     assert "--top must be in 1..4" in message
     assert not (runs["off"] / "retrain").exists()
+
+
+def test_retrained_archs_draw_fig_8_and_9_without_analysis_records(runs, tmp_path):
+    # Fig. 8-9 read retrains only: a search run without -s analysis.every draws them.
+    run = tmp_path / "run"
+    shutil.copytree(runs["off"], run)
+    (run / "retrain" / "top-1").mkdir(parents=True)
+    (run / "retrain" / "top.json").write_text(json.dumps({"n": 2, "archs": [{"test_acc": 0.8}, {"test_acc": 0.7}]}))
+    for folder, flops, acc, strategy in (("", 9e5, 0.8, "transitional"), ("top-1", 8e5, 0.75, "transitional")):
+        (run / "retrain" / folder / "retrain.json").write_text(
+            json.dumps({"flops": flops, "test_acc": acc, "strategy": strategy}))
+    written = plots.draw([run], tmp_path / "figures")
+    assert sorted(p.name for p in written) == ["fig8_top.png", "fig9_macs.png"]
 
 
 def test_top_and_uniform_retrains_write_their_json(runs, tmp_path, capsys):

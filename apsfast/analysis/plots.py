@@ -251,7 +251,8 @@ def draw(paths: Sequence[Union[str, Path]], out: Optional[Union[str, Path]] = No
     runs = read_runs(paths)
     folder = Path(out) if out is not None else default_out(paths)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [plot_sharing(runs, folder / FIGURES[0]), plot_accuracy(runs, folder / FIGURES[1]),
-               plot_decisions(runs, folder / FIGURES[2]), plot_top(runs, folder / FIGURES[3]),
-               plot_macs(runs, folder / FIGURES[4])]
+    measured = [run for run in runs if run.records]  # Fig. 3-5 need analysis records; Fig. 8-9 retrains
+    written = [plot_sharing(measured, folder / FIGURES[0]), plot_accuracy(measured, folder / FIGURES[1]),
+               plot_decisions(measured, folder / FIGURES[2])] if measured else []
+    written += [plot_top(runs, folder / FIGURES[3]), plot_macs(runs, folder / FIGURES[4])]
     return [p for p in written if p is not None]

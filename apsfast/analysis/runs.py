@@ -53,7 +53,8 @@ class Run:
 
 
 def read_run(path: Union[str, Path]) -> Run:
-    """A search run with analysis records; :class:`AnalysisError` (one line) otherwise."""
+    """A search run with analysis records (Fig. 3-5) or retrained archs (Fig. 8-9);
+    :class:`AnalysisError` (one line) otherwise."""
     path = Path(path)
     if not path.is_dir():
         raise AnalysisError(f"{str(path)!r} is not a folder: pass a search's output folder")
@@ -66,9 +67,10 @@ def read_run(path: Union[str, Path]) -> Run:
         raise AnalysisError(f"{str(path)!r} is not a readable search run: {error}") from None
     if not isinstance(config, dict) or "model" not in config or "sharing" not in config:
         raise AnalysisError(f"{str(path)!r} is not a search run (its config.yaml has no model or sharing section)")
-    if not records:
+    if not records and not (path / "retrain").is_dir():
         raise AnalysisError(f"{str(path)!r} has no analysis records: run the search with -s analysis.every=N "
-                            f"(a measurement every N weight steps)")
+                            f"(a measurement every N weight steps), or retrain its archs for Fig. 8-9 "
+                            f"(apsfast train RUN --top N)")
     return Run(path, config, records)
 
 
